@@ -1,0 +1,30 @@
+# Two commands do everything on a fresh clone:
+#   make demo   create .venv, install vb_batch (CPU torch pinned), run the demo job into out/
+#   make test   create .venv, install vb_batch with test extras, run the whole test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU wheel: an unpinned torch would pull several GB of CUDA packages.
+TORCH := torch==2.13.0
+
+.PHONY: demo test venv clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/activate pyproject.toml
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(BIN)/vb-batch demo --out out
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) out demo_data .pytest_cache .hypothesis

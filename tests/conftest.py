@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny Marigold checkpoints (built once, loaded by path) and painted image tables."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from vb_batch.codecs import depth, normals, segmentation
+
+
+@pytest.fixture(scope="session")
+def tiny_marigold(tmp_path_factory):
+    """{task: path} of tiny random Marigold pipelines saved with save_pretrained."""
+    from vb_batch.models.tiny import build_tiny_marigold
+
+    root = tmp_path_factory.mktemp("tiny-marigold")
+    return {task: str(build_tiny_marigold(root / task, task=task)) for task in ("depth", "normals")}
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def known_maps(seed: int, height: int, width: int, legend: segmentation.Legend) -> dict[str, np.ndarray]:
+    """Smooth depth in metres, unit normals (OpenGL), and blocky class ids of one synthetic scene."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    depth_m = (0.5 + rng.uniform(0, 30) * (xx / width) + rng.uniform(0, 20) * (yy / height) ** 2).astype(np.float32)
+    n = np.stack([np.sin(xx / width * 3 + seed), np.cos(yy / height * 2), np.ones_like(xx)], axis=-1)
+    n = (n / np.linalg.norm(n, axis=-1, keepdims=True)).astype(np.float32)
+    blocks = rng.integers(0, len(legend), size=(height // 8 + 1, width // 8 + 1))
+    ids = np.kron(blocks, np.ones((8, 8), dtype=np.int64))[:height, :width].astype(legend.dtype)
+    return {"depth": depth_m, "normals": n, "segmentation": ids}
+
+
+@pytest.fixture
+def legend():
+    return segmentation.Legend.from_names(["road", "car", "person", "sky", "tree"])
+
+
+@pytest.fixture
+def painted_table(tmp_path, legend):
+    """Parquet tables whose images are codec paintings of known maps, one table per task."""
+    sizes = [(32, 48), (48, 32), (40, 40), (32, 48), (24, 64)]
+    truth: dict[str, dict[str, np.ndarray]] = {"depth": {}, "normals": {}, "segmentation": {}}
+    paths = {}
+    for task in truth:
+        ids, images = [], []
+        for i, (h, w) in enumerate(sizes):
+            maps = known_maps(i, h, w, legend)
+            rgb = {
+                "depth": lambda: depth.encode(maps["depth"]),
+                "normals": lambda: normals.encode(maps["normals"]),
+                "segmentation": lambda: segmentation.encode(maps["segmentation"], legend),
+            }[task]()
+            row_id = f"{task}-{i}"
+            ids.append(row_id)
+            images.append(png_bytes(rgb))
+            truth[task][row_id] = maps[task]
+        table = pa.table({"id": ids, "image": pa.array(images, pa.binary()), "note": [f"n{i}" for i in range(len(ids))]})
+        paths[task] = tmp_path / f"{task}.parquet"
+        pq.write_table(table, paths[task])
+    return paths, truth

@@ -1,0 +1,165 @@
+"""The Parquet sink: modes, atomic commits, crash recovery, resume without duplicates."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import png_bytes
+
+import vb_batch
+from vb_batch.codecs import depth
+from vb_batch.config import OutputConfig
+from vb_batch.errors import OutputExistsError
+from vb_batch.io.sinks import ParquetSink, read_output
+from vb_batch.models.identity import IdentityBackend
+
+
+def make_input(path, n, start=0):
+    rgb = depth.encode(np.linspace(1, 20, 16 * 16, dtype=np.float32).reshape(16, 16))
+    image = png_bytes(rgb)
+    pq.write_table(pa.table({"id": list(range(start, start + n)), "image": [image] * n}), path)
+
+
+def config(tmp_path, mode="error", **output):
+    return {
+        "input": {"path": str(tmp_path / "in.parquet")},
+        "output": {"path": str(tmp_path / "out"), "mode": mode, "rows_per_file": 4, "commit_every": 8, **output},
+        "tasks": ["depth"],
+        "model": {"backend": "identity", "batch_size": 3},
+        "run": {"progress": False},
+    }
+
+
+def visible_files(tmp_path):
+    return sorted(p for p in os.listdir(tmp_path / "out") if p.endswith(".parquet"))
+
+
+class CrashingBackend(IdentityBackend):
+    """Dies (like a killed process would stop) after a number of batches."""
+
+    def __init__(self, crash_after):
+        self.batches = 0
+        self.crash_after = crash_after
+
+    def predict(self, images, prompts, task, seeds):
+        self.batches += 1
+        if self.batches > self.crash_after:
+            raise KeyboardInterrupt("simulated kill")
+        return list(images)
+
+
+def test_modes(tmp_path):
+    make_input(tmp_path / "in.parquet", 10)
+    assert vb_batch.annotate(config(tmp_path)).success
+    assert (tmp_path / "out" / "_SUCCESS").exists()
+    with pytest.raises(OutputExistsError, match="output.mode"):
+        vb_batch.annotate(config(tmp_path))
+    vb_batch.annotate(config(tmp_path, "append"))
+    assert read_output(str(tmp_path / "out")).num_rows == 20
+    vb_batch.annotate(config(tmp_path, "overwrite"))
+    assert read_output(str(tmp_path / "out")).num_rows == 10
+    summary = vb_batch.annotate(config(tmp_path, "resume"))
+    assert summary.rows_skipped == 10 and summary.rows_processed == 0
+    assert read_output(str(tmp_path / "out")).num_rows == 10
+
+
+def test_crash_then_resume_gives_each_id_once(tmp_path):
+    make_input(tmp_path / "in.parquet", 30)
+    with pytest.raises(KeyboardInterrupt):
+        vb_batch.annotate(config(tmp_path), backend=CrashingBackend(crash_after=5))
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    partial = read_output(str(tmp_path / "out"))
+    assert 0 < partial.num_rows < 30
+    summary = vb_batch.annotate(config(tmp_path, "resume"))
+    assert summary.success and summary.rows_skipped == partial.num_rows
+    ids = read_output(str(tmp_path / "out")).column("id").to_pylist()
+    assert sorted(ids) == list(range(30))
+    assert (tmp_path / "out" / "_SUCCESS").exists()
+
+
+SLOW_JOB = """
+import sys, time
+import vb_batch
+from vb_batch.models.identity import IdentityBackend
+
+class Slow(IdentityBackend):
+    def predict(self, images, prompts, task, seeds):
+        time.sleep(0.05)
+        return list(images)
+
+vb_batch.annotate(sys.argv[1], backend=Slow(None))
+"""
+
+
+def test_kill_9_then_resume_gives_each_id_once(tmp_path):
+    make_input(tmp_path / "in.parquet", 120)
+    job = tmp_path / "job.yaml"
+    cfg = config(tmp_path)
+    cfg["output"].update(rows_per_file=6, commit_every=6)
+    job.write_text(json.dumps(cfg))
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_JOB, str(job)])
+    commits = tmp_path / "out" / "_vb" / "commits"
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(commits.glob("*.json"))) < 3:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    before = read_output(str(tmp_path / "out")).num_rows
+    assert 0 < before < 120
+    summary = vb_batch.annotate(config(tmp_path, "resume"))
+    assert summary.success and summary.rows_skipped >= before
+    ids = read_output(str(tmp_path / "out")).column("id").to_pylist()
+    assert sorted(ids) == list(range(120))
+    assert not (tmp_path / "out" / "_vb" / "staging").exists()
+
+
+def test_new_rows_only_on_rerun(tmp_path):
+    make_input(tmp_path / "in.parquet", 6)
+    vb_batch.annotate(config(tmp_path))
+    make_input(tmp_path / "in.parquet", 9)  # 3 new ids appended to the input
+    summary = vb_batch.annotate(config(tmp_path, "resume"))
+    assert summary.rows_processed == 3 and summary.rows_skipped == 6
+    assert sorted(read_output(str(tmp_path / "out")).column("id").to_pylist()) == list(range(9))
+
+
+def test_interrupted_commit_is_rolled_forward_and_orphans_removed(tmp_path):
+    schema = pa.schema([pa.field("id", pa.int64())])
+    out = OutputConfig(path=str(tmp_path / "out"), rows_per_file=2, commit_every=0)
+    sink = ParquetSink(out, "run1", schema)
+    sink.open()
+    sink.write(pa.record_batch([pa.array([1, 2, 3, 4])], schema=schema))
+    sink._close_file() if sink._writer else None
+    # Crash after the commit record was written but before the files moved into place.
+    staged = list(sink._staged)
+    record = {"run_id": "run1", "files": staged, "rows": 4, "time": 0}
+    (tmp_path / "out" / "_vb" / "commits").mkdir(parents=True)
+    (tmp_path / "out" / "_vb" / "commits" / "run1-00000.json").write_text(json.dumps(record))
+    # And a stray part file from a run that never committed.
+    pq.write_table(pa.table({"id": [99]}), tmp_path / "out" / "part-dead-00000.parquet")
+    assert read_output(str(tmp_path / "out")).num_rows == 1  # before recovery: only the stray
+
+    resumed = ParquetSink(out.model_copy(update={"mode": "resume"}), "run2", schema)
+    assert resumed.open() == {1, 2, 3, 4}
+    assert visible_files(tmp_path) == sorted(staged)
+    assert sorted(read_output(str(tmp_path / "out")).column("id").to_pylist()) == [1, 2, 3, 4]
+
+
+def test_staged_files_are_invisible_until_commit(tmp_path):
+    schema = pa.schema([pa.field("id", pa.int64())])
+    sink = ParquetSink(OutputConfig(path=str(tmp_path / "out"), rows_per_file=2, commit_every=0), "r", schema)
+    sink.open()
+    sink.write(pa.record_batch([pa.array([1, 2, 3])], schema=schema))
+    assert read_output(str(tmp_path / "out")).num_rows == 0
+    sink.close(success=True)
+    assert read_output(str(tmp_path / "out")).num_rows == 3
+    assert (tmp_path / "out" / "_SUCCESS").exists()

@@ -1,0 +1,246 @@
+"""Typed job configuration: YAML file plus `a.b=value` overrides, validated by pydantic.
+
+Every key a job understands is declared here with its default, so a typo or a
+bad value fails before any image is read, with the field's dotted name.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A job config that cannot run; the message names the offending field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageOptions(_Section):
+    """How to reach object storage for one URL (passed to fsspec / pyarrow)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    anonymous: bool = False
+    profile: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class InputConfig(_Section):
+    path: str
+    format: Literal["auto", "parquet", "images"] = "auto"
+    image_column: str | None = None
+    uri_column: str | None = None
+    id_column: str = "id"
+    # Hard limit per image; larger images are a per-row error (decompression bombs).
+    max_pixels: int = Field(default=64_000_000, gt=0)
+    min_side: int = Field(default=8, gt=0)
+    extensions: list[str] = Field(
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"]
+    )
+    # URI columns may only name objects under these prefixes (None: the input's own scheme).
+    allowed_prefixes: list[str] | None = None
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+    read_batch_rows: int = Field(default=256, gt=0)
+
+    @model_validator(mode="after")
+    def _one_image_source(self) -> "InputConfig":
+        if self.image_column and self.uri_column:
+            raise ValueError("set input.image_column or input.uri_column, not both")
+        return self
+
+
+class OutputConfig(_Section):
+    path: str = "out"
+    format: Literal["parquet"] = "parquet"
+    mode: Literal["error", "overwrite", "append", "resume"] = "error"
+    encoding: Literal["png", "array"] = "png"
+    prefix: str = ""
+    rows_per_file: int = Field(default=1024, gt=0)
+    # Rows staged before a commit makes them visible (0: one commit at the end).
+    commit_every: int = Field(default=4096, ge=0)
+    compression: str = "zstd"
+    keep_image: bool = True
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+
+
+class DepthConfig(_Section):
+    preset: str | dict[str, Any] | None = None  # None: the model profile's preset
+
+
+class NormalsConfig(_Section):
+    frame: Literal["opengl", "opencv"] = "opengl"
+
+
+class SegmentationConfig(_Section):
+    classes: list[str] | None = None
+    legend: dict[str, tuple[int, int, int]] | None = None
+    palette: Literal["generated", "cityscapes"] = "generated"
+    max_distance: float | None = Field(default=None, gt=0)
+    ensemble: int = Field(default=1, ge=1, le=16)
+
+    @field_validator("legend")
+    @classmethod
+    def _rgb_range(cls, legend):
+        for name, rgb in (legend or {}).items():
+            if any(not 0 <= c <= 255 for c in rgb):
+                raise ValueError(f"colour of class {name!r} must be three integers in 0..255, got {list(rgb)}")
+        return legend
+
+    @model_validator(mode="after")
+    def _classes_or_legend(self) -> "SegmentationConfig":
+        if self.classes and self.legend:
+            raise ValueError("set segmentation.classes or segmentation.legend, not both")
+        return self
+
+
+class ReferringConfig(_Section):
+    phrase: str | None = None
+    phrase_column: str | None = None
+
+
+class ModelConfig(_Section):
+    backend: str = "identity"
+    # A checkpoint (local directory or hub id), or one per task: {depth: ..., normals: ...}.
+    path: str | dict[str, str] | None = None
+    revision: str | None = None
+    profile: str | None = None  # None: the backend's default profile
+    batch_size: int = Field(default=8, gt=0)
+    device: str = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    seed: int = 0
+    num_inference_steps: int | None = Field(default=None, gt=0)
+    processing_resolution: int | None = Field(default=None, ge=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class EngineConfig(_Section):
+    kind: Literal["local"] = "local"
+    # Threads that fetch + decode images and encode outputs around the model.
+    io_threads: int = Field(default=4, gt=0)
+    # Model batches prepared ahead of the model so it never waits for decode.
+    prefetch_batches: int = Field(default=2, ge=1)
+
+
+class RunConfig(_Section):
+    name: str = "vb-batch"
+    progress: bool = True
+    max_error_fraction: float = Field(default=1.0, ge=0, le=1)
+
+
+TASK_NAMES = ("depth", "normals", "segmentation", "referring")
+
+
+class JobConfig(_Section):
+    input: InputConfig
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    tasks: list[str] = Field(default_factory=lambda: ["depth"], min_length=1)
+    depth: DepthConfig = Field(default_factory=DepthConfig)
+    normals: NormalsConfig = Field(default_factory=NormalsConfig)
+    segmentation: SegmentationConfig = Field(default_factory=SegmentationConfig)
+    referring: ReferringConfig = Field(default_factory=ReferringConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        unknown = [t for t in tasks if t not in TASK_NAMES]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; known: {list(TASK_NAMES)}")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"task listed twice in {tasks}")
+        return tasks
+
+    @model_validator(mode="after")
+    def _task_inputs(self) -> "JobConfig":
+        if "segmentation" in self.tasks and not (self.segmentation.classes or self.segmentation.legend):
+            raise ValueError("task 'segmentation' needs segmentation.classes or segmentation.legend")
+        if "referring" in self.tasks and not (self.referring.phrase or self.referring.phrase_column):
+            raise ValueError("task 'referring' needs referring.phrase or referring.phrase_column")
+        return self
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value), the value parsed as YAML (so 3, true, [x, y] work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(keys[:-1])} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(config)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see `vb-batch run --help`)"
+        lines.append(f"  {field}: {msg}")
+    return "invalid job config:\n" + "\n".join(lines)
+
+
+def load_config(source: str | Path | dict[str, Any] | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Build a validated `JobConfig` from a YAML path (or dict) and `a.b=value` overrides.
+
+    >>> cfg = load_config({"input": {"path": "images/"}}, ["model.batch_size=4"])
+    >>> cfg.model.batch_size
+    4
+    """
+    if source is None:
+        data: dict[str, Any] = {}
+    elif isinstance(source, dict):
+        data = source
+    else:
+        path = Path(source)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def redacted(cfg: JobConfig) -> dict[str, Any]:
+    """The config as a plain dict with anything that looks like a secret masked (for logs and metadata)."""
+    secret_words = ("secret", "token", "password", "key", "credential")
+
+    def scrub(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {
+                k: ("***" if any(w in str(k).lower() for w in secret_words) and v else scrub(v))
+                for k, v in node.items()
+            }
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        return node
+
+    return scrub(cfg.model_dump(mode="json"))

@@ -1,0 +1,117 @@
+"""The local engine: the stages in one process, CPU work on threads overlapping the model.
+
+    source -> rebatch to model.batch_size -> [threads] fetch_decode
+           -> [this thread] run_model -> [threads] decode_encode -> sink (in input order)
+
+At most `prefetch_batches` decoded batches wait for the model and at most
+`io_threads` finished batches wait for the sink, so memory stays bounded
+however large the input.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from vb_batch.config import JobConfig, redacted
+from vb_batch.io.sinks import ParquetSink
+from vb_batch.io.sources import Source, open_source
+from vb_batch.job import RunSummary
+from vb_batch.models.base import ModelBackend, create_backend
+from vb_batch.stages import ERROR_COLUMN, Plan, check_backend, decode_encode, fetch_decode, run_model
+
+log = logging.getLogger(__name__)
+
+
+def rebatch(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
+    """Regroup batches into batches of exactly `rows` rows (the last may be shorter)."""
+    pending: list[pa.RecordBatch] = []
+    count = 0
+    for batch in batches:
+        pending.append(batch)
+        count += batch.num_rows
+        while count >= rows:
+            table = pa.Table.from_batches(pending).combine_chunks()
+            yield table.slice(0, rows).to_batches()[0]
+            rest = table.slice(rows)
+            pending = rest.to_batches() if rest.num_rows else []
+            count = rest.num_rows
+    if count:
+        yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
+
+
+def pending_rows(source: Source, batch_rows: int, done: set, summary: RunSummary, bar) -> Iterator[pa.RecordBatch]:
+    """The source's rows minus those already committed (resume)."""
+    for batch in source.batches(batch_rows):
+        summary.rows_read += batch.num_rows
+        if done:
+            ids = batch.column(batch.schema.get_field_index(source.id_column)).to_pylist()
+            batch = batch.filter(pa.array([i not in done for i in ids]))
+            skipped = len(ids) - batch.num_rows
+            summary.rows_skipped += skipped
+            bar.update(skipped)
+        if batch.num_rows:
+            yield batch
+
+
+def run_local(cfg: JobConfig, backend: ModelBackend | None = None) -> RunSummary:
+    started = time.perf_counter()
+    source = open_source(cfg.input)
+    plan = Plan.build(cfg, source.schema, image_column=source.image_column, uri_column=source.uri_column)
+    sink = ParquetSink(cfg.output, plan.run_id, plan.output_schema(), source.id_column)
+    summary = RunSummary(run_id=plan.run_id, output=cfg.output.path, engine="local")
+    sink.check_mode()  # fail fast, before a large model is loaded
+    backend = backend or create_backend(cfg.model)
+    check_backend(plan, backend)
+    done = sink.open()
+    log.info("run %s: %s", plan.run_id, redacted(cfg))
+
+    bar = tqdm(total=source.count_rows(), unit="img", desc="vb-batch", disable=not cfg.run.progress, smoothing=0.1)
+    success = False
+    try:
+        with ThreadPoolExecutor(cfg.engine.io_threads, thread_name_prefix="vb-io") as pool:
+            decoded: deque[Future] = deque()
+            finished: deque[Future] = deque()
+
+            def drain(until: int) -> None:
+                while len(finished) > until:
+                    out = finished.popleft().result()
+                    sink.write(out)
+                    summary.count_errors([e and e["code"] for e in out.column(ERROR_COLUMN).to_pylist()])
+                    bar.update(out.num_rows)
+                    bar.set_postfix(ok=summary.rows_ok, failed=summary.rows_failed, refresh=False)
+
+            def model_step() -> None:
+                batch = decoded.popleft().result()
+                finished.append(pool.submit(decode_encode, run_model(batch, plan, backend), plan))
+                drain(cfg.engine.io_threads)
+
+            batches = rebatch(pending_rows(source, cfg.input.read_batch_rows, done, summary, bar), cfg.model.batch_size)
+            for batch in batches:
+                decoded.append(pool.submit(fetch_decode, batch, plan))
+                if len(decoded) > cfg.engine.prefetch_batches:
+                    model_step()
+            while decoded:
+                model_step()
+            drain(0)
+        success = summary.error_fraction <= cfg.run.max_error_fraction
+        if not success:
+            summary.message = (
+                f"error fraction {summary.error_fraction:.3f} exceeds run.max_error_fraction="
+                f"{cfg.run.max_error_fraction}; rows that succeeded are committed"
+            )
+    except BaseException as exc:
+        summary.message = f"stopped by {type(exc).__name__}: {exc}"
+        raise
+    finally:
+        bar.close()
+        summary.seconds = time.perf_counter() - started
+        summary.success = success
+        sink.close(success=success, summary={**summary.as_dict(), "config": redacted(cfg)})
+    return summary

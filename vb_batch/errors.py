@@ -1,0 +1,23 @@
+"""Errors: per-row faults that are recorded in `vb_error` (the job goes on), and job-level faults."""
+
+from __future__ import annotations
+
+
+class RowError(Exception):
+    """A fault of one row: kept in the output as `vb_error = {code, message}`, the job goes on.
+
+    Codes are short and stable so that summaries and queries can group by them
+    (`null_image`, `empty`, `not_image`, `truncated`, `too_large`, ...).
+    """
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+    def as_cell(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+class OutputExistsError(RuntimeError):
+    """`output.mode: error` and the output already holds data."""

@@ -1,0 +1,1 @@
+"""Sources, sinks, filesystems and storage encodings."""

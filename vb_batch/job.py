@@ -1,0 +1,84 @@
+"""Running a job: pick the engine, and the summary every engine returns."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vb_batch.config import JobConfig, load_config
+
+
+@dataclass
+class RunSummary:
+    """What a run did; printed at the end and written to `<output>/_vb/runs/<run_id>.json`."""
+
+    run_id: str
+    output: str
+    engine: str
+    rows_read: int = 0
+    rows_skipped: int = 0
+    rows_ok: int = 0
+    rows_failed: int = 0
+    errors_by_code: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    success: bool = False
+    message: str = ""
+
+    @property
+    def rows_processed(self) -> int:
+        return self.rows_ok + self.rows_failed
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_processed / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def error_fraction(self) -> float:
+        return self.rows_failed / self.rows_processed if self.rows_processed else 0.0
+
+    def count_errors(self, codes: list[str | None]) -> None:
+        failed = Counter(c for c in codes if c is not None)
+        self.rows_failed += sum(failed.values())
+        self.rows_ok += sum(1 for c in codes if c is None)
+        for code, n in failed.items():
+            self.errors_by_code[code] = self.errors_by_code.get(code, 0) + n
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "rows_per_second": round(self.rows_per_second, 3)}
+
+    def render(self) -> str:
+        status = "finished" if self.success else "FAILED"
+        lines = [
+            f"vb-batch run {self.run_id} {status} ({self.engine} engine) in {self.seconds:.1f} s",
+            f"  rows: {self.rows_ok} ok, {self.rows_failed} failed, {self.rows_skipped} skipped (already done)"
+            f" of {self.rows_read} read; {self.rows_per_second:.2f} rows/s",
+        ]
+        for code, n in sorted(self.errors_by_code.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  error {code}: {n} row(s)")
+        lines.append(f"  output: {self.output}")
+        if self.message:
+            lines.append(f"  {self.message}")
+        return "\n".join(lines)
+
+
+def run_job(cfg: JobConfig, backend=None) -> RunSummary:
+    """Run a validated job on its configured engine."""
+    if cfg.engine.kind == "local":
+        from vb_batch.engines.local import run_local
+
+        return run_local(cfg, backend=backend)
+    raise ValueError(f"engine.kind: unknown engine {cfg.engine.kind!r}")
+
+
+def annotate(config: str | Path | dict[str, Any] | JobConfig, overrides: list[str] | None = None, backend=None) -> RunSummary:
+    """Annotate an image table; the Python twin of `vb-batch run CONFIG key=value ...`.
+
+    >>> summary = annotate({"input": {"path": "images/"}, "output": {"path": "out/"},
+    ...                     "tasks": ["depth", "normals"],
+    ...                     "model": {"backend": "marigold", "path": "prs-eth/marigold-depth-v1-1"}})  # doctest: +SKIP
+    >>> print(summary.render())                                                                      # doctest: +SKIP
+    """
+    cfg = config if isinstance(config, JobConfig) else load_config(config, overrides)
+    return run_job(cfg, backend=backend)

@@ -1,0 +1,79 @@
+"""The model protocol and the backend registry.
+
+A backend takes a batch of RGB uint8 images (H, W, 3) with one prompt per
+image and returns one answer per image: a *painting* (uint8 RGB that a codec
+decodes) or, for tasks the backend lists in `native_tasks`, the values
+themselves (float32 depth (H, W) or unit normals (H, W, 3) in the OpenGL
+frame). Answers have the input's size or the model's own; the decode stage
+maps them back to the input size.
+
+Backends are looked up by name in `BACKENDS`, which maps a name to
+"module:Class" so that heavy imports (torch, diffusers) happen only when a
+job uses that backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+from vb_batch.config import ConfigError
+
+if TYPE_CHECKING:
+    from vb_batch.config import ModelConfig
+
+BACKENDS: dict[str, str] = {
+    "identity": "vb_batch.models.identity:IdentityBackend",
+    "marigold": "vb_batch.models.marigold:MarigoldBackend",
+}
+
+
+class ModelBackend:
+    """Base class of every backend; see the module docstring for the contract."""
+
+    name: ClassVar[str]
+    default_profile: ClassVar[str] = "vision-banana"
+
+    def __init__(self, cfg: "ModelConfig"):
+        self.cfg = cfg
+
+    @classmethod
+    def native_tasks_of(cls, cfg: "ModelConfig") -> set[str]:
+        """Tasks this backend answers with values rather than a painting (known before loading)."""
+        return set()
+
+    def supported_tasks(self) -> set[str]:
+        return {"depth", "normals", "segmentation", "referring"}
+
+    def predict(self, images: list[np.ndarray], prompts: list[str], task: str, seeds: list[int]) -> list[np.ndarray]:
+        """One answer per image. `seeds` makes sampling reproducible per image, whatever the batching."""
+        raise NotImplementedError
+
+
+def model_id(cfg: "ModelConfig") -> str:
+    """Provenance: what produced the labels (backend, checkpoint path or hub id, revision)."""
+    path = cfg.path
+    if isinstance(path, dict):
+        path = ",".join(f"{task}={p}" for task, p in sorted(path.items()))
+    ident = f"{cfg.backend}:{path}" if path else cfg.backend
+    return f"{ident}@{cfg.revision}" if cfg.revision else ident
+
+
+def register_backend(name: str, target: str) -> None:
+    """Make a backend available by name; `target` is "package.module:ClassName"."""
+    BACKENDS[name] = target
+
+
+def backend_class(name: str) -> type[ModelBackend]:
+    try:
+        target = BACKENDS[name]
+    except KeyError:
+        raise ConfigError(f"model.backend: unknown backend {name!r}; known: {sorted(BACKENDS)}") from None
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def create_backend(cfg: "ModelConfig") -> ModelBackend:
+    return backend_class(cfg.backend)(cfg)

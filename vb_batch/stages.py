@@ -1,0 +1,361 @@
+"""The engine-free stages of a job, as functions on Arrow record batches.
+
+    fetch_decode:   rows -> RGB uint8 per row (column `_vb_rgb`) and `vb_error` per row
+    run_model:      RGB -> the model's answer per task and ensemble pass (`_vb_answer_*`)
+    decode_encode:  answers -> values through the codecs -> storage encoding,
+                    confidence, summary scalars, provenance; internal columns dropped
+
+Every engine (local threads, Ray tasks and actors, Spark executors) runs these
+same functions; it only decides where. Between stages, arrays travel as the
+`array` storage struct (shape, dtype, bytes), so a batch can cross process
+boundaries unchanged. A fault of one row never fails its batch: the row keeps
+its input columns, gets null outputs and a `vb_error {code, message}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from vb_batch import __version__
+from vb_batch.codecs import Decoded
+from vb_batch.codecs import normals as normals_codec
+from vb_batch.config import ConfigError, JobConfig, redacted
+from vb_batch.errors import RowError
+from vb_batch.io.encodings import ARRAY_TYPE, decode_array, encode_array, encode_map, storage_type
+from vb_batch.io.filesystems import fsspec_filesystem, split_scheme
+from vb_batch.io.images import decode_image
+from vb_batch.io.sources import image_bytes
+from vb_batch.models.base import ModelBackend, backend_class, model_id
+from vb_batch.models.profiles import get_profile
+from vb_batch.tasks import Task, TaskContext, build_legend, get_task
+
+log = logging.getLogger(__name__)
+
+IMAGE_COLUMN = "_vb_rgb"
+ERROR_COLUMN = "vb_error"
+ERROR_TYPE = pa.struct([pa.field("code", pa.string()), pa.field("message", pa.string())])
+PROVENANCE_COLUMNS = ("vb_model", "vb_profile", "vb_run_id", "vb_version")
+
+
+def new_run_id() -> str:
+    """Sortable by start time, unique across machines."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+
+
+def answer_column(task: str, pass_index: int) -> str:
+    return f"_vb_answer_{task}_{pass_index}"
+
+
+def row_seed(seed: int, row_id: Any) -> int:
+    """Per-row sampling seed from the job seed and the row id: the same labels whatever the batching."""
+    digest = hashlib.blake2b(f"{seed}:{row_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+@dataclass
+class Plan:
+    """A job config resolved once (tasks, codec context, columns, provenance); cheap to ship to workers."""
+
+    cfg: JobConfig
+    ctx: TaskContext
+    tasks: list[Task]
+    native_tasks: frozenset[str]
+    profile: str
+    model: str
+    run_id: str
+    input_schema: pa.Schema
+    image_column: str | None = None
+    uri_column: str | None = None
+
+    @classmethod
+    def build(
+        cls, cfg: JobConfig, input_schema: pa.Schema, image_column=None, uri_column=None, run_id: str | None = None
+    ) -> "Plan":
+        """Resolve `cfg` for rows of `input_schema` (the source's, id column included)."""
+        backend_cls = backend_class(cfg.model.backend)
+        profile_name = cfg.model.profile or backend_cls.default_profile
+        profile = get_profile(profile_name)
+        seg = cfg.segmentation
+        try:
+            legend = build_legend(seg.classes, seg.legend, seg.palette)
+        except ValueError as exc:
+            raise ConfigError(f"segmentation: {exc}") from None
+        ctx = TaskContext(
+            depth_preset=cfg.depth.preset or profile.depth_preset,
+            depth_relative=profile.depth_relative,
+            frame=cfg.normals.frame,
+            legend=legend,
+            max_distance=seg.max_distance,
+            ensemble=seg.ensemble,
+            phrase=cfg.referring.phrase,
+            phrase_column=cfg.referring.phrase_column,
+            templates=dict(profile.templates),
+        )
+        return cls(
+            cfg=cfg,
+            ctx=ctx,
+            tasks=[get_task(t) for t in cfg.tasks],
+            native_tasks=frozenset(backend_cls.native_tasks_of(cfg)),
+            profile=profile_name,
+            model=model_id(cfg.model),
+            run_id=run_id or new_run_id(),
+            input_schema=input_schema,
+            image_column=image_column,
+            uri_column=uri_column,
+        )
+
+    # ------------------------------------------------------------------ schema
+    def column(self, task: Task, suffix: str = "") -> str:
+        return f"{self.cfg.output.prefix}{task.name}{suffix}"
+
+    def output_fields(self) -> list[pa.Field]:
+        encoding = self.cfg.output.encoding
+        fields = []
+        for task in self.tasks:
+            meta = task.column_meta(self.ctx, encoding).to_metadata()
+            fields.append(pa.field(self.column(task), storage_type(encoding), metadata=meta))
+            fields.append(pa.field(self.column(task, "_confidence"), pa.float32()))
+            fields += [pa.field(self.column(task, s), t) for s, t in task.summary_fields(self.ctx)]
+        fields.append(pa.field(ERROR_COLUMN, ERROR_TYPE))
+        fields += [pa.field(name, pa.string()) for name in PROVENANCE_COLUMNS]
+        return fields
+
+    def kept_input_fields(self) -> list[pa.Field]:
+        drop = self.image_column if not self.cfg.output.keep_image else None
+        return [f for f in self.input_schema if f.name != drop]
+
+    def output_schema(self) -> pa.Schema:
+        fields = self.kept_input_fields()
+        clash = {f.name for f in fields} & {f.name for f in self.output_fields()}
+        if clash:
+            raise ValueError(f"output.prefix: output columns {sorted(clash)} already exist in the input; set a prefix")
+        metadata = {
+            b"vb.version": __version__.encode(),
+            b"vb.run_id": self.run_id.encode(),
+            b"vb.job": json.dumps(redacted(self.cfg)).encode(),
+        }
+        return pa.schema(fields + self.output_fields(), metadata=metadata)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _column_list(batch: pa.RecordBatch, name: str) -> list[Any]:
+    return batch.column(batch.schema.get_field_index(name)).to_pylist()
+
+
+def _set_column(batch: pa.RecordBatch, name: str, values: pa.Array) -> pa.RecordBatch:
+    index = batch.schema.get_field_index(name)
+    if index >= 0:
+        return batch.set_column(index, name, values)
+    return batch.append_column(name, values)
+
+
+def _errors(batch: pa.RecordBatch) -> list[dict[str, str] | None]:
+    if batch.schema.get_field_index(ERROR_COLUMN) < 0:
+        return [None] * batch.num_rows
+    return _column_list(batch, ERROR_COLUMN)
+
+
+def _array_cells(arrays: list[np.ndarray | None]) -> pa.Array:
+    return pa.array([None if a is None else encode_array(a) for a in arrays], type=ARRAY_TYPE)
+
+
+def _images(batch: pa.RecordBatch) -> list[np.ndarray | None]:
+    return [None if c is None else decode_array(c) for c in _column_list(batch, IMAGE_COLUMN)]
+
+
+# ---------------------------------------------------------------------------- stage 1
+
+
+def check_uri_allowed(uri: str, allowed: list[str]) -> None:
+    if not any(uri.startswith(prefix) for prefix in allowed):
+        raise RowError("uri_not_allowed", f"{uri!r} is outside input.allowed_prefixes {allowed}")
+
+
+def fetch_bytes(uri: str | None, plan: Plan) -> bytes:
+    if uri is None:
+        raise RowError("null_uri", "the URI cell is null")
+    allowed = plan.cfg.input.allowed_prefixes
+    if allowed is None:
+        # Default: only the input's own scheme (a local job reads local files, an s3 job s3 objects).
+        scheme = split_scheme(plan.cfg.input.path)[0]
+        if split_scheme(uri)[0] != scheme:
+            raise RowError("uri_not_allowed", f"{uri!r}: scheme differs from input.path's; see input.allowed_prefixes")
+    else:
+        check_uri_allowed(uri, allowed)
+    fs, path = fsspec_filesystem(uri, plan.cfg.input.storage)
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise RowError("not_found", f"{uri!r} does not exist") from None
+    except IsADirectoryError:
+        raise RowError("is_a_directory", f"{uri!r} is a directory") from None
+    except PermissionError:
+        raise RowError("permission_denied", f"no permission to read {uri!r}") from None
+    except OSError as exc:
+        raise RowError("fetch_error", f"{uri!r}: {exc}") from None
+
+
+def fetch_decode(batch: pa.RecordBatch, plan: Plan) -> pa.RecordBatch:
+    """Stage 1 (CPU): read each row's image (bytes or URI) and decode it to RGB uint8."""
+    cfg = plan.cfg.input
+    if plan.image_column:
+        cells = image_bytes(batch.column(batch.schema.get_field_index(plan.image_column))).to_pylist()
+    else:
+        cells = _column_list(batch, plan.uri_column)
+    errors = _errors(batch)
+    images: list[np.ndarray | None] = []
+    for i, cell in enumerate(cells):
+        image = None
+        if errors[i] is None:
+            try:
+                data = cell if plan.image_column else fetch_bytes(cell, plan)
+                image = decode_image(data, cfg.max_pixels, cfg.min_side)
+            except RowError as err:
+                errors[i] = err.as_cell()
+        images.append(image)
+    batch = _set_column(batch, IMAGE_COLUMN, _array_cells(images))
+    return _set_column(batch, ERROR_COLUMN, pa.array(errors, ERROR_TYPE))
+
+
+# ---------------------------------------------------------------------------- stage 2
+
+
+def check_backend(plan: Plan, backend: ModelBackend) -> None:
+    """Fail the job (not each row) when the loaded model cannot do a configured task."""
+    missing = [t.name for t in plan.tasks if t.name not in backend.supported_tasks()]
+    if missing:
+        raise ConfigError(
+            f"tasks: model.backend {plan.cfg.model.backend!r} ({plan.model}) cannot do {missing}; "
+            f"it does {sorted(backend.supported_tasks())}"
+        )
+
+
+def _predict_rows(backend: ModelBackend, images, prompts, task: str, seeds) -> list[np.ndarray | RowError]:
+    """Predict a batch; if the batch fails, retry rows singly so one bad row cannot fail the others."""
+    try:
+        answers = backend.predict(images, prompts, task, seeds)
+        if len(answers) != len(images):
+            raise RuntimeError(f"backend returned {len(answers)} answers for {len(images)} images")
+        return answers
+    except Exception as batch_exc:  # noqa: BLE001 - any model fault is retried row by row
+        if len(images) == 1:
+            return [RowError("model_error", f"{type(batch_exc).__name__}: {batch_exc}")]
+        log.warning("model batch of %d failed (%s); retrying rows singly", len(images), batch_exc)
+        out: list[np.ndarray | RowError] = []
+        for i in range(len(images)):
+            out += _predict_rows(backend, images[i : i + 1], prompts[i : i + 1], task, seeds[i : i + 1])
+        return out
+
+
+def run_model(batch: pa.RecordBatch, plan: Plan, backend: ModelBackend) -> pa.RecordBatch:
+    """Stage 2 (GPU): one answer per valid row, task and ensemble pass."""
+    images = _images(batch)
+    errors = _errors(batch)
+    ids = _column_list(batch, plan.cfg.input.id_column)
+    rows = [i for i, image in enumerate(images) if image is not None and errors[i] is None]
+    seeds = [row_seed(plan.cfg.model.seed, ids[i]) for i in rows]
+    phrases = None
+    if plan.ctx.phrase_column:
+        all_phrases = _column_list(batch, plan.ctx.phrase_column)
+        phrases = [all_phrases[i] or plan.ctx.phrase or "" for i in rows]
+    for task in plan.tasks:
+        for p in range(task.passes(plan.ctx)):
+            answers: list[np.ndarray | None] = [None] * batch.num_rows
+            if rows:
+                prompts = task.prompts(plan.ctx, len(rows), p, phrases)
+                results = _predict_rows(backend, [images[i] for i in rows], prompts, task.name, seeds)
+                for i, result in zip(rows, results):
+                    if isinstance(result, RowError):
+                        errors[i] = errors[i] or result.as_cell()
+                    else:
+                        answers[i] = np.asarray(result)
+            batch = _set_column(batch, answer_column(task.name, p), _array_cells(answers))
+    return _set_column(batch, ERROR_COLUMN, pa.array(errors, ERROR_TYPE))
+
+
+# ---------------------------------------------------------------------------- stage 3
+
+
+def resize_values(values: np.ndarray, kind: str, size: tuple[int, int]) -> np.ndarray:
+    """Map a decoded map to the input's (H, W): nearest for ids and masks, bilinear for depth and normals."""
+    height, width = size
+    if values.shape[:2] == (height, width):
+        return values
+    if kind in ("classes", "mask"):
+        rows = (np.arange(height) * values.shape[0] // height)[:, None]
+        cols = (np.arange(width) * values.shape[1] // width)[None, :]
+        return values[rows, cols]
+    channels = values[..., None] if values.ndim == 2 else values
+    resized = np.stack(
+        [np.asarray(Image.fromarray(channels[..., c].astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
+         for c in range(channels.shape[-1])],
+        axis=-1,
+    )
+    if kind == "normals":
+        norm = np.linalg.norm(resized, axis=-1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            resized = resized / norm
+    return resized[..., 0] if values.ndim == 2 else resized
+
+
+def decode_answer(task: Task, answers: list[np.ndarray], plan: Plan) -> Decoded:
+    if task.name in plan.native_tasks:
+        values = answers[0].astype(np.float32)
+        if task.kind == "normals":
+            # Native normals come in the OpenGL frame (Marigold's); store them in the configured one.
+            values = normals_codec.convert(values, "opengl", plan.ctx.frame)
+        return Decoded(values=values, confidence=None)
+    return task.decode(answers, plan.ctx)
+
+
+def decode_encode(batch: pa.RecordBatch, plan: Plan) -> pa.RecordBatch:
+    """Stage 3 (CPU): decode answers, encode for storage, add summaries and provenance."""
+    errors = _errors(batch)
+    sizes = [None if c is None else tuple(c["shape"][:2]) for c in _column_list(batch, IMAGE_COLUMN)]
+    encoding = plan.cfg.output.encoding
+    outputs: dict[str, list[Any]] = {f.name: [None] * batch.num_rows for f in plan.output_fields()}
+    for task in plan.tasks:
+        meta = task.column_meta(plan.ctx, encoding)
+        passes = [_column_list(batch, answer_column(task.name, p)) for p in range(task.passes(plan.ctx))]
+        for i in range(batch.num_rows):
+            if errors[i] is not None or sizes[i] is None:
+                continue
+            try:
+                decoded = decode_answer(task, [decode_array(cells[i]) for cells in passes], plan)
+                values = resize_values(np.asarray(decoded.values), task.kind, sizes[i])
+                outputs[plan.column(task)][i] = encode_map(values, meta)
+                if decoded.confidence is not None:
+                    outputs[plan.column(task, "_confidence")][i] = float(np.mean(decoded.confidence))
+                for suffix, value in task.summarise(values, plan.ctx).items():
+                    outputs[plan.column(task, suffix)][i] = value
+            except Exception as exc:  # noqa: BLE001 - a bad answer is this row's fault
+                errors[i] = {"code": "output_error", "message": f"{task.name}: {type(exc).__name__}: {exc}"}
+                for f in plan.output_fields():
+                    if f.name.startswith(plan.column(task)):
+                        outputs[f.name][i] = None
+    outputs[ERROR_COLUMN] = errors
+    provenance = {"vb_model": plan.model, "vb_profile": plan.profile, "vb_run_id": plan.run_id, "vb_version": __version__}
+    for name, value in provenance.items():
+        outputs[name] = [value] * batch.num_rows
+    schema = plan.output_schema()
+    kept = [batch.column(batch.schema.get_field_index(f.name)) for f in plan.kept_input_fields()]
+    produced = [pa.array(outputs[f.name], type=f.type) for f in plan.output_fields()]
+    return pa.RecordBatch.from_arrays(kept + produced, schema=schema)
+
+
+def annotate_batch(batch: pa.RecordBatch, plan: Plan, backend: ModelBackend) -> pa.RecordBatch:
+    """All three stages in one call (for a caller that has no reason to split them)."""
+    return decode_encode(run_model(fetch_decode(batch, plan), plan, backend), plan)

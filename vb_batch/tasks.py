@@ -1,0 +1,208 @@
+"""Task registry: what to ask the model for each task, how to read its painting back, what to store.
+
+A task is a prompt (a template in the Vision Banana style that a model profile
+may override), a codec that turns the painted RGB into values, and the output
+columns: the stored map, a per-row confidence and summary scalars that make the
+lake queryable without decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+
+from vb_batch.codecs import Decoded
+from vb_batch.codecs import depth as depth_codec
+from vb_batch.codecs import normals as normals_codec
+from vb_batch.codecs import segmentation as seg_codec
+from vb_batch.io.encodings import ColumnMeta, depth_png_params
+
+DEFAULT_TEMPLATES = {
+    "depth": (
+        "Estimate the metric depth of this image. Paint it as a colour map that walks the RGB cube "
+        "from near to far: black, red, yellow, green, cyan, blue, magenta, white; sky and anything "
+        "beyond range = white."
+    ),
+    "normals": (
+        "Estimate the surface normals of this image. Paint each pixel's unit normal as colour "
+        "(n + 1) / 2: red = x to the right, green = y up, blue = z toward the viewer."
+    ),
+    "segmentation": (
+        "Segment this image. Paint every pixel with the colour of its class: {legend}; anything else = black."
+    ),
+    "referring": "Segment {phrase}. Paint {phrase} white and everything else black.",
+}
+
+FRACTIONS_TYPE = pa.list_(pa.struct([pa.field("name", pa.string()), pa.field("fraction", pa.float32())]))
+# The referred object is one white class; every other colour is background.
+REFERRING_LEGEND = seg_codec.Legend.from_pairs([("object", (255, 255, 255))])
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """Everything the tasks need from the job config and the model profile, resolved once per job."""
+
+    depth_preset: Any = "vision-banana"
+    depth_relative: bool = False
+    frame: str = "opengl"
+    legend: seg_codec.Legend | None = None
+    max_distance: float | None = None
+    ensemble: int = 1
+    phrase: str | None = None
+    phrase_column: str | None = None
+    templates: dict[str, str] = field(default_factory=dict)
+
+    def template(self, task: str) -> str:
+        return self.templates.get(task, DEFAULT_TEMPLATES[task])
+
+
+def legend_text(legend: seg_codec.Legend) -> str:
+    return ", ".join(f"{name} = ({r}, {g}, {b})" for name, (r, g, b) in legend.to_pairs())
+
+
+class Task:
+    """Base of the four tasks; subclasses set `name` and `kind` and implement decode and summary."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str]  # storage kind in vb_batch.io.encodings.KINDS
+
+    def passes(self, ctx: TaskContext) -> int:
+        """How many times the model paints this task per image (test-time ensembling)."""
+        return 1
+
+    def prompts(self, ctx: TaskContext, n: int, pass_index: int = 0, phrases: list[str] | None = None) -> list[str]:
+        return [ctx.template(self.name)] * n
+
+    def decode(self, paintings: list[np.ndarray], ctx: TaskContext) -> Decoded:
+        """The painted RGB of every pass for one image -> values and per-pixel confidence."""
+        raise NotImplementedError
+
+    def column_meta(self, ctx: TaskContext, encoding: str) -> ColumnMeta:
+        raise NotImplementedError
+
+    def summary_fields(self, ctx: TaskContext) -> list[tuple[str, pa.DataType]]:
+        """(suffix, type) of the summary scalars; the column is `<prefix><task><suffix>`."""
+        return []
+
+    def summarise(self, values: np.ndarray, ctx: TaskContext) -> dict[str, Any]:
+        return {}
+
+
+class DepthTask(Task):
+    name = "depth"
+    kind = "depth"
+
+    def decode(self, paintings, ctx):
+        return depth_codec.decode(paintings[0], preset=ctx.depth_preset)
+
+    def column_meta(self, ctx, encoding):
+        scale, offset = depth_png_params(ctx.depth_relative) if encoding == "png" else (None, None)
+        preset = ctx.depth_preset if isinstance(ctx.depth_preset, str) else "custom"
+        unit = "relative (affine-invariant)" if ctx.depth_relative else "m"
+        return ColumnMeta(
+            kind="depth", encoding=encoding, unit=unit, task=self.name, scale=scale, offset=offset,
+            extra={"preset": str(preset)},
+        )
+
+    def summary_fields(self, ctx):
+        unit = "rel" if ctx.depth_relative else "m"
+        return [(f"_min_{unit}", pa.float32()), (f"_median_{unit}", pa.float32()), (f"_max_{unit}", pa.float32())]
+
+    def summarise(self, values, ctx):
+        finite = values[np.isfinite(values)]
+        stats = (None, None, None) if finite.size == 0 else (finite.min(), np.median(finite), finite.max())
+        return {suffix: None if v is None else float(v) for (suffix, _), v in zip(self.summary_fields(ctx), stats)}
+
+
+class NormalsTask(Task):
+    name = "normals"
+    kind = "normals"
+
+    def decode(self, paintings, ctx):
+        return normals_codec.decode(paintings[0], frame=ctx.frame)
+
+    def column_meta(self, ctx, encoding):
+        return ColumnMeta(kind="normals", encoding=encoding, unit="unit vector", task=self.name, frame=ctx.frame)
+
+
+class SegmentationTask(Task):
+    name = "segmentation"
+    kind = "classes"
+
+    def passes(self, ctx):
+        return ctx.ensemble
+
+    def pass_legend(self, ctx: TaskContext, pass_index: int) -> seg_codec.Legend:
+        # Pass 0 paints with the legend as configured; later passes permute colours among classes.
+        return ctx.legend if pass_index == 0 else ctx.legend.permuted(pass_index)
+
+    def prompts(self, ctx, n, pass_index=0, phrases=None):
+        text = ctx.template(self.name).format(legend=legend_text(self.pass_legend(ctx, pass_index)))
+        return [text] * n
+
+    def decode(self, paintings, ctx):
+        decodes = [
+            seg_codec.decode(rgb, self.pass_legend(ctx, i), max_distance=ctx.max_distance)
+            for i, rgb in enumerate(paintings)
+        ]
+        return decodes[0] if len(decodes) == 1 else seg_codec.vote(decodes)
+
+    def column_meta(self, ctx, encoding):
+        return ColumnMeta(
+            kind="classes", encoding=encoding, unit="class id", task=self.name,
+            legend=ctx.legend.to_pairs(), unlabelled=ctx.legend.unlabelled,
+        )
+
+    def summary_fields(self, ctx):
+        return [("_fractions", FRACTIONS_TYPE)]
+
+    def summarise(self, values, ctx):
+        counts = np.bincount(values.ravel().astype(np.int64), minlength=len(ctx.legend))[: len(ctx.legend)]
+        fractions = counts / max(values.size, 1)
+        return {"_fractions": [{"name": n, "fraction": float(f)} for n, f in zip(ctx.legend.names, fractions)]}
+
+
+class ReferringTask(Task):
+    name = "referring"
+    kind = "mask"
+
+    def prompts(self, ctx, n, pass_index=0, phrases=None):
+        phrases = phrases if phrases is not None else [ctx.phrase] * n
+        return [ctx.template(self.name).format(phrase=p) for p in phrases]
+
+    def decode(self, paintings, ctx):
+        dec = seg_codec.decode(paintings[0], REFERRING_LEGEND, max_distance=ctx.max_distance)
+        return Decoded(values=(np.asarray(dec.values) == 0).astype(np.uint8), confidence=dec.confidence)
+
+    def column_meta(self, ctx, encoding):
+        return ColumnMeta(kind="mask", encoding=encoding, unit="mask (1 = referred object)", task=self.name)
+
+    def summary_fields(self, ctx):
+        return [("_fraction", pa.float32())]
+
+    def summarise(self, values, ctx):
+        return {"_fraction": float(values.mean()) if values.size else None}
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (DepthTask(), NormalsTask(), SegmentationTask(), ReferringTask())}
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}") from None
+
+
+def build_legend(classes: list[str] | None, legend: dict[str, Any] | None, palette: str = "generated"):
+    """The segmentation legend from config: explicit colours, or names coloured from a palette."""
+    if legend:
+        return seg_codec.Legend.from_pairs([(name, tuple(int(c) for c in rgb)) for name, rgb in legend.items()])
+    if classes:
+        if palette == "cityscapes":
+            return seg_codec.Legend.from_names(classes, palette="cityscapes")
+        return seg_codec.Legend.from_names(classes)
+    return None
