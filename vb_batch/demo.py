@@ -108,7 +108,7 @@ def run_demo(out: str = "out", data_dir: str = "demo_data", rows: int = 24) -> R
     cfg = load_config(config if config.exists() else _DEMO_CONFIG, overrides)
     summary = run_job(cfg)
     print(summary.render())
-    print(f"read the labels back: python -c \"import vb_batch; print(vb_batch.load_arrays('{out}', 'depth')[0])\"")
+    print(f"read the labels back: python -c \"import vb_batch; print(vb_batch.load_arrays('{out}', 'depth')[0].shape)\"")
     return summary
 
 

@@ -8,6 +8,7 @@ decides the task) or a mapping `{depth: ..., normals: ...}`.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import defaultdict
 
@@ -15,6 +16,8 @@ import numpy as np
 
 from vb_batch.config import ConfigError
 from vb_batch.models.base import ModelBackend
+
+log = logging.getLogger(__name__)
 
 TASK_OF_PIPELINE = {"MarigoldDepthPipeline": "depth", "MarigoldNormalsPipeline": "normals"}
 
@@ -31,6 +34,13 @@ def load_pipeline(path: str, cfg):
     """Load a diffusers pipeline the way a user's checkpoint loads: safetensors only, no remote code."""
     import torch
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    if not log.isEnabledFor(logging.INFO):
+        # Loading bars per component drown the job's own progress and summary.
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
 
     local = os.path.isdir(path)
     if not local and (os.path.isabs(path) or path.startswith(".")):
