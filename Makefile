@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # The CPU wheel: an unpinned torch would pull several GB of CUDA packages.
 TORCH := torch==2.13.0
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv browser clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,14 @@ venv: $(VENV)/.installed
 demo: venv
 	$(BIN)/vb-batch demo --out out
 
-test: venv
+test: venv browser
 	$(BIN)/python -m pytest -q
+
+# The report test opens the HTML report in Debian's headless Chromium.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium is missing and cannot be installed here: apt-get install chromium"
 
 clean:
 	rm -rf $(VENV) out demo_data .pytest_cache .hypothesis

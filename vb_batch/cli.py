@@ -3,6 +3,8 @@
     vb-batch run CONFIG [key.path=value ...]     run a job
     vb-batch validate CONFIG [key.path=value ...] check a config and print it resolved
     vb-batch demo                                 sample images + tiny model + a real job
+    vb-batch report OUTPUT                        (re)write OUTPUT/_report.html
+    vb-batch show OUTPUT --id ID                  previews of one row as PNG files
     vb-batch tiny-model PATH --task depth         build a tiny random Marigold checkpoint
 
 Exit codes: 0 success, 1 the job failed (or exceeded run.max_error_fraction),
@@ -67,6 +69,26 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if summary.success else 1
 
 
+def _report(args: argparse.Namespace) -> int:
+    from vb_batch.report import write_report
+
+    print(write_report(args.output, samples=args.samples))
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from vb_batch.report import show_row
+
+    try:
+        files = show_row(args.output, args.id, args.dir)
+    except KeyError as exc:
+        print(f"vb-batch: {exc.args[0]}", file=sys.stderr)
+        return 1
+    for path in files:
+        print(path)
+    return 0
+
+
 def _tiny_model(args: argparse.Namespace) -> int:
     from vb_batch.models.tiny import build_tiny_marigold
 
@@ -104,6 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="demo_data", help="where samples and the tiny model go (default: demo_data)")
     p.add_argument("--rows", type=int, default=24, help="number of sample images (default: 24)")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser(
+        "report",
+        help="(re)write the HTML run report of an output dataset",
+        description="Write OUTPUT/_report.html: sample grid (input, depth, normals, masks), histograms, "
+        "errors, config and provenance. Opens from disk; no server needed.",
+    )
+    p.add_argument("output", help="output dataset path or URL")
+    p.add_argument("--samples", type=int, default=12, help="rows in the sample grid (default: 12)")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("show", help="write the input and preview PNGs of one row")
+    p.add_argument("output", help="output dataset path or URL")
+    p.add_argument("--id", required=True, help="the row's id")
+    p.add_argument("--dir", default="previews", help="where to write the PNGs (default: previews)")
+    p.set_defaults(func=_show)
 
     p = sub.add_parser("tiny-model", help="build a tiny random Marigold checkpoint (for tests and demos)")
     p.add_argument("path", help="directory to save the pipeline to")

@@ -67,6 +67,9 @@ class OutputConfig(_Section):
     commit_every: int = Field(default=4096, ge=0)
     compression: str = "zstd"
     keep_image: bool = True
+    # Write the HTML run report (<output.path>/_report.html) after the run.
+    report: bool = True
+    report_samples: int = Field(default=12, ge=0)
     storage: StorageOptions = Field(default_factory=StorageOptions)
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vb_batch.config import JobConfig, load_config
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -25,6 +28,7 @@ class RunSummary:
     seconds: float = 0.0
     success: bool = False
     message: str = ""
+    report: str = ""
 
     @property
     def rows_processed(self) -> int:
@@ -58,18 +62,29 @@ class RunSummary:
         for code, n in sorted(self.errors_by_code.items(), key=lambda kv: -kv[1]):
             lines.append(f"  error {code}: {n} row(s)")
         lines.append(f"  output: {self.output}")
+        if self.report:
+            lines.append(f"  report: {self.report}")
         if self.message:
             lines.append(f"  {self.message}")
         return "\n".join(lines)
 
 
 def run_job(cfg: JobConfig, backend=None) -> RunSummary:
-    """Run a validated job on its configured engine."""
+    """Run a validated job on its configured engine, then write its HTML report."""
     if cfg.engine.kind == "local":
         from vb_batch.engines.local import run_local
 
-        return run_local(cfg, backend=backend)
-    raise ValueError(f"engine.kind: unknown engine {cfg.engine.kind!r}")
+        summary = run_local(cfg, backend=backend)
+    else:
+        raise ValueError(f"engine.kind: unknown engine {cfg.engine.kind!r}")
+    if cfg.output.report:
+        from vb_batch.report import write_report
+
+        try:
+            summary.report = write_report(cfg.output.path, cfg.output.storage, cfg.output.report_samples)
+        except Exception as exc:  # noqa: BLE001 - the labels are committed; a report fault must not fail the job
+            log.warning("could not write the run report: %s", exc)
+    return summary
 
 
 def annotate(config: str | Path | dict[str, Any] | JobConfig, overrides: list[str] | None = None, backend=None) -> RunSummary:

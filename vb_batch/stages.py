@@ -143,6 +143,8 @@ class Plan:
             b"vb.version": __version__.encode(),
             b"vb.run_id": self.run_id.encode(),
             b"vb.job": json.dumps(redacted(self.cfg)).encode(),
+            b"vb.image_column": (self.image_column or "").encode(),
+            b"vb.uri_column": (self.uri_column or "").encode(),
         }
         return pa.schema(fields + self.output_fields(), metadata=metadata)
 

@@ -1,0 +1,100 @@
+"""The HTML run report in a real headless Chromium, and per-row previews."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import known_maps, png_bytes
+from PIL import Image
+
+import vb_batch
+from vb_batch.cli import main
+from vb_batch.codecs import depth, segmentation
+from vb_batch.report import REPORT_NAME
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--virtual-time-budget=5000",
+]
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert path, "Debian's chromium is needed for the report test: `make test` installs it (apt-get install chromium)"
+    return path
+
+
+def browse(url: str, profile, *args: str) -> subprocess.CompletedProcess:
+    cmd = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def annotated(tmp_path):
+    legend = segmentation.Legend.from_names(["road", "car", "sky"])
+    rows = []
+    for i in range(5):
+        maps = known_maps(i, 24, 32, legend)
+        # Each row paints depth; the identity model answers it for every task.
+        rows.append(png_bytes(depth.encode(maps["depth"])))
+    rows.append(b"broken bytes")
+    pq.write_table(pa.table({"id": list(range(6)), "image": rows}), tmp_path / "in.parquet")
+    cfg = {
+        "input": {"path": str(tmp_path / "in.parquet")},
+        "output": {"path": str(tmp_path / "out"), "report_samples": 4},
+        "tasks": ["depth", "normals", "segmentation"],
+        "segmentation": {"classes": legend.names},
+        "run": {"progress": False},
+    }
+    summary = vb_batch.annotate(cfg)
+    return tmp_path / "out", summary
+
+
+@pytest.mark.slow
+def test_report_opens_in_chromium_with_every_image(annotated, tmp_path):
+    out, summary = annotated
+    report = out / REPORT_NAME
+    assert summary.report.endswith(REPORT_NAME) and report.exists()
+    text = report.read_text()
+    assert "not_image" in text  # the error table names the failed row's code
+    dom = browse(report.as_uri(), tmp_path / "profile1", "--dump-dom")
+    body = re.search(r"<body[^>]*data-images=\"(\d+)\"[^>]*data-broken=\"(\d+)\"", dom.stdout)
+    assert body, dom.stderr[-2000:]
+    images, broken = int(body.group(1)), int(body.group(2))
+    # 4 samples x (input + depth + normals + segmentation) + 2 depth histograms + class fractions.
+    assert images == 4 * 4 + 3
+    assert broken == 0
+    shot = tmp_path / "report.png"
+    browse(report.as_uri(), tmp_path / "profile2", f"--screenshot={shot}", "--window-size=1200,1600")
+    picture = np.asarray(Image.open(shot).convert("RGB"))
+    assert picture.shape[:2] == (1600, 1200)
+    assert picture.std() > 10  # not a blank page
+
+
+def test_report_command_and_show(annotated, tmp_path, capsys):
+    out, _ = annotated
+    (out / REPORT_NAME).unlink()
+    assert main(["report", str(out), "--samples", "2"]) == 0
+    assert (out / REPORT_NAME).exists()
+    assert main(["show", str(out), "--id", "3", "--dir", str(tmp_path / "prev")]) == 0
+    files = sorted(p.name for p in (tmp_path / "prev").iterdir())
+    assert files == ["3_depth.png", "3_input.png", "3_normals.png", "3_segmentation.png"]
+    assert Image.open(tmp_path / "prev" / "3_input.png").size == (32, 24)
+    assert main(["show", str(out), "--id", "99", "--dir", str(tmp_path / "prev")]) == 1
+    assert "no row" in capsys.readouterr().err
+
+
+def test_depth_preview_colours_near_warm_and_far_black():
+    from vb_batch.previews import colorize_depth
+
+    d = np.array([[1.0, 2.0, 50.0, np.inf, np.nan]], np.float32)
+    rgb = colorize_depth(d)
+    assert tuple(rgb[0, 3]) == (0, 0, 0) and tuple(rgb[0, 4]) == (128, 128, 128)
+    assert rgb[0, 0, 0] > rgb[0, 0, 2]  # near: red dominates
+    assert rgb[0, 2, 2] > rgb[0, 2, 0]  # far: blue dominates
