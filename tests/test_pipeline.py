@@ -215,3 +215,22 @@ def test_segmentation_ensemble_votes_over_permuted_legends(painted_table, tmp_pa
         assert np.all(confidence < 1.0) and np.all(confidence >= 2 / 3 - 1e-6)
     else:
         assert np.allclose(confidence, 1.0)
+
+
+def test_max_error_fraction_fails_the_run_after_committing(tmp_path, capsys):
+    good = png_bytes(depth.encode(np.full((16, 16), 2.0, np.float32)))
+    cells = [good, b"junk", b"junk", good]
+    pq.write_table(pa.table({"id": [1, 2, 3, 4], "image": cells}), tmp_path / "in.parquet")
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"input: {{path: {tmp_path / 'in.parquet'}}}\noutput: {{path: {tmp_path / 'out'}}}\n"
+        "run: {max_error_fraction: 0.25, progress: false}\n"
+    )
+    from vb_batch.cli import main
+
+    assert main(["run", str(job)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "max_error_fraction" in out and "not_image: 2" in out.replace("error ", "")
+    table = read_output(str(tmp_path / "out"))
+    assert table.num_rows == 4  # committed, good and bad rows alike
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
