@@ -119,16 +119,84 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     seed: int = 0
     num_inference_steps: int | None = Field(default=None, gt=0)
+    # The model's working size: Marigold's longer side; the diffusers edit pipelines' side of the
+    # equal-area square (None: 1024, about 1 megapixel). 0: the input's own size.
     processing_resolution: int | None = Field(default=None, ge=0)
+    # diffusers: the pipeline's own guidance knob (None: the pipeline's default).
+    guidance_scale: float | None = Field(default=None, ge=0)
+    # diffusers: a fine-tuned transformer loaded over the base pipeline (Open Vision Banana's,
+    # over FLUX.2 [klein] base): a directory or hub id, and the subfolder that holds it.
+    transformer_path: str | None = None
+    transformer_subfolder: str | None = None
+    transformer_revision: str | None = None
+    compile: bool = False  # diffusers: torch.compile the transformer
+    vae_slicing: bool = False  # diffusers: decode a batch one image at a time (memory)
+    vae_tiling: bool = False  # diffusers: encode and decode large images in tiles (memory)
+    # http: the URL images are POSTed to, extra (non-secret) headers, and the environment variable
+    # that holds the API token, sent as `<token_header>: <token_scheme> <token>`.
+    endpoint: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    token_env: str | None = None
+    token_header: str = "Authorization"
+    token_scheme: str | None = "Bearer"
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=4, ge=0)  # after the first attempt, on 429, 5xx and connection errors
+    retry_backoff_s: float = Field(default=1.0, ge=0)  # first wait; doubles per retry
+    concurrency: int = Field(default=4, gt=0)  # requests in flight at once
+    # Extra keyword arguments for the pipeline call (diffusers) or extra JSON fields (http).
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http_url(cls, endpoint):
+        if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// URL, got {endpoint!r}")
+        return endpoint
+
+    @field_validator("headers")
+    @classmethod
+    def _no_credentials_in_headers(cls, headers):
+        # The job config is stored in the output's metadata: secrets must stay in the environment.
+        for name in headers:
+            if name.lower() in ("authorization", "proxy-authorization", "x-api-key", "api-key", "cookie"):
+                raise ValueError(f"{name!r} carries a credential: put it in an environment variable named by model.token_env")
+        return headers
 
 
 class EngineConfig(_Section):
-    kind: Literal["local"] = "local"
+    kind: Literal["local", "ray", "spark"] = "local"
     # Threads that fetch + decode images and encode outputs around the model.
     io_threads: int = Field(default=4, gt=0)
     # Model batches prepared ahead of the model so it never waits for decode.
     prefetch_batches: int = Field(default=2, ge=1)
+    # ray: the cluster (None: RAY_ADDRESS if set, else a local Ray started for the job;
+    # "auto": the running cluster; "ray://head:10001": a remote one through Ray Client).
+    address: str | None = None
+    # ray: model actors, a fixed count or [min, max] to autoscale between.
+    actors: int | tuple[int, int] = 1
+    gpus_per_actor: float = Field(default=0, ge=0)
+    cpus_per_actor: float = Field(default=1, ge=0)
+    # ray: CPU tasks (fetch + decode before the model, decode + encode + write after it).
+    cpus_per_task: float = Field(default=1, gt=0)
+    cpu_batch_rows: int = Field(default=64, gt=0)
+    # ray: batches queued on each actor while it runs one (None: prefetch_batches).
+    max_tasks_in_flight_per_actor: int | None = Field(default=None, ge=1)
+    # spark: master URL (None: local[*]; local-cluster[2,1,1024], spark://..., yarn), extra Spark
+    # conf, rows per Arrow batch handed to Python workers, tasks to split the input into, GPUs per task.
+    master: str | None = None
+    spark_conf: dict[str, str] = Field(default_factory=dict)
+    arrow_batch_rows: int = Field(default=64, gt=0)
+    partitions: int | None = Field(default=None, gt=0)
+    gpus_per_task: float = Field(default=0, ge=0)
+
+    @field_validator("actors")
+    @classmethod
+    def _actor_range(cls, actors):
+        low, high = (actors, actors) if isinstance(actors, int) else actors
+        if low < 1 or high < low:
+            shown = actors if isinstance(actors, int) else list(actors)
+            raise ValueError(f"give a count >= 1 or [min, max] with 1 <= min <= max, got {shown}")
+        return actors
 
 
 class RunConfig(_Section):

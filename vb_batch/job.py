@@ -75,6 +75,14 @@ def run_job(cfg: JobConfig, backend=None) -> RunSummary:
         from vb_batch.engines.local import run_local
 
         summary = run_local(cfg, backend=backend)
+    elif cfg.engine.kind == "ray":
+        from vb_batch.engines.ray import run_ray
+
+        summary = run_ray(cfg, backend=backend)
+    elif cfg.engine.kind == "spark":
+        from vb_batch.engines.spark import run_spark
+
+        summary = run_spark(cfg, backend=backend)
     else:
         raise ValueError(f"engine.kind: unknown engine {cfg.engine.kind!r}")
     if cfg.output.report:

@@ -156,10 +156,19 @@ class ParquetSink:
 
     def _close_file(self) -> None:
         self._writer.close()
-        self._staged.append(self._writer_name)
-        self._staged_rows += self._writer_rows
-        self.rows_written += self._writer_rows
         self._writer = None
+        self.stage(self._writer_name, self._writer_rows)
+
+    def stage(self, name: str, rows: int) -> None:
+        """Count a complete part file in `self.staging` towards the next commit.
+
+        The sink's own files come here, and so do files another process wrote
+        into `self.staging` with this sink's schema (the Ray engine's tasks):
+        only files staged here are ever committed.
+        """
+        self._staged.append(name)
+        self._staged_rows += rows
+        self.rows_written += rows
         if self.cfg.commit_every and self._staged_rows >= self.cfg.commit_every:
             self.commit()
 
@@ -188,6 +197,17 @@ class ParquetSink:
             self._write_bytes(self._path(META_DIR, "runs", f"{self.run_id}.json"), json.dumps(summary, indent=2).encode())
         if success:
             self._write_bytes(self._path("_SUCCESS"), b"")
+
+
+def write_part(cfg: OutputConfig, path: str, table: pa.Table) -> None:
+    """Write one complete staged part file (any process: driver, Ray task, Spark executor).
+
+    `path` is inside the output's filesystem (as `ParquetSink.staging` gives it).
+    """
+    fs, _ = fsspec_filesystem(cfg.path, cfg.storage)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    arrow_fs, _ = arrow_filesystem(cfg.path, cfg.storage)
+    pq.write_table(table, path, filesystem=arrow_fs, compression=cfg.compression)
 
 
 def read_output(path: str, columns: list[str] | None = None, storage: StorageOptions | None = None) -> pa.Table:

@@ -14,10 +14,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from vb_batch.config import ConfigError, InputConfig
 from vb_batch.io.filesystems import arrow_filesystem, fsspec_filesystem, split_scheme
@@ -37,6 +39,19 @@ def image_bytes(column: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 def content_id(data: bytes | None) -> str:
     return "sha256:" + hashlib.sha256(data or b"").hexdigest()
+
+
+def with_ids(batch: pa.RecordBatch, id_column: str, image_column: str | None, uri_column: str | None) -> pa.RecordBatch:
+    """The batch with its id column first when it had none: the URI, or the SHA-256 of the bytes."""
+    if id_column in batch.schema.names:
+        return batch
+    if uri_column:
+        ids = batch.column(batch.schema.get_field_index(uri_column)).cast(pa.string())
+    else:
+        cells = image_bytes(batch.column(batch.schema.get_field_index(image_column))).to_pylist()
+        ids = pa.array([content_id(b) for b in cells], pa.string())
+    schema = batch.schema.insert(0, pa.field(id_column, pa.string()))
+    return pa.RecordBatch.from_arrays([ids, *batch.columns], schema=schema)
 
 
 @dataclass
@@ -59,18 +74,44 @@ class Source:
         return self.dataset.count_rows()
 
     def with_ids(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        if self.has_id:
-            return batch
-        if self.uri_column:
-            ids = batch.column(self.uri_column).cast(pa.string())
-        else:
-            ids = pa.array([content_id(b) for b in image_bytes(batch.column(self.image_column)).to_pylist()], pa.string())
-        return pa.RecordBatch.from_arrays([ids, *batch.columns], schema=self.schema)
+        return with_ids(batch, self.id_column, self.image_column, self.uri_column)
 
     def batches(self, rows: int) -> Iterator[pa.RecordBatch]:
         for batch in self.dataset.to_batches(batch_size=rows):
             if batch.num_rows:
                 yield self.with_ids(batch)
+
+    def units(self, listing_rows: int = 256) -> list[dict[str, Any]]:
+        """The input split into independent pieces of work for a distributed engine.
+
+        A Parquet input gives one unit per row group of each file; a folder of
+        images gives slices of its listing. Each unit is small and JSON-ready:
+        workers read it with `read_unit`, so no image bytes pass the driver.
+        """
+        if isinstance(self.dataset, pads.FileSystemDataset):
+            return [
+                {"file": fragment.path, "row_group": group.id}
+                for fragment in self.dataset.get_fragments()
+                for group in fragment.row_groups
+            ]
+        listing = self.dataset.to_table()
+        return [
+            {"rows": listing.slice(start, listing_rows).to_pylist()}
+            for start in range(0, listing.num_rows, listing_rows)
+        ]
+
+
+def read_unit(unit: dict[str, Any], cfg: InputConfig, schema: pa.Schema, rows: int) -> Iterator[pa.RecordBatch]:
+    """Read one unit of `Source.units` as batches of at most `rows` rows, in the source's schema."""
+    if "file" in unit:
+        fs, _ = arrow_filesystem(cfg.path, cfg.storage)
+        with fs.open_input_file(unit["file"]) as f:
+            table = pq.ParquetFile(f).read_row_group(unit["row_group"])
+        table = table.select([n for n in schema.names if n in table.column_names])
+        table = table.cast(pa.schema([schema.field(n) for n in table.column_names]))
+    else:
+        table = pa.Table.from_pylist(unit["rows"], schema=schema)
+    yield from table.to_batches(max_chunksize=rows)
 
 
 def _image_files_table(cfg: InputConfig) -> pa.Table:

@@ -67,12 +67,22 @@ def register_backend(name: str, target: str) -> None:
 
 
 def backend_class(name: str) -> type[ModelBackend]:
-    try:
-        target = BACKENDS[name]
-    except KeyError:
-        raise ConfigError(f"model.backend: unknown backend {name!r}; known: {sorted(BACKENDS)}") from None
+    """The class of a registered backend, or of "package.module:Class" (a user's own backend).
+
+    The import-path form also reaches processes that never ran `register_backend`
+    (Spark executors, Ray workers).
+    """
+    target = BACKENDS.get(name, name if ":" in name else None)
+    if target is None:
+        raise ConfigError(f"model.backend: unknown backend {name!r}; known: {sorted(BACKENDS)} or package.module:Class")
     module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls)
+    try:
+        found = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"model.backend: cannot import {target!r}: {exc}") from None
+    if not (isinstance(found, type) and issubclass(found, ModelBackend)):
+        raise ConfigError(f"model.backend: {target!r} is not a vb_batch ModelBackend")
+    return found
 
 
 def create_backend(cfg: "ModelConfig") -> ModelBackend:

@@ -1,0 +1,144 @@
+"""The Spark engine on real executor processes (`local-cluster[2,1,1024]`): same output as local."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import known_maps, png_bytes
+
+import vb_batch
+from vb_batch.codecs import depth, normals, segmentation
+from vb_batch.io.sinks import read_output
+
+pytestmark = pytest.mark.slow
+
+TESTS = str(Path(__file__).resolve().parent)
+
+
+@pytest.fixture(scope="module")
+def spark():
+    from vb_batch.config import EngineConfig
+    from vb_batch.engines.spark import spark_session
+
+    engine = EngineConfig(
+        kind="spark",
+        master="local-cluster[2,1,1024]",
+        spark_conf={
+            "spark.executorEnv.PYTHONPATH": os.pathsep.join([TESTS, *sys.path]),
+            "spark.executor.memory": "1g",
+            "spark.sql.shuffle.partitions": "4",
+        },
+    )
+    session = spark_session(engine, "vb-batch tests")
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+def mixed_input(path: Path, legend) -> None:
+    """Paintings for every task plus rows that must fail, in several row groups (= several Spark tasks)."""
+    ids, images = [], []
+    for i in range(10):
+        maps = known_maps(i, 16 + 8 * (i % 3), 24, legend)
+        painting = [depth.encode(maps["depth"]), normals.encode(maps["normals"]),
+                    segmentation.encode(maps["segmentation"], legend)][i % 3]
+        ids.append(f"row-{i:02d}")
+        images.append(png_bytes(painting))
+    ids += ["bad-empty", "bad-junk"]
+    images += [b"", b"junk"]
+    pq.write_table(pa.table({"id": ids, "image": images, "k": list(range(12))}), path, row_group_size=3)
+
+
+def job(tmp_path, out, engine, **extra):
+    legend = segmentation.Legend.from_names(["road", "car", "sky"])
+    cfg = {
+        "input": {"path": str(tmp_path / "in.parquet")},
+        "output": {"path": str(tmp_path / out), "mode": "overwrite", "rows_per_file": 4},
+        "tasks": ["depth", "normals", "segmentation"],
+        "segmentation": {"classes": list(legend.names)},
+        "model": {"batch_size": 2},
+        "engine": {"kind": engine},
+        "run": {"progress": False},
+    }
+    for key, value in extra.items():
+        section, _, name = key.partition("__")
+        cfg[section][name] = value
+    return cfg, legend
+
+
+def comparable(path: str) -> pa.Table:
+    table = read_output(path).sort_by("id")
+    return table.drop_columns(["vb_run_id"])
+
+
+def test_spark_output_equals_local(spark, tmp_path):
+    cfg, legend = job(tmp_path, "local", "local")
+    mixed_input(tmp_path / "in.parquet", legend)
+    local = vb_batch.annotate(cfg)
+    cfg, _ = job(tmp_path, "spark", "spark")
+    remote = vb_batch.annotate(cfg)
+    assert remote.success and remote.engine == "spark"
+    assert (remote.rows_ok, remote.rows_failed) == (local.rows_ok, local.rows_failed) == (10, 2)
+    assert remote.errors_by_code == local.errors_by_code
+    a, b = comparable(str(tmp_path / "local")), comparable(str(tmp_path / "spark"))
+    assert a.schema.equals(b.schema, check_metadata=False)
+    for name in a.schema.names:
+        assert a.schema.field(name).metadata == b.schema.field(name).metadata, name
+    assert a.equals(b)
+    assert (tmp_path / "spark" / "_SUCCESS").exists()
+    assert not (tmp_path / "spark" / "_vb" / "staging").exists()
+
+
+def test_model_loads_once_per_python_worker(spark, tmp_path):
+    loads, batches = tmp_path / "loads.log", tmp_path / "batches.log"
+    cfg, legend = job(
+        tmp_path, "out", "spark",
+        model__backend="spark_backends:CountingBackend",
+        model__options={"load_log": str(loads), "batch_log": str(batches)},
+    )
+    mixed_input(tmp_path / "in.parquet", legend)
+    assert vb_batch.annotate(cfg).rows_processed == 12
+    load_pids = loads.read_text().split()
+    batch_pids = [line.split()[0] for line in batches.read_text().splitlines()]
+    assert len(load_pids) == len(set(load_pids)), "a worker loaded the model twice"
+    assert set(batch_pids) <= set(load_pids)
+    assert len(batch_pids) >= 3 * len(load_pids)  # many batches per load
+
+
+def test_resume_on_spark_processes_only_new_rows(spark, tmp_path):
+    legend = segmentation.Legend.from_names(["road", "car", "sky"])
+    mixed_input(tmp_path / "in.parquet", legend)
+    cfg, _ = job(tmp_path, "out", "local")
+    table = pq.read_table(tmp_path / "in.parquet")
+    pq.write_table(table.slice(0, 5), tmp_path / "first.parquet")
+    cfg["input"]["path"] = str(tmp_path / "first.parquet")
+    vb_batch.annotate(cfg)
+    cfg, _ = job(tmp_path, "out", "spark", output__mode="resume")
+    summary = vb_batch.annotate(cfg)
+    assert summary.rows_skipped == 5 and summary.rows_processed == 7
+    ids = read_output(str(tmp_path / "out")).column("id").to_pylist()
+    assert sorted(ids) == sorted(table.column("id").to_pylist())
+
+
+def test_annotate_a_users_dataframe(spark, tmp_path):
+    legend = segmentation.Legend.from_names(["road", "car", "sky"])
+    maps = known_maps(3, 16, 24, legend)
+    pq.write_table(
+        pa.table({"id": [1, 2], "image": [png_bytes(depth.encode(maps["depth"]))] * 2}), tmp_path / "in.parquet"
+    )
+    df = spark.read.parquet(str(tmp_path / "in.parquet"))
+    import vb_batch.spark
+
+    out = vb_batch.spark.annotate(df, {"input": {"image_column": "image"}, "output": {"encoding": "array"}})
+    assert out.schema["depth"].metadata["vb.unit"] == "m"
+    rows = out.select("id", "depth", "depth_median_m", "vb_error").orderBy("id").collect()
+    assert [r["id"] for r in rows] == [1, 2] and rows[0]["vb_error"] is None
+    cell = rows[0]["depth"].asDict()
+    got = np.frombuffer(cell["data"], dtype=cell["dtype"]).reshape(cell["shape"])
+    np.testing.assert_allclose(got, maps["depth"], rtol=0.01)
