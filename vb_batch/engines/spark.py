@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -54,15 +55,19 @@ def spark_session(engine: EngineConfig, app_name: str):
     """A SparkSession for the job: the configured master, Python workers on this interpreter."""
     from pyspark.sql import SparkSession
 
-    master = engine.master or "local[*]"
-    builder = SparkSession.builder.appName(app_name).master(master)
+    # Under spark-submit (which hands us its gateway) the master comes from spark-submit.
+    submitted = "PYSPARK_GATEWAY_PORT" in os.environ
+    master = engine.master or (None if submitted else "local[*]")
+    builder = SparkSession.builder.appName(app_name)
+    if master:
+        builder = builder.master(master)
     conf = {
         "spark.pyspark.python": sys.executable,
         "spark.sql.execution.arrow.maxRecordsPerBatch": str(engine.arrow_batch_rows),
         "spark.python.worker.reuse": "true",
         "spark.ui.showConsoleProgress": "true",
     }
-    if master.startswith("local"):
+    if master and master.startswith("local"):
         conf.update({"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1", "spark.ui.enabled": "false"})
     conf.update(engine.spark_conf)
     for key, value in conf.items():
