@@ -95,3 +95,20 @@ def test_demo_command(tmp_path, capsys):
     assert "6 ok, 0 failed" in out
     assert (tmp_path / "out" / "_SUCCESS").exists()
     assert read_output(str(tmp_path / "out")).num_rows == 6
+
+
+def test_model_options_reach_the_pipeline(sample_images, tmp_path, tiny_marigold):
+    # Marigold's own ensembling, through model.options: its uncertainty needs ensemble_size > 1.
+    cfg = job(sample_images, tmp_path / "out", {"depth": tiny_marigold["depth"]},
+              options={"ensemble_size": 2, "ensembling_kwargs": {"reduction": "median"}})
+    cfg["tasks"] = ["depth"]
+    assert vb_batch.annotate(cfg).success
+    plain = job(sample_images, tmp_path / "plain", {"depth": tiny_marigold["depth"]})
+    plain["tasks"] = ["depth"]
+    assert vb_batch.annotate(plain).success
+    ensembled = vb_batch.load_arrays(read_output(str(tmp_path / "out")).sort_by("id"), "depth")
+    single = vb_batch.load_arrays(read_output(str(tmp_path / "plain")).sort_by("id"), "depth")
+    assert any(not np.allclose(a, b) for a, b in zip(ensembled, single))  # the option changed the call
+    bad = job(sample_images, tmp_path / "bad", tiny_marigold, options={"generator": None})
+    with pytest.raises(Exception, match="model.options"):
+        vb_batch.annotate(bad)

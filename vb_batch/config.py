@@ -32,9 +32,46 @@ class StorageOptions(_Section):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+def _check_row_filter(text: str | None, field: str) -> str | None:
+    """A row filter is a pyiceberg row-filter string; reject bad syntax now (when pyiceberg is installed)."""
+    if text is None:
+        return None
+    try:
+        from pyiceberg.expressions.parser import parse
+    except ImportError:  # the lake extra is missing: `open_source` says so when the job runs
+        return text
+    try:
+        parse(text)
+    except Exception as exc:  # noqa: BLE001 - the parser's errors (pyparsing's) list whole grammars: keep the position
+        where = f" at character {exc.loc + 1}" if isinstance(getattr(exc, "loc", None), int) else ""
+        raise ValueError(
+            f"{field}: cannot parse {text!r}{where}; write e.g. \"day = '2026-11-01' and camera in ('a', 'b')\""
+        ) from None
+    return text
+
+
+def _check_catalog(catalog: dict[str, Any], field: str) -> dict[str, Any]:
+    # The job config is stored with the output: a catalog password belongs in the environment.
+    for key, value in catalog.items():
+        if isinstance(value, str) and "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError(
+                f"{field}.{key}: must not carry credentials (user:password@); set them in the environment, "
+                f"e.g. PYICEBERG_CATALOG__<NAME>__{key.upper().replace('.', '_').replace('-', '_')}"
+            )
+    return catalog
+
+
 class InputConfig(_Section):
-    path: str
-    format: Literal["auto", "parquet", "images"] = "auto"
+    # A Parquet file or dataset, a folder / prefix of images, or a Delta table (its URI).
+    path: str = ""
+    format: Literal["auto", "parquet", "images", "delta", "iceberg"] = "auto"
+    # iceberg: the table ("namespace.name") and its catalog: properties for pyiceberg's
+    # `load_catalog` ({name: ...} alone picks a catalog from ~/.pyiceberg.yaml or the environment).
+    table: str | None = None
+    catalog: dict[str, Any] = Field(default_factory=dict)
+    # Only the rows that match, e.g. "day = '2026-11-01' and camera in ('a', 'b')": pyiceberg's
+    # row-filter syntax for every input format; pushed down to partitions, files and row groups.
+    filter: str | None = None
     image_column: str | None = None
     uri_column: str | None = None
     id_column: str = "id"
@@ -53,12 +90,28 @@ class InputConfig(_Section):
     def _one_image_source(self) -> "InputConfig":
         if self.image_column and self.uri_column:
             raise ValueError("set input.image_column or input.uri_column, not both")
+        if self.format == "iceberg":
+            if not self.table:
+                raise ValueError('input.table: required with input.format: iceberg ("namespace.name")')
+        elif not self.path:
+            raise ValueError("input.path: required (a Parquet file or dataset, a folder of images or a Delta table)")
+        if self.format != "iceberg" and (self.table or self.catalog):
+            raise ValueError("input.table and input.catalog: only for input.format: iceberg")
+        _check_catalog(self.catalog, "input.catalog")
+        _check_row_filter(self.filter, "input.filter")
         return self
 
 
 class OutputConfig(_Section):
+    # parquet: the dataset's directory / prefix; delta: the table's URI; iceberg: none (the table
+    # lives where its catalog puts it; staging, run records and the report go under its location).
     path: str = "out"
-    format: Literal["parquet"] = "parquet"
+    format: Literal["parquet", "delta", "iceberg"] = "parquet"
+    # iceberg: the table ("namespace.name", created when missing) and its catalog (as input.catalog).
+    table: str | None = None
+    catalog: dict[str, Any] = Field(default_factory=dict)
+    # delta / iceberg: input columns to partition the table by (identity partitions).
+    partition_by: list[str] = Field(default_factory=list)
     mode: Literal["error", "overwrite", "append", "resume"] = "error"
     encoding: Literal["png", "array"] = "png"
     prefix: str = ""
@@ -71,6 +124,26 @@ class OutputConfig(_Section):
     report: bool = True
     report_samples: int = Field(default=12, ge=0)
     storage: StorageOptions = Field(default_factory=StorageOptions)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_path_for_iceberg(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("format") == "iceberg":
+            if data.get("path"):
+                raise ValueError("output.path: not used with output.format: iceberg (its catalog places the table); remove it")
+            data = {**data, "path": ""}
+        return data
+
+    @model_validator(mode="after")
+    def _format_keys(self) -> "OutputConfig":
+        if self.format == "iceberg" and not self.table:
+            raise ValueError('output.table: required with output.format: iceberg ("namespace.name")')
+        if self.format != "iceberg" and (self.table or self.catalog):
+            raise ValueError("output.table and output.catalog: only for output.format: iceberg")
+        if self.partition_by and self.format == "parquet":
+            raise ValueError("output.partition_by: only for output.format delta or iceberg")
+        _check_catalog(self.catalog, "output.catalog")
+        return self
 
 
 class DepthConfig(_Section):
@@ -151,6 +224,8 @@ class ModelConfig(_Section):
     def _http_url(cls, endpoint):
         if endpoint is not None and not endpoint.startswith(("http://", "https://")):
             raise ValueError(f"must be an http:// or https:// URL, got {endpoint!r}")
+        if endpoint is not None and "@" in endpoint.split("/")[2]:
+            raise ValueError("must not carry credentials (user:password@): put the token in model.token_env")
         return endpoint
 
     @field_validator("headers")
@@ -159,7 +234,9 @@ class ModelConfig(_Section):
         # The job config is stored in the output's metadata: secrets must stay in the environment.
         for name in headers:
             if name.lower() in ("authorization", "proxy-authorization", "x-api-key", "api-key", "cookie"):
-                raise ValueError(f"{name!r} carries a credential: put it in an environment variable named by model.token_env")
+                raise ValueError(
+                    f"{name!r} carries a credential: put it in the environment variable named by model.token_env"
+                )
         return headers
 
 
@@ -202,7 +279,8 @@ class EngineConfig(_Section):
 class RunConfig(_Section):
     name: str = "vb-batch"
     progress: bool = True
-    max_error_fraction: float = Field(default=1.0, ge=0, le=1)
+    # Above this fraction of failed rows the run fails (exit 1), after committing every row.
+    max_error_fraction: float = Field(default=0.5, ge=0, le=1)
 
 
 TASK_NAMES = ("depth", "normals", "segmentation", "referring")

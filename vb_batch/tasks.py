@@ -96,7 +96,12 @@ class DepthTask(Task):
     kind = "depth"
 
     def decode(self, paintings, ctx):
-        return depth_codec.decode(paintings[0], preset=ctx.depth_preset)
+        decoded = depth_codec.decode(paintings[0], preset=ctx.depth_preset)
+        if not ctx.depth_relative:
+            return decoded
+        # A relative painting means its position along the walk, f in [0, 1] (far = 1), not metres.
+        position = depth_codec.squash(decoded.values, ctx.depth_preset).astype(np.float32)
+        return Decoded(values=position, confidence=decoded.confidence)
 
     def column_meta(self, ctx, encoding):
         scale, offset = depth_png_params(ctx.depth_relative) if encoding == "png" else (None, None)

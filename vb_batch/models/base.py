@@ -7,6 +7,11 @@ themselves (float32 depth (H, W) or unit normals (H, W, 3) in the OpenGL
 frame). Answers have the input's size or the model's own; the decode stage
 maps them back to the input size.
 
+A backend that knows a row failed (a remote call that kept failing) returns
+a `vb_batch.errors.RowError` in that row's place: the row gets that
+`vb_error` and the others keep their answers. A backend that raises instead
+fails its batch, whose rows the model stage then retries one by one.
+
 Backends are looked up by name in `BACKENDS`, which maps a name to
 "module:Class" so that heavy imports (torch, diffusers) happen only when a
 job uses that backend.
@@ -16,10 +21,12 @@ from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
 from vb_batch.config import ConfigError
+from vb_batch.errors import RowError
 
 if TYPE_CHECKING:
     from vb_batch.config import ModelConfig
@@ -27,6 +34,8 @@ if TYPE_CHECKING:
 BACKENDS: dict[str, str] = {
     "identity": "vb_batch.models.identity:IdentityBackend",
     "marigold": "vb_batch.models.marigold:MarigoldBackend",
+    "diffusers": "vb_batch.models.diffusers_edit:DiffusersEditBackend",
+    "http": "vb_batch.models.http:HttpBackend",
 }
 
 
@@ -47,18 +56,41 @@ class ModelBackend:
     def supported_tasks(self) -> set[str]:
         return {"depth", "normals", "segmentation", "referring"}
 
-    def predict(self, images: list[np.ndarray], prompts: list[str], task: str, seeds: list[int]) -> list[np.ndarray]:
-        """One answer per image. `seeds` makes sampling reproducible per image, whatever the batching."""
+    def predict(
+        self, images: list[np.ndarray], prompts: list[str], task: str, seeds: list[int]
+    ) -> list[np.ndarray | RowError]:
+        """One answer (or RowError) per image. `seeds` makes sampling reproducible per image, whatever the batching."""
         raise NotImplementedError
 
 
 def model_id(cfg: "ModelConfig") -> str:
-    """Provenance: what produced the labels (backend, checkpoint path or hub id, revision)."""
+    """Provenance: what produced the labels (backend, checkpoint path or hub id, revision).
+
+    A fine-tuned transformer over a base checkpoint adds `+transformer=<path>[/<subfolder>][@<revision>]`;
+    the http backend's endpoint is shown without its query string and credentials.
+    """
     path = cfg.path
     if isinstance(path, dict):
         path = ",".join(f"{task}={p}" for task, p in sorted(path.items()))
+    if cfg.backend == "http" and cfg.endpoint:
+        path = public_url(cfg.endpoint)
     ident = f"{cfg.backend}:{path}" if path else cfg.backend
-    return f"{ident}@{cfg.revision}" if cfg.revision else ident
+    ident = f"{ident}@{cfg.revision}" if cfg.revision else ident
+    if cfg.transformer_path or cfg.transformer_subfolder:
+        transformer = (cfg.transformer_path or path).rstrip("/")
+        if cfg.transformer_subfolder:
+            transformer += "/" + cfg.transformer_subfolder.strip("/")
+        ident += f"+transformer={transformer}" + (f"@{cfg.transformer_revision}" if cfg.transformer_revision else "")
+    return ident
+
+
+def public_url(url: str) -> str:
+    """`url` without user info, query and fragment: safe for logs, errors and provenance."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def register_backend(name: str, target: str) -> None:

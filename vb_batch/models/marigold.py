@@ -8,56 +8,26 @@ decides the task) or a mapping `{depth: ..., normals: ...}`.
 
 from __future__ import annotations
 
-import logging
-import os
 from collections import defaultdict
 
 import numpy as np
 
 from vb_batch.config import ConfigError
 from vb_batch.models.base import ModelBackend
+from vb_batch.models.loading import from_pretrained, quiet_loading, resolve_device
 
-log = logging.getLogger(__name__)
-
+# Call arguments the backend sets itself; `model.options` passes anything else (ensemble_size, ...).
+RESERVED_OPTIONS = {"image", "generator", "batch_size", "output_type", "num_inference_steps", "processing_resolution"}
 TASK_OF_PIPELINE = {"MarigoldDepthPipeline": "depth", "MarigoldNormalsPipeline": "normals"}
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def load_pipeline(path: str, cfg):
-    """Load a diffusers pipeline the way a user's checkpoint loads: safetensors only, no remote code."""
+    """Load a Marigold checkpoint the way a user's checkpoint loads (see `vb_batch.models.loading`)."""
     import torch
     from diffusers import DiffusionPipeline
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
 
-    if not log.isEnabledFor(logging.INFO):
-        # Loading bars per component drown the job's own progress and summary.
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
-
-    local = os.path.isdir(path)
-    if not local and (os.path.isabs(path) or path.startswith(".")):
-        raise ConfigError(f"model.path: checkpoint directory {path!r} does not exist")
-    try:
-        pipe = DiffusionPipeline.from_pretrained(
-            path,
-            revision=cfg.revision,
-            dtype=getattr(torch, cfg.dtype),
-            use_safetensors=True,
-            local_files_only=local or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"),
-        )
-    except OSError as exc:
-        raise ConfigError(
-            f"model.path: cannot load {path!r} ({exc}); give a local directory with safetensors weights, "
-            "or unset HF_HUB_OFFLINE to fetch a hub id"
-        ) from exc
+    quiet_loading()
+    pipe = from_pretrained(DiffusionPipeline, path, "model.path", revision=cfg.revision, dtype=getattr(torch, cfg.dtype))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(resolve_device(cfg.device))
 
@@ -70,6 +40,9 @@ class MarigoldBackend(ModelBackend):
         super().__init__(cfg)
         if not cfg.path:
             raise ConfigError("model.path: the marigold backend needs a checkpoint (directory or hub id)")
+        reserved = sorted(RESERVED_OPTIONS & set(cfg.options))
+        if reserved:
+            raise ConfigError(f"model.options: {reserved} are set by the marigold backend itself")
         paths = cfg.path if isinstance(cfg.path, dict) else {None: cfg.path}
         self.pipelines = {}
         for task, path in paths.items():
@@ -100,7 +73,13 @@ class MarigoldBackend(ModelBackend):
             buckets[image.shape].append(i)
         for index in buckets.values():
             stack = np.stack([images[i] for i in index]).astype(np.float32) / 255.0
-            generators = [torch.Generator(device=self.device).manual_seed(int(seeds[i])) for i in index]
+            # One generator per ensemble member (Marigold repeats each image ensemble_size times, image-major).
+            members = int(self.cfg.options.get("ensemble_size", 1))
+            generators = [
+                torch.Generator(device=self.device).manual_seed((int(seeds[i]) + k) % 2**63)
+                for i in index
+                for k in range(members)
+            ]
             out = pipe(
                 stack,
                 num_inference_steps=self.cfg.num_inference_steps,
@@ -108,6 +87,7 @@ class MarigoldBackend(ModelBackend):
                 generator=generators,
                 batch_size=len(index),
                 output_type="np",
+                **self.cfg.options,
             )
             pred = np.asarray(out.prediction, dtype=np.float32)
             for j, i in enumerate(index):

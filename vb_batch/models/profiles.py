@@ -1,11 +1,29 @@
-"""Model profiles: a backend's prompts per task and the codec presets its paintings follow."""
+"""Model profiles: a backend's prompts per task and the codec presets its paintings follow.
+
+A profile is what a checkpoint was trained to understand and to paint. The
+backend (how to run it) and the profile (what to ask it, how to read its
+answer) are chosen separately: `model.backend` and `model.profile`.
+
+    vision-banana       metric depth (metres) on the cube walk; the default prompts
+    open-vision-banana  relative depth: decoded through its walk and labelled
+                        "relative", never metres (Open Vision Banana, FLUX.2 [klein])
+    marigold            native outputs: affine-invariant depth (relative) and normals
+
+Segmentation prompts keep their `{legend}` slot in every profile, so that
+test-time ensembling (`segmentation.ensemble: K`) can ask each pass for its
+own permuted legend. Add a profile with `register_profile`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from vb_batch.codecs import depth as depth_codec
 from vb_batch.config import ConfigError
+
+# Slots each task's prompt template must keep (filled per image or per ensemble pass).
+TEMPLATE_SLOTS = {"depth": (), "normals": (), "segmentation": ("{legend}",), "referring": ("{phrase}",)}
 
 
 @dataclass(frozen=True)
@@ -14,13 +32,49 @@ class ModelProfile:
     depth_preset: str | dict[str, Any] = "vision-banana"
     # Relative (affine-invariant) depth is labelled as such and never stored as metres.
     depth_relative: bool = False
+    # Prompt per task; a task left out uses vb_batch.tasks.DEFAULT_TEMPLATES.
     templates: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for task, template in self.templates.items():
+            if task not in TEMPLATE_SLOTS:
+                known = sorted(TEMPLATE_SLOTS)
+                raise ValueError(f"profile {self.name!r}: template for unknown task {task!r}; known: {known}")
+            missing = [slot for slot in TEMPLATE_SLOTS[task] if slot not in template]
+            if missing:
+                raise ValueError(f"profile {self.name!r}: the {task} template must contain {missing}")
+
+
+# Open Vision Banana (FunAILab/Open-Vision-Banana: a FLUX.2 [klein] base with a fine-tuned
+# transformer) predicts relative depth. Its exact colour mapping is not published in a form we
+# could check: this preset assumes Vision Banana's cube walk (unverified) and has its own name,
+# so the stored `vb.preset` says which mapping decoded a row, and a verified mapping replaces it
+# here (or per job: `depth.preset: {...}`) without touching other profiles.
+OPEN_VISION_BANANA_DEPTH = depth_codec.register_preset(depth_codec.DepthPreset(name="open-vision-banana"))
+
+RELATIVE_DEPTH_TEMPLATE = (
+    "Estimate the relative depth of this image. Paint it as a colour map that walks the RGB cube "
+    "from near to far: black, red, yellow, green, cyan, blue, magenta, white."
+)
 
 PROFILES: dict[str, ModelProfile] = {
     "vision-banana": ModelProfile("vision-banana"),
+    "open-vision-banana": ModelProfile(
+        "open-vision-banana",
+        depth_preset=OPEN_VISION_BANANA_DEPTH.name,
+        depth_relative=True,
+        templates={"depth": RELATIVE_DEPTH_TEMPLATE},
+    ),
     "marigold": ModelProfile("marigold", depth_relative=True),
 }
+
+
+def register_profile(profile: ModelProfile, *, replace: bool = False) -> ModelProfile:
+    """Make a profile available to `model.profile` by its name."""
+    if profile.name in PROFILES and PROFILES[profile.name] != profile and not replace:
+        raise ValueError(f"a different profile is already registered as {profile.name!r}; pass replace=True")
+    PROFILES[profile.name] = profile
+    return profile
 
 
 def get_profile(name: str) -> ModelProfile:

@@ -1,0 +1,181 @@
+"""The `http` backend: a hosted generalist behind an HTTP endpoint (image + prompt -> painted image).
+
+Protocol: `POST {model.endpoint}` with the JSON body
+`{"prompt": str, "image": base64 PNG, **model.options}`; the answer is JSON
+`{"image": base64 PNG}` (any image format PIL reads; a `data:` URL works too).
+
+- Auth: the token is read from the environment variable named by
+  `model.token_env` and sent as `<model.token_header>: <model.token_scheme> <token>`
+  (default `Authorization: Bearer ...`). It never enters the job config, the
+  logs, the row errors or the output's metadata; endpoints are shown
+  without their query string.
+- At most `model.concurrency` requests are in flight; `model.timeout_s`
+  bounds each socket operation (connect, each read).
+- 429, 5xx, timeouts and connection errors are retried `model.max_retries`
+  times, waiting `model.retry_backoff_s` * 2**retry (with jitter; a
+  server's `Retry-After` is honoured up to 60 s).
+- Redirects are refused (the token must not follow a request elsewhere).
+- A row whose calls keep failing gets `vb_error = {code: "model_http_error"}`,
+  one whose answer is not an image `{code: "model_bad_answer"}`: the backend
+  returns that `RowError` in the row's place and the job goes on.
+
+Example (a job config; the token is in $PAINTER_TOKEN):
+
+    model:
+      backend: http
+      endpoint: https://painter.example.com/v1/edit
+      token_env: PAINTER_TOKEN
+      concurrency: 8
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http.client
+import io
+import json
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image
+
+from vb_batch.config import ConfigError
+from vb_batch.errors import RowError
+from vb_batch.io.images import decode_image
+from vb_batch.models.base import ModelBackend, public_url
+
+log = logging.getLogger(__name__)
+
+ANSWER_MAX_PIXELS = 64_000_000
+MAX_RETRY_AFTER_S = 60.0
+RETRY_STATUS = frozenset({408, 425, 429}) | frozenset(range(500, 600))
+# Failures of the connection itself (refused, reset, timed out, cut short): always worth a retry.
+CONNECTION_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, socket.timeout)
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is an error: the token must not follow the request to another host."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+def build_opener() -> urllib.request.OpenerDirector:
+    """An opener that honours the *_proxy / no_proxy environment and refuses redirects."""
+    return urllib.request.build_opener(_RefuseRedirects)
+
+
+def png_base64(image: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def read_answer(body: bytes) -> np.ndarray:
+    """The painting in an answer body, as RGB uint8; RowError("model_bad_answer") for anything else."""
+    try:
+        answer = json.loads(body)
+        encoded = answer["image"]
+        if not isinstance(encoded, str):
+            raise TypeError(f"'image' is a {type(encoded).__name__}, not a base64 string")
+        if encoded.startswith("data:"):
+            encoded = encoded.partition(",")[2]
+        data = base64.b64decode(encoded, validate=True)
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        why = f"the answer is not JSON with a base64 'image' ({type(exc).__name__}: {exc})"
+        raise RowError("model_bad_answer", why) from None
+    try:
+        return decode_image(data, ANSWER_MAX_PIXELS)
+    except RowError as err:
+        raise RowError("model_bad_answer", f"the answer's image: {err.message}") from None
+
+
+class HttpBackend(ModelBackend):
+    name = "http"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if not cfg.endpoint:
+            raise ConfigError("model.endpoint: the http backend needs the URL to POST images to")
+        reserved = sorted({"prompt", "image"} & set(cfg.options))
+        if reserved:
+            raise ConfigError(f"model.options: {reserved} are set by the http backend itself")
+        self.url = cfg.endpoint
+        self.shown_url = public_url(cfg.endpoint)
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json", **cfg.headers}
+        if cfg.token_env:
+            token = os.environ.get(cfg.token_env)
+            if not token:
+                raise ConfigError(f"model.token_env: the environment variable {cfg.token_env!r} is not set or empty")
+            self._headers[cfg.token_header] = f"{cfg.token_scheme} {token}" if cfg.token_scheme else token
+        self._opener = build_opener()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    def __repr__(self) -> str:  # the headers hold the token
+        return f"HttpBackend({self.shown_url!r})"
+
+    def __getstate__(self):
+        # Shipped to engine workers without its thread pool (and rebuilt there).
+        state = dict(self.__dict__)
+        state["_pool"], state["_pool_lock"], state["_opener"] = None, None, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._pool_lock = threading.Lock()
+        self._opener = build_opener()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.cfg.concurrency, thread_name_prefix="vb-http")
+            return self._pool
+
+    def predict(self, images, prompts, task, seeds):
+        calls = [self._executor().submit(self._paint, image, prompt) for image, prompt in zip(images, prompts)]
+        return [call.result() for call in calls]
+
+    def _paint(self, image: np.ndarray, prompt: str) -> np.ndarray | RowError:
+        body = json.dumps({"prompt": prompt, "image": png_base64(image), **self.cfg.options}).encode()
+        attempt = 0
+        while True:
+            attempt += 1
+            retry_after = None
+            try:
+                request = urllib.request.Request(self.url, data=body, headers=self._headers, method="POST")
+                with self._opener.open(request, timeout=self.cfg.timeout_s) as response:
+                    answer = response.read()
+                return read_answer(answer)
+            except RowError as err:
+                return err
+            except urllib.error.HTTPError as exc:
+                reason, retryable = f"HTTP {exc.code} {exc.reason}", exc.code in RETRY_STATUS
+                retry_after = exc.headers.get("Retry-After") if exc.headers else None
+                exc.close()
+            except CONNECTION_ERRORS as exc:
+                cause = getattr(exc, "reason", exc)
+                reason, retryable = f"{type(cause).__name__}: {cause}", True
+            if not retryable or attempt > self.cfg.max_retries:
+                log.warning("%s: %s after %d attempt(s); the row gets an error", self.shown_url, reason, attempt)
+                return RowError("model_http_error", f"{self.shown_url}: {reason} after {attempt} attempt(s)")
+            delay = self._backoff(attempt, retry_after)
+            log.info("%s: %s; retry %d/%d in %.2f s", self.shown_url, reason, attempt, self.cfg.max_retries, delay)
+            time.sleep(delay)
+
+    def _backoff(self, attempt: int, retry_after: str | None) -> float:
+        # Jitter spreads the retries of concurrent rows that failed together.
+        delay = self.cfg.retry_backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
+        try:
+            return max(delay, min(float(retry_after), MAX_RETRY_AFTER_S)) if retry_after else delay
+        except ValueError:  # an HTTP date: the backoff is as good a guess
+            return delay

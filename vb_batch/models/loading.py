@@ -1,0 +1,67 @@
+"""How every diffusers-based backend loads a checkpoint: safetensors only, no remote code, offline-aware.
+
+A local directory, or any source while `HF_HUB_OFFLINE` is set, loads from
+local files only; missing weights are a `ConfigError` naming the config field.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from vb_batch.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> cuda when a GPU is visible, else cpu; anything else as given."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def local_only(source: str, field_name: str) -> bool:
+    """True when `source` must load from local files; a missing local directory is a ConfigError."""
+    if os.path.isdir(source):
+        return True
+    # A hub id is "name" or "owner/name"; anything else names a local directory.
+    if os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") > 1:
+        raise ConfigError(f"{field_name}: checkpoint directory {source!r} does not exist")
+    return hub_offline()
+
+
+def load_error(field_name: str, source: str, exc: Exception, offline: bool) -> ConfigError:
+    hint = (
+        "its weights are not in the local files (HF_HUB_OFFLINE is set, or it is a directory): give a complete "
+        "local checkpoint with safetensors weights, or download it first"
+        if offline
+        else "check the id, revision and access token"
+    )
+    return ConfigError(f"{field_name}: cannot load {source!r}: {hint} ({type(exc).__name__}: {exc})")
+
+
+def quiet_loading() -> None:
+    """Loading bars per component drown the job's own progress and summary (kept with -v)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    if not log.isEnabledFor(logging.INFO):
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+
+
+def from_pretrained(cls: Any, source: str, field_name: str, shown: str | None = None, **kwargs: Any) -> Any:
+    """`cls.from_pretrained(source, ...)` with safetensors only and offline handling; errors name `field_name`."""
+    offline = local_only(source, field_name)
+    try:
+        return cls.from_pretrained(source, use_safetensors=True, local_files_only=offline, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise load_error(field_name, shown or source, exc, offline) from exc
