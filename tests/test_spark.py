@@ -11,9 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import known_maps, png_bytes
+from s3_server import CREDENTIALS, SECRET, s3_server, use_fake_credentials
 
 import vb_batch
 from vb_batch.codecs import depth, normals, segmentation
+from vb_batch.config import StorageOptions
 from vb_batch.io.sinks import read_output
 
 pytestmark = pytest.mark.slow
@@ -31,6 +33,8 @@ def spark():
         master="local-cluster[2,1,1024]",
         spark_conf={
             "spark.executorEnv.PYTHONPATH": os.pathsep.join([TESTS, *sys.path]),
+            # Executors find S3 credentials in their own environment, as on a real cluster.
+            **{f"spark.executorEnv.{k}": v for k, v in CREDENTIALS.items()},
             "spark.executor.memory": "1g",
             "spark.sql.shuffle.partitions": "4",
         },
@@ -142,3 +146,34 @@ def test_annotate_a_users_dataframe(spark, tmp_path):
     cell = rows[0]["depth"].asDict()
     got = np.frombuffer(cell["data"], dtype=cell["dtype"]).reshape(cell["shape"])
     np.testing.assert_allclose(got, maps["depth"], rtol=0.01)
+
+
+def test_spark_reads_and_writes_s3(spark, tmp_path, monkeypatch):
+    use_fake_credentials(monkeypatch)
+    legend = segmentation.Legend.from_names(["road", "car", "sky"])
+    mixed_input(tmp_path / "in.parquet", legend)
+    with s3_server() as s3:
+        s3.put("raw/images.parquet", (tmp_path / "in.parquet").read_bytes())
+        cfg, _ = job(tmp_path, "unused", "spark")
+        cfg["input"] = {"path": s3.url("raw/images.parquet"), "storage": s3.storage}
+        cfg["output"].update(path=s3.url("labels/v1"), storage=s3.storage)
+        summary = vb_batch.annotate(cfg)
+        assert summary.success and summary.rows_processed == 12
+        keys = s3.keys("labels/v1/")
+        assert "labels/v1/_SUCCESS" in keys and not [k for k in keys if "/_vb/staging/" in k]
+        remote = read_output(s3.url("labels/v1"), storage=StorageOptions(**s3.storage)).sort_by("id")
+        for key in keys:
+            assert SECRET.encode() not in s3.get(key)
+    cfg, _ = job(tmp_path, "local", "local")
+    assert vb_batch.annotate(cfg).success
+    assert remote.drop_columns(["vb_run_id"]).equals(comparable(str(tmp_path / "local")))
+
+
+def test_gpu_resource_profile(spark):
+    from vb_batch.config import EngineConfig
+    from vb_batch.engines.spark import gpu_profile
+
+    assert gpu_profile(EngineConfig(kind="spark")) is None
+    profile = gpu_profile(EngineConfig(kind="spark", gpus_per_task=0.5))
+    assert profile.taskResources["gpu"].amount == 0.5
+    assert profile.taskResources["cpus"].amount == 1

@@ -20,7 +20,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from vb_batch.config import JobConfig, redacted
-from vb_batch.io.sinks import ParquetSink
+from vb_batch.io.sinks import open_sink
 from vb_batch.io.sources import Source, open_source
 from vb_batch.job import RunSummary
 from vb_batch.models.base import ModelBackend, create_backend
@@ -64,7 +64,7 @@ def run_local(cfg: JobConfig, backend: ModelBackend | None = None) -> RunSummary
     started = time.perf_counter()
     source = open_source(cfg.input)
     plan = Plan.build(cfg, source.schema, image_column=source.image_column, uri_column=source.uri_column)
-    sink = ParquetSink(cfg.output, plan.run_id, plan.output_schema(), source.id_column)
+    sink = open_sink(cfg.output, plan.run_id, plan.output_schema(), source.id_column)
     summary = RunSummary(run_id=plan.run_id, output=cfg.output.path, engine="local")
     sink.check_mode()  # fail fast, before a large model is loaded
     backend = backend or create_backend(cfg.model)

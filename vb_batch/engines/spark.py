@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from vb_batch.config import EngineConfig, JobConfig, redacted
 from vb_batch.engines.local import rebatch
-from vb_batch.io.sinks import ParquetSink, write_part
+from vb_batch.io.sinks import open_sink, write_part
 from vb_batch.io.sources import open_source, read_unit, with_ids
 from vb_batch.job import RunSummary
 from vb_batch.models.base import ModelBackend, create_backend
@@ -129,7 +129,7 @@ def run_spark(cfg: JobConfig, backend: ModelBackend | None = None) -> RunSummary
     started = time.perf_counter()
     source = open_source(cfg.input)
     plan = Plan.build(cfg, source.schema, image_column=source.image_column, uri_column=source.uri_column)
-    sink = ParquetSink(cfg.output, plan.run_id, plan.output_schema(), source.id_column)
+    sink = open_sink(cfg.output, plan.run_id, plan.output_schema(), source.id_column)
     summary = RunSummary(run_id=plan.run_id, output=cfg.output.path, engine="spark")
     sink.check_mode()
     done = frozenset(sink.open())

@@ -1,4 +1,20 @@
-"""The Parquet dataset sink: staged files, commit records, `_SUCCESS` last, and the output modes.
+"""Sinks: where annotated rows go. `open_sink` picks one by `output.format`; this module holds Parquet.
+
+Every sink has one protocol, used by every engine:
+
+    sink.check_mode()          fail fast when output.mode forbids writing (changes nothing)
+    done = sink.open()         apply the mode; the ids already committed (for `resume`)
+    sink.write(batch)          rows written by this process (staged Parquet files)
+    sink.staging + sink.stage(name, rows)
+                               a complete part file that another process wrote into `staging`
+                               with `write_part` (Ray tasks, Spark executors) counts towards a commit
+    sink.commit()              make staged rows visible atomically (also every `output.commit_every` rows)
+    sink.close(success, summary)
+
+Delta and Iceberg sinks (`vb_batch.io.lake`) share the staging and commit
+through their table logs; `open_output` reads any of the three back.
+
+The Parquet dataset sink: staged files, commit records, `_SUCCESS` last, and the output modes.
 
 Layout of an output dataset::
 
@@ -24,6 +40,7 @@ import logging
 import posixpath
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -48,6 +65,7 @@ class ParquetSink:
         self.id_column = id_column
         self.fs, self.root = fsspec_filesystem(cfg.path, cfg.storage)
         self.arrow_fs, _ = arrow_filesystem(cfg.path, cfg.storage)
+        # Where part files are staged: a path in `self.fs` (a URL where the output is not at `cfg.path`).
         self.staging = posixpath.join(self.root, META_DIR, "staging", run_id)
         self._writer: pq.ParquetWriter | None = None
         self._writer_rows = 0
@@ -111,7 +129,11 @@ class ParquetSink:
                         raise RuntimeError(f"output {self.cfg.path!r}: committed file {name} is missing")
                     log.warning("rolling forward interrupted commit of %s", name)
                     self.fs.mv(src, self._path(name))
-        for path in self.fs.ls(self.root, detail=False):
+        try:
+            listing = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:  # object stores: a prefix without objects does not exist
+            listing = []
+        for path in listing:
             name = posixpath.basename(path)
             if PART_RE.match(name) and name not in named:
                 log.warning("removing %s: written by a run that crashed before committing it", name)
@@ -149,7 +171,8 @@ class ParquetSink:
         self._seq += 1
         self.fs.makedirs(self.staging, exist_ok=True)
         self._writer = pq.ParquetWriter(
-            posixpath.join(self.staging, name), self.schema, filesystem=self.arrow_fs, compression=self.cfg.compression
+            self.fs._strip_protocol(posixpath.join(self.staging, name)), self.schema, filesystem=self.arrow_fs,
+            compression=self.cfg.compression,
         )
         self._writer_name = name
         self._writer_rows = 0
@@ -202,16 +225,94 @@ class ParquetSink:
 def write_part(cfg: OutputConfig, path: str, table: pa.Table) -> None:
     """Write one complete staged part file (any process: driver, Ray task, Spark executor).
 
-    `path` is inside the output's filesystem (as `ParquetSink.staging` gives it).
+    `path` is inside the output's filesystem, or a URL (as `sink.staging` gives it).
     """
-    fs, _ = fsspec_filesystem(cfg.path, cfg.storage)
+    url = path if "://" in path else cfg.path
+    fs, _ = fsspec_filesystem(url, cfg.storage)
+    path = fs._strip_protocol(path)
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    arrow_fs, _ = arrow_filesystem(cfg.path, cfg.storage)
+    arrow_fs, _ = arrow_filesystem(url, cfg.storage)
     pq.write_table(table, path, filesystem=arrow_fs, compression=cfg.compression)
 
 
-def read_output(path: str, columns: list[str] | None = None, storage: StorageOptions | None = None) -> pa.Table:
-    """Read a vb_batch Parquet output (committed files only), keeping field metadata."""
-    fs, root = arrow_filesystem(path, storage)
-    dataset = pads.dataset(root, format="parquet", filesystem=fs, ignore_prefixes=[".", "_"])
-    return dataset.to_table(columns=columns)
+def open_sink(cfg: OutputConfig, run_id: str, schema: pa.Schema, id_column: str = "id") -> ParquetSink:
+    """The sink for `output.format`: a Parquet dataset, a Delta table or an Iceberg table."""
+    if cfg.format == "delta":
+        from vb_batch.io.lake import DeltaSink
+
+        return DeltaSink(cfg, run_id, schema, id_column)
+    if cfg.format == "iceberg":
+        from vb_batch.io.lake import IcebergSink
+
+        return IcebergSink(cfg, run_id, schema, id_column)
+    return ParquetSink(cfg, run_id, schema, id_column)
+
+
+@dataclass
+class Output:
+    """A vb_batch output of any format as a pyarrow dataset; its schema carries the `vb.*` metadata."""
+
+    dataset: pads.Dataset
+    location: str  # URL of the dataset or table root: where `_vb/` and the report live
+    format: str
+    storage: StorageOptions | None = None
+
+
+def output_format(path: str, storage: StorageOptions | None = None) -> str:
+    """"delta", "iceberg" or "parquet": what the output at `path` is (a Delta log, Iceberg metadata, neither)."""
+    fs, root = fsspec_filesystem(path, storage)
+    if fs.exists(posixpath.join(root, "_delta_log")):
+        return "delta"
+    if fs.glob(posixpath.join(root, "metadata", "*.metadata.json")):
+        return "iceberg"
+    return "parquet"
+
+
+def open_output(output: str | OutputConfig, storage: StorageOptions | None = None) -> Output:
+    """Open an output by path (a Parquet dataset, a Delta table, an Iceberg table's location) or by its config.
+
+    Only committed rows are seen: a Parquet dataset's visible part files, a
+    lake table's current version.
+    """
+    if isinstance(output, OutputConfig):
+        storage = storage or output.storage
+        fmt, path = output.format, output.path
+    else:
+        path = str(output)
+        if not path:
+            raise ValueError("open_output: no path; give an output's path, or its OutputConfig for an Iceberg table")
+        fmt = output_format(path, storage)
+    if fmt == "parquet":
+        fs, root = arrow_filesystem(path, storage)
+        dataset = pads.dataset(root, format="parquet", filesystem=fs, ignore_prefixes=[".", "_"])
+        return Output(dataset, path, fmt, storage)
+    from vb_batch.io import lake
+
+    if fmt == "delta":
+        return Output(lake.open_delta(path, storage), path, fmt, storage)
+    if isinstance(output, OutputConfig):
+        table = lake.iceberg_table(lake.iceberg_catalog(output.catalog, storage), output.table)
+        if table is None:
+            raise FileNotFoundError(f"output.table {output.table!r}: no such Iceberg table")
+    else:
+        table = lake.open_iceberg_path(path, storage)
+    return Output(lake.open_iceberg(table, storage), lake.iceberg_location(table), fmt, storage)
+
+
+def output_location(cfg: OutputConfig) -> str:
+    """Where an output lives (its `_vb/` run records, `_report.html`): `output.path`, or an Iceberg table's location."""
+    if cfg.format != "iceberg":
+        return cfg.path
+    from vb_batch.io import lake
+
+    table = lake.iceberg_table(lake.iceberg_catalog(cfg.catalog, cfg.storage), cfg.table)
+    if table is None:
+        raise FileNotFoundError(f"output.table {cfg.table!r}: no such Iceberg table")
+    return lake.iceberg_location(table)
+
+
+def read_output(
+    output: str | OutputConfig, columns: list[str] | None = None, storage: StorageOptions | None = None
+) -> pa.Table:
+    """Read a vb_batch output (committed rows only, any format), keeping field metadata."""
+    return open_output(output, storage).dataset.to_table(columns=columns)

@@ -4,7 +4,15 @@
   column (plain binary, or Hugging Face's `struct<bytes, path>` image feature)
   or a URI column;
 * a folder / prefix of image files: one row per file, `id` = its path
-  relative to the folder, `uri` = its full URL.
+  relative to the folder, `uri` = its full URL;
+* a Delta table (`input.path`, its current version) or an Iceberg table
+  (`input.table` in `input.catalog`, its current snapshot): their Parquet data
+  files, read as a pyarrow dataset (see `vb_batch.io.lake`).
+
+`input.filter` (pyiceberg's row-filter syntax, "day = '2026-11-01' and
+camera in ('a', 'b')") keeps matching rows for every format: it prunes
+partitions and files (Iceberg: by manifest statistics), row groups by their
+statistics, and filters rows.
 
 A row without an id gets a stable one: its URI, or the SHA-256 of its bytes.
 """
@@ -63,6 +71,8 @@ class Source:
     image_column: str | None
     uri_column: str | None
     has_id: bool
+    filter: pc.Expression | None = None  # rows to keep (`input.filter`)
+    location: str = ""  # URL of the filesystem holding the dataset's files ("" or a path: local)
 
     @property
     def schema(self) -> pa.Schema:
@@ -71,30 +81,38 @@ class Source:
         return schema if self.has_id else schema.insert(0, pa.field(self.id_column, pa.string()))
 
     def count_rows(self) -> int:
-        return self.dataset.count_rows()
+        return self.dataset.count_rows(filter=self.filter)
 
     def with_ids(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         return with_ids(batch, self.id_column, self.image_column, self.uri_column)
 
     def batches(self, rows: int) -> Iterator[pa.RecordBatch]:
-        for batch in self.dataset.to_batches(batch_size=rows):
+        for batch in self.dataset.to_batches(batch_size=rows, filter=self.filter):
             if batch.num_rows:
                 yield self.with_ids(batch)
 
     def units(self, listing_rows: int = 256) -> list[dict[str, Any]]:
         """The input split into independent pieces of work for a distributed engine.
 
-        A Parquet input gives one unit per row group of each file; a folder of
-        images gives slices of its listing. Each unit is small and JSON-ready:
-        workers read it with `read_unit`, so no image bytes pass the driver.
+        A Parquet input (or a lake table's data files) gives one unit per row
+        group of each file, minus the partitions, files and row groups that
+        `filter` rules out; a folder of images gives slices of its listing.
+        Each unit is small and JSON-ready: workers read it with `read_unit`,
+        so no image bytes pass the driver.
         """
         if isinstance(self.dataset, pads.FileSystemDataset):
-            return [
-                {"file": fragment.path, "row_group": group.id}
-                for fragment in self.dataset.get_fragments()
-                for group in fragment.row_groups
-            ]
-        listing = self.dataset.to_table()
+            scheme = split_scheme(self.location)[0] if self.location else "file"
+            units = []
+            for fragment in self.dataset.get_fragments(filter=self.filter):
+                url = fragment.path if scheme in ("file", "local") else f"{scheme}://{fragment.path}"
+                # Partition values live in a lake table's log, not in its files: the unit carries them.
+                keys = pads.get_partition_keys(fragment.partition_expression)
+                partition = {k: v if isinstance(v, (str, int, float, bool)) else str(v) for k, v in keys.items()}
+                for group in fragment.split_by_row_group(self.filter, schema=self.dataset.schema):
+                    unit = {"file": url, "row_group": group.row_groups[0].id}
+                    units.append({**unit, "partition": partition} if partition else unit)
+            return units
+        listing = self.dataset.to_table(filter=self.filter)
         return [
             {"rows": listing.slice(start, listing_rows).to_pylist()}
             for start in range(0, listing.num_rows, listing_rows)
@@ -104,14 +122,28 @@ class Source:
 def read_unit(unit: dict[str, Any], cfg: InputConfig, schema: pa.Schema, rows: int) -> Iterator[pa.RecordBatch]:
     """Read one unit of `Source.units` as batches of at most `rows` rows, in the source's schema."""
     if "file" in unit:
-        fs, _ = arrow_filesystem(cfg.path, cfg.storage)
-        with fs.open_input_file(unit["file"]) as f:
+        fs, path = arrow_filesystem(unit["file"], cfg.storage)
+        with fs.open_input_file(path) as f:
             table = pq.ParquetFile(f).read_row_group(unit["row_group"])
+        for name, value in unit.get("partition", {}).items():
+            if name in schema.names and name not in table.column_names:
+                table = table.append_column(name, pa.array([value] * table.num_rows).cast(schema.field(name).type))
         table = table.select([n for n in schema.names if n in table.column_names])
         table = table.cast(pa.schema([schema.field(n) for n in table.column_names]))
     else:
         table = pa.Table.from_pylist(unit["rows"], schema=schema)
+    if cfg.filter:
+        table = table.filter(row_filter(cfg.filter, schema))
     yield from table.to_batches(max_chunksize=rows)
+
+
+def row_filter(text: str, schema: pa.Schema) -> pc.Expression:
+    """`input.filter` as a pyarrow expression over `schema` (the syntax is pyiceberg's: see the module docstring)."""
+    try:
+        from vb_batch.io.lake import row_filter_expression
+    except ImportError as exc:
+        raise ConfigError(f"input.filter: needs the lake extra (pip install 'vb_batch[lake]'): {exc}") from None
+    return row_filter_expression(text, schema)
 
 
 def _image_files_table(cfg: InputConfig) -> pa.Table:
@@ -133,6 +165,8 @@ def _detect_format(cfg: InputConfig) -> str:
     fs, path = fsspec_filesystem(cfg.path, cfg.storage)
     if not fs.exists(path):
         raise ConfigError(f"input.path: {cfg.path!r} does not exist")
+    if fs.exists(f"{path.rstrip('/')}/_delta_log"):
+        return "delta"
     if fs.isfile(path):
         return "parquet" if path.endswith((".parquet", ".pq")) else "images"
     has_parquet = any(p.endswith((".parquet", ".pq")) for p in fs.find(path))
@@ -143,14 +177,32 @@ def open_source(cfg: InputConfig) -> Source:
     """Open the configured input; configuration faults raise `ConfigError` naming the field."""
     fmt = _detect_format(cfg)
     if fmt == "images":
-        table = _image_files_table(cfg)
-        return Source(pads.dataset(table), cfg.id_column, None, "uri", has_id=True)
+        dataset = pads.dataset(_image_files_table(cfg))
+        expr = row_filter(cfg.filter, dataset.schema) if cfg.filter else None
+        return Source(dataset, cfg.id_column, None, "uri", has_id=True, filter=expr)
 
-    fs, path = arrow_filesystem(cfg.path, cfg.storage)
-    try:
-        dataset = pads.dataset(path, format="parquet", filesystem=fs, ignore_prefixes=[".", "_"])
-    except (FileNotFoundError, pa.ArrowInvalid) as exc:
-        raise ConfigError(f"input.path: cannot read {cfg.path!r} as Parquet: {exc}") from None
+    location = cfg.path
+    if fmt == "delta":
+        from vb_batch.io import lake
+
+        try:
+            dataset = lake.open_delta(cfg.path, cfg.storage, vb_metadata=False)
+        except FileNotFoundError:
+            raise ConfigError(f"input.path: no Delta table at {cfg.path!r}") from None
+    elif fmt == "iceberg":
+        from vb_batch.io import lake
+
+        table = lake.iceberg_table(lake.iceberg_catalog(cfg.catalog, cfg.storage), cfg.table)
+        if table is None:
+            raise ConfigError(f"input.table: no Iceberg table {cfg.table!r} in input.catalog")
+        dataset = lake.open_iceberg(table, cfg.storage, row_filter=cfg.filter)
+        location = lake.iceberg_location(table)
+    else:
+        fs, path = arrow_filesystem(cfg.path, cfg.storage)
+        try:
+            dataset = pads.dataset(path, format="parquet", filesystem=fs, ignore_prefixes=[".", "_"])
+        except (FileNotFoundError, pa.ArrowInvalid) as exc:
+            raise ConfigError(f"input.path: cannot read {cfg.path!r} as Parquet: {exc}") from None
     names = dataset.schema.names
     image_col, uri_col = cfg.image_column, cfg.uri_column
     if not image_col and not uri_col:
@@ -170,4 +222,6 @@ def open_source(cfg: InputConfig) -> Source:
         )
         if not ok:
             raise ConfigError(f"input.image_column: column {image_col!r} has type {typ}, not binary image bytes")
-    return Source(dataset, cfg.id_column, image_col, uri_col, has_id=cfg.id_column in names)
+    expr = row_filter(cfg.filter, dataset.schema) if cfg.filter else None
+    has_id = cfg.id_column in names
+    return Source(dataset, cfg.id_column, image_col, uri_col, has_id=has_id, filter=expr, location=location)

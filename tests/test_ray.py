@@ -1,0 +1,317 @@
+"""The Ray engine: the same output as the local engine, resume, S3, a two-node cluster, and `vb_batch.ray.Annotator`."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import logging
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from conftest import png_bytes
+from s3_server import CREDENTIALS, SECRET, s3_server
+
+import vb_batch
+from vb_batch.codecs import depth
+from vb_batch.config import ConfigError, StorageOptions, load_config
+from vb_batch.errors import OutputExistsError
+from vb_batch.io.sinks import read_output
+from vb_batch.models.identity import IdentityBackend
+
+# Ray Data warns about its own deprecated settings whenever it copies its context.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def worker_env():
+    """What Ray workers inherit when Ray starts: fake AWS credentials, no usage stats, no network."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(name, raising=False)
+        for name, value in CREDENTIALS.items():
+            mp.setenv(name, value)
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        yield
+        ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(worker_env):
+    """A local Ray of 2 CPUs, started once and shared by the tests that ask for it."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def scene(seed: int, height: int, width: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    return png_bytes(depth.encode(rng.uniform(0.5, 40, (height, width)).astype(np.float32)))
+
+
+def write_inputs(folder: Path, n: int, files: int = 2, bad: bool = True) -> Path:
+    """A Parquet dataset of `n` painted images over `files` files, sizes varying; a few broken rows."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = [scene(i, 16 + 8 * (i % 3), 24) for i in range(n)]
+    if bad:
+        images[3], images[7] = b"not an image", None
+    ids = [f"row-{i:03d}" for i in range(n)]
+    per_file = -(-n // files)
+    for f in range(files):
+        part = slice(f * per_file, (f + 1) * per_file)
+        table = pa.table({"id": ids[part], "image": pa.array(images[part], pa.binary()), "note": list(range(n))[part]})
+        pq.write_table(table, folder / f"images-{f}.parquet")
+    return folder
+
+
+def job(input_path, output_path, kind="local", **sections):
+    cfg = {
+        "input": {"path": str(input_path)},
+        "output": {"path": str(output_path), "mode": "overwrite", "report": False, "rows_per_file": 5, "commit_every": 10},
+        "tasks": ["depth", "normals", "segmentation"],
+        "segmentation": {"classes": ["road", "car", "sky"]},
+        "model": {"backend": "identity", "batch_size": 4},
+        "engine": {"kind": kind, "cpu_batch_rows": 8},
+        "run": {"progress": False},
+    }
+    for section, values in sections.items():
+        if values is None:
+            del cfg[section]
+        else:
+            cfg[section] = {**cfg.get(section, {}), **values}
+    return cfg
+
+
+def sorted_output(path, storage=None) -> pa.Table:
+    return read_output(str(path), storage=storage).sort_by("id")
+
+
+def assert_same_output(local: pa.Table, other: pa.Table, exact: bool = True) -> None:
+    """Same columns, types, field metadata and (but run ids) values; `exact=False`: maps within one storage step."""
+    assert local.schema.names == other.schema.names
+    for a, b in zip(local.schema, other.schema):
+        assert a.equals(b, check_metadata=True), (a, b)
+    local, other = local.drop_columns(["vb_run_id"]), other.drop_columns(["vb_run_id"])
+    if exact:
+        assert local.equals(other)
+        return
+    for name in local.column_names:
+        if name in ("depth", "normals"):
+            for x, y in zip(vb_batch.load_arrays(local, name), vb_batch.load_arrays(other, name)):
+                np.testing.assert_allclose(x, y, atol=1e-3 if name == "depth" else 1e-2)
+        elif pa.types.is_floating(local.schema.field(name).type):
+            np.testing.assert_allclose(local[name].to_numpy(), other[name].to_numpy(), rtol=1e-3, atol=1e-4)
+        else:
+            assert local[name].equals(other[name]), name
+
+
+def run_record(output: Path, run_id: str) -> dict:
+    return json.loads((output / "_vb" / "runs" / f"{run_id}.json").read_text())
+
+
+# ---------------------------------------------------------------------------- config (no Ray needed)
+
+
+def test_engine_config_names_the_field():
+    base = {"input": {"path": "x"}}
+    assert load_config(base, ["engine.kind=ray", "engine.actors=[1, 4]"]).engine.actors == (1, 4)
+    for override, field in [
+        ("engine.actors=[3, 1]", "engine.actors"),
+        ("engine.actors=0", "engine.actors"),
+        ("engine.gpus_per_actor=-1", "engine.gpus_per_actor"),
+        ("engine.cpu_batch_rows=0", "engine.cpu_batch_rows"),
+        ("engine.kind=dask", "engine.kind"),
+    ]:
+        with pytest.raises(ConfigError, match=field):
+            load_config(base, [override])
+    example = load_config(REPO / "conf" / "ray-s3.yaml")
+    assert example.engine.kind == "ray" and example.input.path.startswith("s3://")
+
+
+def test_ray_engine_refuses_what_workers_cannot_reach(tmp_path):
+    cfg = job("memory://bucket/in.parquet", tmp_path / "out", "ray")
+    with pytest.raises(ConfigError, match="input.path"):
+        vb_batch.annotate(cfg)
+    with pytest.raises(ValueError, match="engine.kind"):
+        vb_batch.annotate(job(tmp_path, tmp_path / "out", "ray"), backend=IdentityBackend(None))
+
+
+# ---------------------------------------------------------------------------- Ray
+
+
+@pytest.mark.slow
+def test_identity_job_gives_the_local_output(ray_local, tmp_path):
+    inputs = write_inputs(tmp_path / "in", 30)
+    local = vb_batch.annotate(job(inputs, tmp_path / "local"))
+    summary = vb_batch.annotate(job(inputs, tmp_path / "ray", "ray"))
+    assert summary.success and summary.engine == "ray"
+    assert (summary.rows_ok, summary.rows_failed, summary.errors_by_code) == (
+        local.rows_ok, local.rows_failed, local.errors_by_code
+    )
+    assert_same_output(sorted_output(tmp_path / "local"), sorted_output(tmp_path / "ray"))
+    # Committed through the sink: commit records name every part file, staging is gone, _SUCCESS last.
+    out = tmp_path / "ray"
+    committed = [f for r in sorted((out / "_vb" / "commits").glob("*.json")) for f in json.loads(r.read_text())["files"]]
+    assert sorted(committed) == sorted(p.name for p in out.glob("part-*.parquet")) and len(committed) >= 6
+    assert all(pq.read_metadata(out / f).num_rows <= 5 for f in committed)
+    assert (out / "_SUCCESS").exists() and not (out / "_vb" / "staging").exists()
+    assert sum(run_record(out, summary.run_id)["model_nodes"].values()) == 30
+
+
+@pytest.mark.slow
+def test_resume_on_ray_skips_committed_ids(ray_local, tmp_path):
+    inputs = write_inputs(tmp_path / "in", 24, files=3, bad=False)
+    vb_batch.annotate(job(inputs, tmp_path / "full"))
+    # A first (local) run got through the first file only; the Ray run resumes it.
+    first = tmp_path / "first"
+    first.mkdir()
+    (first / "images-0.parquet").symlink_to(inputs / "images-0.parquet")
+    vb_batch.annotate(job(first, tmp_path / "out"))
+    with pytest.raises(OutputExistsError, match="output.mode"):
+        vb_batch.annotate(job(inputs, tmp_path / "out", "ray", output={"mode": "error"}))
+    summary = vb_batch.annotate(job(inputs, tmp_path / "out", "ray", output={"mode": "resume"}))
+    assert summary.success and summary.rows_skipped == 8 and summary.rows_processed == 16
+    assert_same_output(sorted_output(tmp_path / "full"), sorted_output(tmp_path / "out"))
+    again = vb_batch.annotate(job(inputs, tmp_path / "out", "ray", output={"mode": "resume"}))
+    assert again.rows_skipped == 24 and again.rows_processed == 0
+    assert sorted_output(tmp_path / "out").num_rows == 24
+
+
+@pytest.mark.slow
+def test_row_filter_and_delta_output_on_ray(ray_local, tmp_path):
+    """The Ray engine reads the rows the source selects (`input.filter`) and commits through any sink."""
+    inputs = write_inputs(tmp_path / "in", 16, files=2, bad=False)
+    sections = {"input": {"filter": "note >= 5 and note < 13"}, "output": {"format": "delta"}}
+    vb_batch.annotate(job(inputs, tmp_path / "local", **sections))
+    summary = vb_batch.annotate(job(inputs, tmp_path / "ray", "ray", **sections))
+    assert summary.success and summary.rows_read == 8 and summary.rows_ok == 8
+    on_ray = sorted_output(tmp_path / "ray")
+    assert on_ray.column("note").to_pylist() == list(range(5, 13))
+    assert_same_output(sorted_output(tmp_path / "local"), on_ray)
+
+
+@pytest.mark.slow
+def test_tiny_marigold_on_ray_matches_local(ray_local, tiny_marigold, tmp_path):
+    inputs = write_inputs(tmp_path / "in", 8, files=1, bad=False)
+    model = {"backend": "marigold", "path": tiny_marigold, "batch_size": 4}
+    local = job(inputs, tmp_path / "local", model=model)
+    local["tasks"] = ["depth", "normals"]
+    vb_batch.annotate(local)
+    on_ray = job(inputs, tmp_path / "ray", "ray", model=model, engine={"cpu_batch_rows": 4})
+    on_ray["tasks"] = ["depth", "normals"]
+    summary = vb_batch.annotate(on_ray)
+    assert summary.success and summary.rows_ok == 8
+    # Same model, same per-row seeds; only float rounding may differ (torch runs one thread per actor).
+    assert_same_output(sorted_output(tmp_path / "local"), sorted_output(tmp_path / "ray"), exact=False)
+
+
+@pytest.mark.slow
+def test_s3_in_and_out_on_ray_leaks_no_secret(ray_local, tmp_path, caplog, capfd):
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG, logger="vb_batch")
+    inputs = write_inputs(tmp_path / "in", 12, bad=False)
+    with s3_server() as s3:
+        for path in sorted(inputs.glob("*.parquet")):
+            s3.put(f"archive/{path.name}", path.read_bytes())
+        storage = {"storage": s3.storage}
+        cfg = job(s3.url("archive/"), s3.url("labels/ray"), "ray", input=storage, output={**storage, "report": True})
+        summary = vb_batch.annotate(cfg)
+        assert summary.success and summary.rows_ok == 12
+        local = job(s3.url("archive/"), s3.url("labels/local"), input=storage, output=storage)
+        vb_batch.annotate(local)
+        options = StorageOptions(**s3.storage)
+        assert_same_output(sorted_output(s3.url("labels/local"), options), sorted_output(s3.url("labels/ray"), options))
+        keys = s3.keys("labels/ray/")
+        assert "labels/ray/_SUCCESS" in keys and "labels/ray/_report.html" in keys
+        assert not any("/_vb/staging/" in k for k in keys)
+        captured = capfd.readouterr()
+        texts = [captured.out, captured.err, caplog.text]
+        logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+        texts += [p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file() and p.stat().st_size < 50_000_000]
+        for text in texts:
+            assert SECRET not in text
+        for key in keys:
+            data = s3.get(key)
+            assert SECRET.encode() not in data and CREDENTIALS["AWS_ACCESS_KEY_ID"].encode() not in data, key
+
+
+@pytest.mark.slow
+def test_job_entrypoint_on_an_image_folder(ray_local, tmp_path):
+    """`jobs/ray_job.py` (what `ray job submit` runs) on a folder of images: ids are paths, images fetched by URI."""
+    folder = tmp_path / "photos"
+    for i in range(5):
+        (folder / f"set-{i % 2}").mkdir(parents=True, exist_ok=True)
+        (folder / f"set-{i % 2}" / f"p{i}.png").write_bytes(scene(i, 16, 16 + 8 * i))
+    (folder / "set-0" / "broken.png").write_bytes(b"not a png")
+    (folder / "notes.txt").write_text("not an image")
+    config = tmp_path / "job.yaml"
+    config.write_text(json.dumps(job(folder, tmp_path / "local", tasks=None)))
+    entrypoint = runpy.run_path(str(REPO / "jobs" / "ray_job.py"))
+    assert entrypoint["main"]([str(config), f"output.path={tmp_path / 'ray'}"]) == 0
+    assert vb_batch.annotate(str(config)).rows_failed == 1
+    on_ray = sorted_output(tmp_path / "ray")
+    assert on_ray.column("id").to_pylist() == ["set-0/broken.png", "set-0/p0.png", "set-0/p2.png", "set-0/p4.png",
+                                               "set-1/p1.png", "set-1/p3.png"]
+    assert_same_output(sorted_output(tmp_path / "local"), on_ray)
+    assert entrypoint["main"]([]) == 2
+
+
+@pytest.mark.slow
+def test_annotator_docstring_example_runs(ray_local):
+    import vb_batch.ray
+
+    result = doctest.testmod(vb_batch.ray, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 10 and result.failed == 0
+
+
+@pytest.mark.slow
+def test_annotator_derives_ids_like_a_job(ray_local):
+    from ray.data import ActorPoolStrategy
+
+    from vb_batch.io.sources import content_id
+    from vb_batch.ray import Annotator
+
+    images = [scene(i, 16, 16) for i in range(3)]
+    ds = ray.data.from_arrow(pa.table({"image": pa.array(images, pa.binary()), "label": ["a", "b", "c"]}))
+    config = {"input": {"image_column": "image"}, "tasks": ["depth"], "model": {"backend": "identity"}}
+    labelled = ds.map_batches(
+        Annotator, fn_constructor_kwargs={"config": config, "run_id": "run-1"}, batch_format="pyarrow",
+        batch_size=2, compute=ActorPoolStrategy(size=1),
+    )
+    out = pa.concat_tables(labelled.iter_batches(batch_format="pyarrow", batch_size=None))
+    assert sorted(out.column("id").to_pylist()) == sorted(content_id(b) for b in images)
+    assert set(out.column("vb_run_id").to_pylist()) == {"run-1"}
+    assert out.schema.field("depth").metadata[b"vb.unit"] == b"m"
+
+
+@pytest.mark.slow
+def test_two_nodes_model_actors_run_on_the_gpu_node(worker_env, tiny_marigold, tmp_path):
+    """Model actors ask for engine.gpus_per_actor GPUs: they land on the node that has one, and run on CPU there."""
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        gpu_node = cluster.add_node(num_cpus=1, num_gpus=1)
+        cluster.wait_for_nodes()
+        inputs = write_inputs(tmp_path / "in", 10, files=2, bad=False)
+        cfg = job(inputs, tmp_path / "out", "ray", engine={"address": cluster.address, "gpus_per_actor": 1})
+        cfg["tasks"] = ["depth"]
+        cfg["model"] = {"backend": "marigold", "path": tiny_marigold["depth"], "batch_size": 4, "device": "auto"}
+        summary = vb_batch.annotate(cfg)
+        assert summary.success and summary.rows_ok == 10
+        assert sorted(sorted_output(tmp_path / "out").column("id").to_pylist()) == [f"row-{i:03d}" for i in range(10)]
+        assert run_record(tmp_path / "out", summary.run_id)["model_nodes"] == {gpu_node.node_id: 10}
+        assert not ray.is_initialized()  # the engine disconnects from a cluster it joined itself
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
