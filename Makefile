@@ -1,13 +1,14 @@
 # Two commands do everything on a fresh clone:
 #   make demo   create .venv, install vb_batch (CPU torch pinned), run the demo job into out/
-#   make test   create .venv, install vb_batch with test extras, run the whole test suite
+#   make test   create .venv, install vb_batch with every engine and test extra, run the whole suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # The CPU wheel: an unpinned torch would pull several GB of CUDA packages.
 TORCH := torch==2.13.0
+EXTRAS_TEST := test,ray,spark,lake,s3
 
-.PHONY: demo test venv browser clean
+.PHONY: demo test venv venv-test browser clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -15,15 +16,21 @@ $(BIN)/activate:
 
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS_TEST)]'
 	touch $@
 
 venv: $(VENV)/.installed
 
+venv-test: $(VENV)/.installed-test
+
 demo: venv
 	$(BIN)/vb-batch demo --out out
 
-test: venv browser
+test: venv-test browser
 	$(BIN)/python -m pytest -q
 
 # The report test opens the HTML report in Debian's headless Chromium.
