@@ -145,6 +145,11 @@ class OutputConfig(_Section):
         _check_catalog(self.catalog, "output.catalog")
         return self
 
+    @property
+    def name(self) -> str:
+        """The output as a person names it: its path, or its Iceberg table."""
+        return f"iceberg table {self.table}" if self.format == "iceberg" else self.path
+
 
 class DepthConfig(_Section):
     preset: str | dict[str, Any] | None = None  # None: the model profile's preset

@@ -86,10 +86,12 @@ def run_job(cfg: JobConfig, backend=None) -> RunSummary:
     else:
         raise ValueError(f"engine.kind: unknown engine {cfg.engine.kind!r}")
     if cfg.output.report:
+        from vb_batch.io.sinks import output_location
         from vb_batch.report import write_report
 
         try:
-            summary.report = write_report(cfg.output.path, cfg.output.storage, cfg.output.report_samples)
+            location = output_location(cfg.output)
+            summary.report = write_report(location, cfg.output.storage, cfg.output.report_samples)
         except Exception as exc:  # noqa: BLE001 - the labels are committed; a report fault must not fail the job
             log.warning("could not write the run report: %s", exc)
     return summary

@@ -8,8 +8,10 @@
 >>> sample["image"].shape, sample["depth"].shape                               # doctest: +SKIP
 (torch.Size([3, 480, 640]), torch.Size([480, 640]))
 
-Each item is a dict: `id`, `image` (uint8 CHW, when the output kept the image
-bytes or its URI is readable), and one tensor per map column in real units
+`path` is a Parquet output, a Delta table or an Iceberg table's location, or
+an `OutputConfig` (an Iceberg table by its catalog name). Each item is a
+dict: `id`, `image` (uint8 CHW, when the output kept the image bytes or its
+URI is readable), and one tensor per map column in real units
 (depth float32 metres (H, W), normals float32 (3, H, W), class ids int64
 (H, W), masks uint8 (H, W)). Rows that failed are left out by default; a
 confidence floor drops rows whose `<map>_confidence` is below it. Only small
@@ -25,7 +27,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from vb_batch.config import StorageOptions
+from vb_batch.config import OutputConfig, StorageOptions
 from vb_batch.io.encodings import decode_map
 from vb_batch.report import OutputView
 
@@ -35,7 +37,7 @@ class LabelDataset:
 
     def __init__(
         self,
-        path: str,
+        path: str | OutputConfig,
         maps: list[str] | None = None,
         with_image: bool = True,
         min_confidence: float | dict[str, float] | None = None,
@@ -66,15 +68,16 @@ class LabelDataset:
                 rows = np.flatnonzero(mask)
                 self.index += [(group.path, group.row_groups[0].id, int(r)) for r in rows]
                 self.ids += [table.column(0)[int(r)].as_py() for r in rows]
-        self._view: OutputView | None = None
+        self._view: OutputView | None = view
         self._cache: tuple[tuple[str, int], dict[str, list]] | None = None
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getstate__(self):
-        # Each DataLoader worker opens the dataset itself.
-        return {**self.__dict__, "_view": None, "_cache": None}
+        # Workers take the view (the output's file list and metadata, no rows) from the parent: a
+        # forked worker cannot open a Delta table (deltalake's runtime does not survive fork).
+        return {**self.__dict__, "_cache": None}
 
     def _group(self, file: str, group: int) -> dict[str, list]:
         if self._cache is None or self._cache[0] != (file, group):

@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 from PIL import Image
 
-from vb_batch.config import StorageOptions
+from vb_batch.config import OutputConfig, StorageOptions
 from vb_batch.io.encodings import ColumnMeta, decode_map
-from vb_batch.io.filesystems import arrow_filesystem, fsspec_filesystem
+from vb_batch.io.filesystems import fsspec_filesystem
 from vb_batch.io.images import decode_image
+from vb_batch.io.sinks import open_output
 from vb_batch.previews import colorize_depth, colorize_normals, overlay_classes
 
 log = logging.getLogger(__name__)
@@ -40,13 +40,18 @@ THUMB_SIDE = 256
 
 
 class OutputView:
-    """A vb_batch output dataset seen through its schema metadata: which columns hold what."""
+    """A vb_batch output seen through its schema metadata: which columns hold what.
 
-    def __init__(self, path: str, storage: StorageOptions | None = None):
-        self.path = path
-        self.storage = storage
-        fs, root = arrow_filesystem(path, storage)
-        self.dataset = pads.dataset(root, format="parquet", filesystem=fs, ignore_prefixes=[".", "_"])
+    `path`: a Parquet output, a Delta table or an Iceberg table's location, or
+    an `OutputConfig` (an Iceberg table by name); `self.path` is where the
+    output lives (its `_vb/` run records, the report).
+    """
+
+    def __init__(self, path: str | OutputConfig, storage: StorageOptions | None = None):
+        output = open_output(path, storage)
+        self.path = output.location
+        self.storage = output.storage
+        self.dataset = output.dataset
         self.schema = self.dataset.schema
         meta = self.schema.metadata or {}
         self.job = json.loads(meta.get(b"vb.job", b"{}"))

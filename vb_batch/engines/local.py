@@ -65,7 +65,7 @@ def run_local(cfg: JobConfig, backend: ModelBackend | None = None) -> RunSummary
     source = open_source(cfg.input)
     plan = Plan.build(cfg, source.schema, image_column=source.image_column, uri_column=source.uri_column)
     sink = open_sink(cfg.output, plan.run_id, plan.output_schema(), source.id_column)
-    summary = RunSummary(run_id=plan.run_id, output=cfg.output.path, engine="local")
+    summary = RunSummary(run_id=plan.run_id, output=cfg.output.name, engine="local")
     sink.check_mode()  # fail fast, before a large model is loaded
     backend = backend or create_backend(cfg.model)
     check_backend(plan, backend)

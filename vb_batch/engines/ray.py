@@ -222,7 +222,7 @@ def run_ray(cfg: JobConfig, backend=None) -> RunSummary:
     source = open_source(cfg.input)
     plan = Plan.build(cfg, source.schema, image_column=source.image_column, uri_column=source.uri_column)
     sink = open_sink(cfg.output, plan.run_id, plan.output_schema(), source.id_column)
-    summary = RunSummary(run_id=plan.run_id, output=cfg.output.path, engine="ray")
+    summary = RunSummary(run_id=plan.run_id, output=cfg.output.name, engine="ray")
     sink.check_mode()  # fail fast, before a cluster is joined
     owns_connection = connect(cfg.engine)
     try:

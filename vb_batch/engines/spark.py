@@ -55,6 +55,8 @@ def spark_session(engine: EngineConfig, app_name: str):
     """A SparkSession for the job: the configured master, Python workers on this interpreter."""
     from pyspark.sql import SparkSession
 
+    # Python workers take their interpreter from the environment (spark.pyspark.python is not enough in local mode).
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     # Under spark-submit (which hands us its gateway) the master comes from spark-submit.
     submitted = "PYSPARK_GATEWAY_PORT" in os.environ
     master = engine.master or (None if submitted else "local[*]")
@@ -130,7 +132,7 @@ def run_spark(cfg: JobConfig, backend: ModelBackend | None = None) -> RunSummary
     source = open_source(cfg.input)
     plan = Plan.build(cfg, source.schema, image_column=source.image_column, uri_column=source.uri_column)
     sink = open_sink(cfg.output, plan.run_id, plan.output_schema(), source.id_column)
-    summary = RunSummary(run_id=plan.run_id, output=cfg.output.path, engine="spark")
+    summary = RunSummary(run_id=plan.run_id, output=cfg.output.name, engine="spark")
     sink.check_mode()
     done = frozenset(sink.open())
     units = source.units()

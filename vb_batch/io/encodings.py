@@ -204,9 +204,10 @@ def _read_column(source: Any, column: str) -> tuple[pa.ChunkedArray, pa.Field]:
     if isinstance(source, (pa.Table, pa.RecordBatch)):
         table = source if isinstance(source, pa.Table) else pa.Table.from_batches([source])
     else:
+        from vb_batch.config import OutputConfig
         from vb_batch.io.sinks import read_output  # local import: sinks depend on this module
 
-        table = read_output(str(source), columns=[column])
+        table = read_output(source if isinstance(source, OutputConfig) else str(source), columns=[column])
     if column not in table.column_names:
         raise KeyError(f"column {column!r} not in the table; columns: {table.column_names}")
     return table.column(column), table.schema.field(column)
@@ -214,6 +215,10 @@ def _read_column(source: Any, column: str) -> tuple[pa.ChunkedArray, pa.Field]:
 
 def load_arrays(table_or_path: Any, column: str) -> list[np.ndarray | None]:
     """Decode a vb_batch output column back into numpy arrays in real units, one per row.
+
+    `table_or_path`: an Arrow table read from an output; the path of a
+    Parquet output, a Delta table or an Iceberg table's location; or an
+    `OutputConfig` (how an Iceberg table is named in its catalog).
 
     Depth comes back as float32 metres (or relative units, see the field's
     ``vb.unit``) with NaN = invalid and +inf = far; normals as float32 unit
@@ -224,6 +229,10 @@ def load_arrays(table_or_path: Any, column: str) -> list[np.ndarray | None]:
     >>> depths = vb_batch.load_arrays("out/", "depth")     # doctest: +SKIP
     >>> depths[0].shape, depths[0].dtype                   # doctest: +SKIP
     ((480, 640), dtype('float32'))
+    >>> from vb_batch.config import OutputConfig
+    >>> lake = OutputConfig(format="iceberg", table="labels.images",
+    ...                     catalog={"type": "sql", "uri": "sqlite:///lake.db", "warehouse": "file:///lake"})
+    >>> normals = vb_batch.load_arrays(lake, "normals")    # doctest: +SKIP
     """
     values, fld = _read_column(table_or_path, column)
     meta = ColumnMeta.from_metadata(fld.metadata)
