@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import doctest
+import os
+import sys
 import json
 import logging
 import runpy
@@ -315,3 +317,38 @@ def test_two_nodes_model_actors_run_on_the_gpu_node(worker_env, tiny_marigold, t
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_hostile_input_on_ray(ray_local, tmp_path):
+    from hostile import check_hostile_output, hostile_job, write_hostile_table
+
+    table, expected = write_hostile_table(tmp_path)
+    summary = vb_batch.annotate(hostile_job(table, tmp_path / "out", "ray"))
+    assert summary.success
+    check_hostile_output(read_output(str(tmp_path / "out")), expected)
+
+
+def test_killed_model_actor_is_restarted_and_nothing_duplicated(worker_env, tmp_path):
+    """A model actor dies mid-batch: Ray restarts it, retries the batch, and every id comes out once."""
+    tests = str(Path(__file__).resolve().parent)
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([tests, *sys.path])}})
+    try:
+        cells = [scene(i, 16, 24) for i in range(24)]
+        pq.write_table(pa.table({"id": list(range(24)), "image": cells}), tmp_path / "in.parquet")
+        marker = tmp_path / "died"
+        cfg = {
+            "input": {"path": str(tmp_path / "in.parquet")},
+            "output": {"path": str(tmp_path / "out"), "rows_per_file": 4},
+            "model": {"backend": "worker_backends:DiesOnceBackend", "batch_size": 4, "options": {"marker": str(marker)}},
+            "engine": {"kind": "ray", "cpu_batch_rows": 4},
+            "run": {"progress": False},
+        }
+        summary = vb_batch.annotate(cfg)
+        assert marker.exists(), "the actor never died: the test proves nothing"
+        assert summary.success and summary.rows_ok == 24
+        ids = read_output(str(tmp_path / "out")).column("id").to_pylist()
+        assert sorted(ids) == list(range(24))
+    finally:
+        ray.shutdown()

@@ -103,7 +103,7 @@ def test_model_loads_once_per_python_worker(spark, tmp_path):
     loads, batches = tmp_path / "loads.log", tmp_path / "batches.log"
     cfg, legend = job(
         tmp_path, "out", "spark",
-        model__backend="spark_backends:CountingBackend",
+        model__backend="worker_backends:CountingBackend",
         model__options={"load_log": str(loads), "batch_log": str(batches)},
     )
     mixed_input(tmp_path / "in.parquet", legend)
@@ -177,3 +177,12 @@ def test_gpu_resource_profile(spark):
     profile = gpu_profile(EngineConfig(kind="spark", gpus_per_task=0.5))
     assert profile.taskResources["gpu"].amount == 0.5
     assert profile.taskResources["cpus"].amount == 1
+
+
+def test_hostile_input_on_spark(spark, tmp_path):
+    from hostile import check_hostile_output, hostile_job, write_hostile_table
+
+    table, expected = write_hostile_table(tmp_path)
+    summary = vb_batch.annotate(hostile_job(table, tmp_path / "out", "spark"))
+    assert summary.success
+    check_hostile_output(read_output(str(tmp_path / "out")), expected)

@@ -29,6 +29,10 @@ class StorageOptions(_Section):
     region: str | None = None
     anonymous: bool = False
     profile: str | None = None
+    # Transient faults (503 SlowDown, throttling, connection resets, timeouts) are retried with
+    # exponential backoff by both clients, up to this many attempts per request.
+    max_attempts: int = Field(default=10, ge=1)
+    timeout_s: float = Field(default=60.0, gt=0)
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -83,6 +87,8 @@ class InputConfig(_Section):
     )
     # URI columns may only name objects under these prefixes (None: the input's own scheme).
     allowed_prefixes: list[str] | None = None
+    # http(s) URIs that resolve to loopback / private / link-local addresses are refused unless set.
+    allow_private_addresses: bool = False
     storage: StorageOptions = Field(default_factory=StorageOptions)
     read_batch_rows: int = Field(default=256, gt=0)
 

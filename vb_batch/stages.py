@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -32,7 +33,7 @@ from vb_batch.codecs import normals as normals_codec
 from vb_batch.config import ConfigError, JobConfig, redacted
 from vb_batch.errors import RowError
 from vb_batch.io.encodings import ARRAY_TYPE, decode_array, encode_array, encode_map, storage_type
-from vb_batch.io.filesystems import fsspec_filesystem, split_scheme
+from vb_batch.io.fetch import read_uri
 from vb_batch.io.images import decode_image
 from vb_batch.io.sources import image_bytes
 from vb_batch.models.base import ModelBackend, backend_class, model_id
@@ -180,36 +181,6 @@ def _images(batch: pa.RecordBatch) -> list[np.ndarray | None]:
 # ---------------------------------------------------------------------------- stage 1
 
 
-def check_uri_allowed(uri: str, allowed: list[str]) -> None:
-    if not any(uri.startswith(prefix) for prefix in allowed):
-        raise RowError("uri_not_allowed", f"{uri!r} is outside input.allowed_prefixes {allowed}")
-
-
-def fetch_bytes(uri: str | None, plan: Plan) -> bytes:
-    if uri is None:
-        raise RowError("null_uri", "the URI cell is null")
-    allowed = plan.cfg.input.allowed_prefixes
-    if allowed is None:
-        # Default: only the input's own scheme (a local job reads local files, an s3 job s3 objects).
-        scheme = split_scheme(plan.cfg.input.path)[0]
-        if split_scheme(uri)[0] != scheme:
-            raise RowError("uri_not_allowed", f"{uri!r}: scheme differs from input.path's; see input.allowed_prefixes")
-    else:
-        check_uri_allowed(uri, allowed)
-    fs, path = fsspec_filesystem(uri, plan.cfg.input.storage)
-    try:
-        with fs.open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise RowError("not_found", f"{uri!r} does not exist") from None
-    except IsADirectoryError:
-        raise RowError("is_a_directory", f"{uri!r} is a directory") from None
-    except PermissionError:
-        raise RowError("permission_denied", f"no permission to read {uri!r}") from None
-    except OSError as exc:
-        raise RowError("fetch_error", f"{uri!r}: {exc}") from None
-
-
 def fetch_decode(batch: pa.RecordBatch, plan: Plan) -> pa.RecordBatch:
     """Stage 1 (CPU): read each row's image (bytes or URI) and decode it to RGB uint8."""
     cfg = plan.cfg.input
@@ -223,7 +194,7 @@ def fetch_decode(batch: pa.RecordBatch, plan: Plan) -> pa.RecordBatch:
         image = None
         if errors[i] is None:
             try:
-                data = cell if plan.image_column else fetch_bytes(cell, plan)
+                data = cell if plan.image_column else read_uri(cell, cfg)
                 image = decode_image(data, cfg.max_pixels, cfg.min_side)
             except RowError as err:
                 errors[i] = err.as_cell()
@@ -245,20 +216,47 @@ def check_backend(plan: Plan, backend: ModelBackend) -> None:
         )
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A GPU (or accelerator) out-of-memory error: the batch was too big, not the rows bad."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _free_accelerator_memory() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _predict_rows(backend: ModelBackend, images, prompts, task: str, seeds) -> list[np.ndarray | RowError]:
-    """Predict a batch; if the batch fails, retry rows singly so one bad row cannot fail the others."""
+    """Predict a batch, so that one bad row or one too-big batch cannot fail the others.
+
+    Out of memory: the batch is split in halves and each half retried (down to
+    single rows). Any other fault: rows are retried singly; a row that still
+    fails gets a `model_error`. Seeds are per row, so splitting changes no label.
+    """
     try:
         answers = backend.predict(images, prompts, task, seeds)
         if len(answers) != len(images):
             raise RuntimeError(f"backend returned {len(answers)} answers for {len(images)} images")
         return answers
-    except Exception as batch_exc:  # noqa: BLE001 - any model fault is retried row by row
+    except Exception as batch_exc:  # noqa: BLE001 - any model fault is retried in smaller pieces
         if len(images) == 1:
-            return [RowError("model_error", f"{type(batch_exc).__name__}: {batch_exc}")]
-        log.warning("model batch of %d failed (%s); retrying rows singly", len(images), batch_exc)
+            code = "model_out_of_memory" if is_out_of_memory(batch_exc) else "model_error"
+            return [RowError(code, f"{type(batch_exc).__name__}: {batch_exc}")]
+        if is_out_of_memory(batch_exc):
+            _free_accelerator_memory()
+            half = len(images) // 2
+            log.warning("model batch of %d ran out of memory; splitting it in two", len(images))
+            pieces = [slice(0, half), slice(half, len(images))]
+        else:
+            log.warning("model batch of %d failed (%s); retrying rows singly", len(images), batch_exc)
+            pieces = [slice(i, i + 1) for i in range(len(images))]
         out: list[np.ndarray | RowError] = []
-        for i in range(len(images)):
-            out += _predict_rows(backend, images[i : i + 1], prompts[i : i + 1], task, seeds[i : i + 1])
+        for piece in pieces:
+            out += _predict_rows(backend, images[piece], prompts[piece], task, seeds[piece])
         return out
 
 

@@ -57,6 +57,11 @@ def fsspec_options(scheme: str, storage: StorageOptions | None) -> dict[str, Any
             opts["anon"] = True
         if storage.profile:
             opts["profile"] = storage.profile
+        config = dict(opts.pop("config_kwargs", {}))
+        config.setdefault("retries", {"max_attempts": storage.max_attempts, "mode": "standard"})
+        config.setdefault("connect_timeout", storage.timeout_s)
+        config.setdefault("read_timeout", storage.timeout_s)
+        opts["config_kwargs"] = config
     return opts
 
 
@@ -104,6 +109,8 @@ def _cached_s3(options_json: str) -> pafs.S3FileSystem:
         kwargs["region"] = storage.region
     if not storage.anonymous:
         kwargs.update(s3_credentials(storage))
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=storage.max_attempts)
+    kwargs["connect_timeout"] = kwargs["request_timeout"] = storage.timeout_s
     return pafs.S3FileSystem(**kwargs)
 
 

@@ -1,0 +1,156 @@
+"""A hostile image table: every kind of broken row mixed with good and unusual-but-valid ones.
+
+The same table feeds the local, Ray and Spark engines (tests/test_reliability.py,
+test_ray.py, test_spark.py): every input id must come out exactly once, good rows
+with outputs, bad rows with the right error code.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from vb_batch.codecs import depth
+
+RAMP = depth.encode(np.linspace(1, 30, 24 * 32, dtype=np.float32).reshape(24, 32))
+
+
+def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _noise_png() -> bytes:
+    return _encode(Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)), "PNG")
+
+
+def _bomb_png() -> bytes:
+    """20000 x 20000 one-bit pixels in a few kilobytes: a decompression bomb."""
+    return _encode(Image.new("1", (20000, 20000)), "PNG")
+
+
+def _exif_rotated() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return _encode(Image.fromarray(RAMP).transpose(Image.Transpose.ROTATE_90), "JPEG", quality=95, exif=exif)
+
+
+def _animated_gif() -> bytes:
+    frames = [Image.fromarray(RAMP), Image.fromarray(255 - RAMP)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+def _palette_with_transparency() -> bytes:
+    image = Image.fromarray(RAMP).quantize(64)
+    image.info["transparency"] = 0
+    return _encode(image, "PNG", transparency=0)
+
+
+# Valid images: (id, bytes). All decode to 24 x 32 RGB.
+VALID = {
+    "ok-png": lambda: _encode(Image.fromarray(RAMP), "PNG"),
+    "ok-jpeg": lambda: _encode(Image.fromarray(RAMP), "JPEG", quality=95),
+    "ok-cmyk-jpeg": lambda: _encode(Image.fromarray(RAMP).convert("CMYK"), "JPEG", quality=95),
+    "ok-grey16-png": lambda: _encode(Image.fromarray(RAMP[..., 0].astype(np.uint16) * 257), "PNG"),
+    "ok-palette-transparent": _palette_with_transparency,
+    "ok-rgba-png": lambda: _encode(Image.fromarray(RAMP).convert("RGBA"), "PNG"),
+    "ok-grey-png": lambda: _encode(Image.fromarray(RAMP).convert("L"), "PNG"),
+    "ok-exif-rotated": _exif_rotated,
+    "ok-animated-gif": _animated_gif,
+    "ok-webp": lambda: _encode(Image.fromarray(RAMP), "WEBP", lossless=True),
+    "ok-tiff": lambda: _encode(Image.fromarray(RAMP), "TIFF"),
+}
+
+# Faulty files: (id, bytes, expected code).
+BROKEN_FILES = {
+    "bad-empty": (lambda: b"", "empty"),
+    "bad-text": (lambda: b"<html>not an image</html>", "not_image"),
+    "bad-png-garbage": (lambda: b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, "corrupt"),
+    "bad-truncated-png": (lambda: _noise_png()[:2000], "truncated"),
+    "bad-truncated-jpeg": (
+        lambda: _encode(Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), np.uint8)), "JPEG")[:900],
+        "truncated",
+    ),
+    "bad-bomb": (_bomb_png, "too_large"),
+    "bad-too-small": (lambda: _encode(Image.new("RGB", (3, 2)), "PNG"), "too_small"),
+    "bad-gif-garbage": (lambda: b"GIF89a" + b"\xff" * 50, "corrupt"),
+}
+
+
+def write_hostile_table(folder: Path) -> tuple[Path, dict[str, str | None]]:
+    """Files under `folder/images`, and `folder/hostile.parquet` with a URI column naming them.
+
+    Returns the table's path and {id: expected error code or None}.
+    """
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows: list[tuple[str, str | None]] = []
+    expected: dict[str, str | None] = {}
+    for row_id, make in VALID.items():
+        path = images / f"{row_id}.img"
+        path.write_bytes(make())
+        rows.append((row_id, str(path)))
+        expected[row_id] = None
+    for row_id, (make, code) in BROKEN_FILES.items():
+        path = images / f"{row_id}.img"
+        path.write_bytes(make())
+        rows.append((row_id, str(path)))
+        expected[row_id] = code
+    (images / "a-directory.jpg").mkdir(exist_ok=True)
+    outside = folder / "outside.png"
+    outside.write_bytes(_encode(Image.fromarray(RAMP), "PNG"))
+    os.symlink(outside, images / "link-outside.png") if not (images / "link-outside.png").exists() else None
+    uri_faults = {
+        "bad-missing": (str(images / "no-such-file.png"), "not_found"),
+        "bad-directory": (str(images / "a-directory.jpg"), "is_a_directory"),
+        "bad-null-uri": (None, "null_uri"),
+        "bad-dotdot": (str(images / ".." / "outside.png"), "uri_not_allowed"),
+        "bad-symlink-out": (str(images / "link-outside.png"), "uri_not_allowed"),
+        "bad-metadata-service": ("http://169.254.169.254/latest/meta-data/iam", "uri_not_allowed"),
+        "bad-other-scheme": ("s3://somebody-elses-bucket/x.png", "uri_not_allowed"),
+    }
+    for row_id, (uri, code) in uri_faults.items():
+        rows.append((row_id, uri))
+        expected[row_id] = code
+    rows.sort()
+    table = pa.table({"id": [r[0] for r in rows], "uri": pa.array([r[1] for r in rows], pa.string())})
+    path = folder / "hostile.parquet"
+    pq.write_table(table, path, row_group_size=7)
+    return path, expected
+
+
+def hostile_job(table: Path, out: Path, engine: str) -> dict:
+    return {
+        "input": {
+            "path": str(table),
+            "uri_column": "uri",
+            "max_pixels": 10_000_000,
+            "min_side": 8,
+            "allowed_prefixes": [str(table.parent / "images")],
+        },
+        "output": {"path": str(out), "mode": "overwrite", "rows_per_file": 8},
+        "tasks": ["depth"],
+        "model": {"batch_size": 4},
+        "engine": {"kind": engine},
+        "run": {"progress": False, "max_error_fraction": 1.0},
+    }
+
+
+def check_hostile_output(table: pa.Table, expected: dict[str, str | None]) -> None:
+    ids = table.column("id").to_pylist()
+    assert sorted(ids) == sorted(expected), "every input id exactly once"
+    errors = dict(zip(ids, table.column("vb_error").to_pylist()))
+    depths = dict(zip(ids, table.column("depth").to_pylist()))
+    for row_id, code in expected.items():
+        got = errors[row_id] and errors[row_id]["code"]
+        assert got == code, (row_id, errors[row_id])
+        assert (depths[row_id] is None) == (code is not None), row_id

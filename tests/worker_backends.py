@@ -1,0 +1,40 @@
+"""Backends importable by path (`model.backend: worker_backends:CountingBackend`) from Spark and Ray workers."""
+
+from __future__ import annotations
+
+import os
+
+from vb_batch.models.identity import IdentityBackend
+
+
+class CountingBackend(IdentityBackend):
+    """identity, logging each load and each batch with the worker's pid to files named in model.options."""
+
+    name = "counting"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        with open(cfg.options["load_log"], "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    def predict(self, images, prompts, task, seeds):
+        with open(self.cfg.options["batch_log"], "a") as f:
+            f.write(f"{os.getpid()} {len(images)}\n")
+        return super().predict(images, prompts, task, seeds)
+
+
+class DiesOnceBackend(IdentityBackend):
+    """identity, but the first batch it ever sees kills its process (like an OOM-killed GPU worker).
+
+    `model.options.marker` is a file that records the death, so the restarted worker carries on.
+    """
+
+    name = "dies-once"
+
+    def predict(self, images, prompts, task, seeds):
+        marker = self.cfg.options["marker"]
+        if not os.path.exists(marker):
+            with open(marker, "w") as f:
+                f.write(str(os.getpid()))
+            os._exit(1)
+        return super().predict(images, prompts, task, seeds)
