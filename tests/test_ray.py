@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import doctest
-import os
-import sys
 import json
 import logging
+import os
 import runpy
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -352,3 +355,50 @@ def test_killed_model_actor_is_restarted_and_nothing_duplicated(worker_env, tmp_
         assert sorted(ids) == list(range(24))
     finally:
         ray.shutdown()
+
+
+SLOW_RAY_DRIVER = """
+import sys
+import vb_batch
+vb_batch.annotate(sys.argv[1])
+"""
+
+
+def test_kill_9_of_the_ray_driver_then_resume(worker_env, tmp_path, monkeypatch):
+    """The driver of a Ray job is killed -9 mid-run; a resumed run gives every id exactly once."""
+    from ray.cluster_utils import Cluster
+
+    tests = str(Path(__file__).resolve().parent)
+    # The cluster's workers import the test backend from here.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests, *sys.path]))
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        cells = [scene(i, 16, 24) for i in range(60)]
+        pq.write_table(pa.table({"id": list(range(60)), "image": cells}), tmp_path / "in.parquet", row_group_size=4)
+        cfg = {
+            "input": {"path": str(tmp_path / "in.parquet")},
+            "output": {"path": str(tmp_path / "out"), "rows_per_file": 4, "commit_every": 4},
+            "model": {"backend": "worker_backends:SlowBackend", "batch_size": 4, "options": {"seconds": 0.3}},
+            "engine": {"kind": "ray", "address": cluster.address, "cpu_batch_rows": 4},
+            "run": {"progress": False},
+        }
+        (tmp_path / "job.json").write_text(json.dumps(cfg))
+        proc = subprocess.Popen([sys.executable, "-c", SLOW_RAY_DRIVER, str(tmp_path / "job.json")])
+        commits = tmp_path / "out" / "_vb" / "commits"
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list(commits.glob("*.json"))) < 2:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        before = read_output(str(tmp_path / "out")).num_rows
+        assert 0 < before < 60 and not (tmp_path / "out" / "_SUCCESS").exists()
+        cfg["output"]["mode"] = "resume"
+        cfg["model"]["options"]["seconds"] = 0
+        summary = vb_batch.annotate(cfg)
+        assert summary.success and summary.rows_skipped == before
+        ids = read_output(str(tmp_path / "out")).column("id").to_pylist()
+        assert sorted(ids) == list(range(60))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

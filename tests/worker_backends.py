@@ -38,3 +38,15 @@ class DiesOnceBackend(IdentityBackend):
                 f.write(str(os.getpid()))
             os._exit(1)
         return super().predict(images, prompts, task, seeds)
+
+
+class SlowBackend(IdentityBackend):
+    """identity that takes `model.options.seconds` per batch (a stand-in for a slow GPU model)."""
+
+    name = "slow"
+
+    def predict(self, images, prompts, task, seeds):
+        import time
+
+        time.sleep(float(self.cfg.options.get("seconds", 0)))
+        return super().predict(images, prompts, task, seeds)
