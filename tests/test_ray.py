@@ -402,3 +402,17 @@ def test_kill_9_of_the_ray_driver_then_resume(worker_env, tmp_path, monkeypatch)
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_report_on_a_ray_output(ray_local, tmp_path):
+    from vb_batch.cli import main
+    from vb_batch.report import REPORT_NAME
+
+    inputs = write_inputs(tmp_path / "in", 10, files=2, bad=True)
+    cfg = job(inputs, tmp_path / "out", "ray")
+    cfg["output"]["report"] = True
+    assert vb_batch.annotate(cfg).report.endswith(REPORT_NAME)
+    (tmp_path / "out" / REPORT_NAME).unlink()
+    assert main(["report", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / REPORT_NAME).read_text()
+    assert ">ray<" in text and text.count("<img") >= 4

@@ -186,3 +186,17 @@ def test_hostile_input_on_spark(spark, tmp_path):
     summary = vb_batch.annotate(hostile_job(table, tmp_path / "out", "spark"))
     assert summary.success
     check_hostile_output(read_output(str(tmp_path / "out")), expected)
+
+
+def test_report_on_a_spark_output(spark, tmp_path):
+    from vb_batch.cli import main
+    from vb_batch.report import REPORT_NAME
+
+    cfg, legend = job(tmp_path, "out", "spark")
+    mixed_input(tmp_path / "in.parquet", legend)
+    summary = vb_batch.annotate(cfg)
+    assert summary.report.endswith(REPORT_NAME)
+    (tmp_path / "out" / REPORT_NAME).unlink()
+    assert main(["report", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / REPORT_NAME).read_text()
+    assert "spark" in text and "not_image" in text and text.count("<img") >= 4 * 4

@@ -42,6 +42,16 @@ class RunSummary:
     def error_fraction(self) -> float:
         return self.rows_failed / self.rows_processed if self.rows_processed else 0.0
 
+    def within_error_budget(self, max_fraction: float) -> bool:
+        """False (with a message) when more than `max_fraction` of the processed rows failed."""
+        if self.error_fraction <= max_fraction:
+            return True
+        self.message = (
+            f"error fraction {self.error_fraction:.3f} exceeds run.max_error_fraction={max_fraction}; "
+            "rows that succeeded are committed"
+        )
+        return False
+
     def count_errors(self, codes: list[str | None]) -> None:
         failed = Counter(c for c in codes if c is not None)
         self.rows_failed += sum(failed.values())

@@ -100,12 +100,7 @@ def run_local(cfg: JobConfig, backend: ModelBackend | None = None) -> RunSummary
             while decoded:
                 model_step()
             drain(0)
-        success = summary.error_fraction <= cfg.run.max_error_fraction
-        if not success:
-            summary.message = (
-                f"error fraction {summary.error_fraction:.3f} exceeds run.max_error_fraction="
-                f"{cfg.run.max_error_fraction}; rows that succeeded are committed"
-            )
+        success = summary.within_error_budget(cfg.run.max_error_fraction)
     except BaseException as exc:
         summary.message = f"stopped by {type(exc).__name__}: {exc}"
         raise

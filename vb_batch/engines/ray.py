@@ -256,12 +256,7 @@ def _run(cfg: JobConfig, plan: Plan, source: Source, sink: ParquetSink, summary:
                 bar.set_postfix(ok=summary.rows_ok, failed=summary.rows_failed, refresh=False)
         # Every row read was either processed or, committed already, dropped before the model.
         summary.rows_skipped = summary.rows_read - summary.rows_processed
-        success = summary.error_fraction <= cfg.run.max_error_fraction
-        if not success:
-            summary.message = (
-                f"error fraction {summary.error_fraction:.3f} exceeds run.max_error_fraction="
-                f"{cfg.run.max_error_fraction}; rows that succeeded are committed"
-            )
+        success = summary.within_error_budget(cfg.run.max_error_fraction)
     except BaseException as exc:
         summary.message = f"stopped by {type(exc).__name__}: {exc}"
         raise

@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Iterator
 import pyarrow as pa
+from tqdm.auto import tqdm
 
 from vb_batch.config import EngineConfig, JobConfig, redacted
 from vb_batch.engines.local import rebatch
@@ -138,6 +139,8 @@ def run_spark(cfg: JobConfig, backend: ModelBackend | None = None) -> RunSummary
     units = source.units()
     log.info("run %s on spark: %d units; %s", plan.run_id, len(units), redacted(cfg))
     spark = spark_session(cfg.engine, f"vb-batch {plan.run_id}")
+    # Rows as units finish on the executors (Spark's own stage bar shows tasks).
+    bar = tqdm(total=source.count_rows(), unit="img", desc="vb-batch", disable=not cfg.run.progress, smoothing=0.1)
     success = False
     try:
         frame = spark.createDataFrame(
@@ -157,16 +160,14 @@ def run_spark(cfg: JobConfig, backend: ModelBackend | None = None) -> RunSummary
             summary.rows_read += row["rows"] + row["skipped"]
             if row["file"]:
                 sink.stage(row["file"], row["rows"])
-        success = summary.error_fraction <= cfg.run.max_error_fraction
-        if not success:
-            summary.message = (
-                f"error fraction {summary.error_fraction:.3f} exceeds run.max_error_fraction="
-                f"{cfg.run.max_error_fraction}; rows that succeeded are committed"
-            )
+            bar.update(row["rows"] + row["skipped"])
+            bar.set_postfix(ok=summary.rows_ok, failed=summary.rows_failed, refresh=False)
+        success = summary.within_error_budget(cfg.run.max_error_fraction)
     except BaseException as exc:
         summary.message = f"stopped by {type(exc).__name__}: {exc}"
         raise
     finally:
+        bar.close()
         summary.seconds = time.perf_counter() - started
         summary.success = success
         sink.close(success=success, summary={**summary.as_dict(), "config": redacted(cfg)})
