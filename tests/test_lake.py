@@ -9,8 +9,6 @@ import sys
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import deltalake
-import pyiceberg
 import pytest
 from deltalake import DeltaTable, write_deltalake
 from conftest import png_bytes

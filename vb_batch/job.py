@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vb_batch.config import JobConfig, load_config
+from tqdm.auto import tqdm
+
+from vb_batch.config import JobConfig, load_config, redacted
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +82,35 @@ class RunSummary:
         if self.message:
             lines.append(f"  {self.message}")
         return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def tracked_run(
+    cfg: JobConfig, sink, summary: RunSummary, started: float, total_rows: int | None,
+    record: Callable[[], dict[str, Any]] = dict,
+) -> Iterator[Callable[[int], None]]:
+    """What every engine does around its loop: progress, the error budget, and closing the sink.
+
+    Yields `advance(rows)` for the progress bar. On the way out the sink commits what was
+    written (also after a failure) and writes `_SUCCESS` only when the run succeeded; the run
+    record gets the summary, the redacted config and `record()`.
+    """
+    bar = tqdm(total=total_rows, unit="img", desc="vb-batch", disable=not cfg.run.progress, smoothing=0.1)
+
+    def advance(rows: int) -> None:
+        bar.update(rows)
+        bar.set_postfix(ok=summary.rows_ok, failed=summary.rows_failed, refresh=False)
+
+    try:
+        yield advance
+        summary.success = summary.within_error_budget(cfg.run.max_error_fraction)
+    except BaseException as exc:
+        summary.message = f"stopped by {type(exc).__name__}: {exc}"
+        raise
+    finally:
+        bar.close()
+        summary.seconds = time.perf_counter() - started
+        sink.close(success=summary.success, summary={**summary.as_dict(), "config": redacted(cfg), **record()})
 
 
 def run_job(cfg: JobConfig, backend=None) -> RunSummary:

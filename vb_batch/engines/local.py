@@ -13,16 +13,15 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pyarrow as pa
-from tqdm.auto import tqdm
 
 from vb_batch.config import JobConfig, redacted
 from vb_batch.io.sinks import open_sink
 from vb_batch.io.sources import Source, open_source
-from vb_batch.job import RunSummary
+from vb_batch.job import RunSummary, tracked_run
 from vb_batch.models.base import ModelBackend, create_backend
 from vb_batch.stages import ERROR_COLUMN, Plan, check_backend, decode_encode, fetch_decode, run_model
 
@@ -46,7 +45,9 @@ def rebatch(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordB
         yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
 
 
-def pending_rows(source: Source, batch_rows: int, done: set, summary: RunSummary, bar) -> Iterator[pa.RecordBatch]:
+def pending_rows(
+    source: Source, batch_rows: int, done: set, summary: RunSummary, advance: Callable[[int], None]
+) -> Iterator[pa.RecordBatch]:
     """The source's rows minus those already committed (resume)."""
     for batch in source.batches(batch_rows):
         summary.rows_read += batch.num_rows
@@ -55,7 +56,7 @@ def pending_rows(source: Source, batch_rows: int, done: set, summary: RunSummary
             batch = batch.filter(pa.array([i not in done for i in ids]))
             skipped = len(ids) - batch.num_rows
             summary.rows_skipped += skipped
-            bar.update(skipped)
+            advance(skipped)
         if batch.num_rows:
             yield batch
 
@@ -72,41 +73,30 @@ def run_local(cfg: JobConfig, backend: ModelBackend | None = None) -> RunSummary
     done = sink.open()
     log.info("run %s: %s", plan.run_id, redacted(cfg))
 
-    bar = tqdm(total=source.count_rows(), unit="img", desc="vb-batch", disable=not cfg.run.progress, smoothing=0.1)
-    success = False
-    try:
-        with ThreadPoolExecutor(cfg.engine.io_threads, thread_name_prefix="vb-io") as pool:
-            decoded: deque[Future] = deque()
-            finished: deque[Future] = deque()
+    with tracked_run(cfg, sink, summary, started, source.count_rows()) as advance, ThreadPoolExecutor(
+        cfg.engine.io_threads, thread_name_prefix="vb-io"
+    ) as pool:
+        decoded: deque[Future] = deque()
+        finished: deque[Future] = deque()
 
-            def drain(until: int) -> None:
-                while len(finished) > until:
-                    out = finished.popleft().result()
-                    sink.write(out)
-                    summary.count_errors([e and e["code"] for e in out.column(ERROR_COLUMN).to_pylist()])
-                    bar.update(out.num_rows)
-                    bar.set_postfix(ok=summary.rows_ok, failed=summary.rows_failed, refresh=False)
+        def drain(until: int) -> None:
+            while len(finished) > until:
+                out = finished.popleft().result()
+                sink.write(out)
+                summary.count_errors([e and e["code"] for e in out.column(ERROR_COLUMN).to_pylist()])
+                advance(out.num_rows)
 
-            def model_step() -> None:
-                batch = decoded.popleft().result()
-                finished.append(pool.submit(decode_encode, run_model(batch, plan, backend), plan))
-                drain(cfg.engine.io_threads)
+        def model_step() -> None:
+            batch = decoded.popleft().result()
+            finished.append(pool.submit(decode_encode, run_model(batch, plan, backend), plan))
+            drain(cfg.engine.io_threads)
 
-            batches = rebatch(pending_rows(source, cfg.input.read_batch_rows, done, summary, bar), cfg.model.batch_size)
-            for batch in batches:
-                decoded.append(pool.submit(fetch_decode, batch, plan))
-                if len(decoded) > cfg.engine.prefetch_batches:
-                    model_step()
-            while decoded:
+        batches = rebatch(pending_rows(source, cfg.input.read_batch_rows, done, summary, advance), cfg.model.batch_size)
+        for batch in batches:
+            decoded.append(pool.submit(fetch_decode, batch, plan))
+            if len(decoded) > cfg.engine.prefetch_batches:
                 model_step()
-            drain(0)
-        success = summary.within_error_budget(cfg.run.max_error_fraction)
-    except BaseException as exc:
-        summary.message = f"stopped by {type(exc).__name__}: {exc}"
-        raise
-    finally:
-        bar.close()
-        summary.seconds = time.perf_counter() - started
-        summary.success = success
-        sink.close(success=success, summary={**summary.as_dict(), "config": redacted(cfg)})
+        while decoded:
+            model_step()
+        drain(0)
     return summary

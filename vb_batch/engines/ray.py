@@ -49,13 +49,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from tqdm.auto import tqdm
 
 from vb_batch.config import ConfigError, EngineConfig, JobConfig, redacted
 from vb_batch.io.filesystems import split_scheme
 from vb_batch.io.sinks import ParquetSink, open_sink, write_part
 from vb_batch.io.sources import Source, open_source, read_unit, with_ids
-from vb_batch.job import RunSummary
+from vb_batch.job import RunSummary, tracked_run
 from vb_batch.models.base import BACKENDS, create_backend
 from vb_batch.stages import ERROR_COLUMN, Plan, check_backend, decode_encode, fetch_decode, run_model
 
@@ -243,28 +242,17 @@ def _run(cfg: JobConfig, plan: Plan, source: Source, sink: ParquetSink, summary:
     model_nodes: Counter[str] = Counter()
     context = DataContext.get_current()
     ray_bars, context.enable_progress_bars = context.enable_progress_bars, False  # ours counts committed rows
-    bar = tqdm(total=summary.rows_read, unit="img", desc="vb-batch", disable=not cfg.run.progress, smoothing=0.1)
-    success = False
     try:
-        dataset = build_dataset(cfg, plan, source, done_ids(done, source), sink.staging)
-        for manifest in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-            for row in manifest.to_pylist():
-                sink.stage(row["file"], row["rows"])
-                summary.count_errors(row["error_codes"] + [None] * (row["rows"] - len(row["error_codes"])))
-                model_nodes.update({n["node"]: n["rows"] for n in row["model_nodes"]})
-                bar.update(row["rows"])
-                bar.set_postfix(ok=summary.rows_ok, failed=summary.rows_failed, refresh=False)
-        # Every row read was either processed or, committed already, dropped before the model.
-        summary.rows_skipped = summary.rows_read - summary.rows_processed
-        success = summary.within_error_budget(cfg.run.max_error_fraction)
-    except BaseException as exc:
-        summary.message = f"stopped by {type(exc).__name__}: {exc}"
-        raise
+        with tracked_run(cfg, sink, summary, started, summary.rows_read, lambda: {"model_nodes": dict(model_nodes)}) as advance:
+            dataset = build_dataset(cfg, plan, source, done_ids(done, source), sink.staging)
+            for manifest in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                for row in manifest.to_pylist():
+                    sink.stage(row["file"], row["rows"])
+                    summary.count_errors(row["error_codes"] + [None] * (row["rows"] - len(row["error_codes"])))
+                    model_nodes.update({n["node"]: n["rows"] for n in row["model_nodes"]})
+                    advance(row["rows"])
+            # Every row read was either processed or, committed already, dropped before the model.
+            summary.rows_skipped = summary.rows_read - summary.rows_processed
     finally:
-        bar.close()
         context.enable_progress_bars = ray_bars
-        summary.seconds = time.perf_counter() - started
-        summary.success = success
-        record = {**summary.as_dict(), "config": redacted(cfg), "model_nodes": dict(model_nodes)}
-        sink.close(success=success, summary=record)
     return summary

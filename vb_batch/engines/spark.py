@@ -24,13 +24,12 @@ import sys
 import time
 from collections.abc import Iterator
 import pyarrow as pa
-from tqdm.auto import tqdm
 
 from vb_batch.config import EngineConfig, JobConfig, redacted
 from vb_batch.engines.local import rebatch
 from vb_batch.io.sinks import open_sink, write_part
 from vb_batch.io.sources import open_source, read_unit, with_ids
-from vb_batch.job import RunSummary
+from vb_batch.job import RunSummary, tracked_run
 from vb_batch.models.base import ModelBackend, create_backend
 from vb_batch.stages import ERROR_COLUMN, Plan, check_backend, decode_encode, fetch_decode, run_model
 
@@ -140,9 +139,7 @@ def run_spark(cfg: JobConfig, backend: ModelBackend | None = None) -> RunSummary
     log.info("run %s on spark: %d units; %s", plan.run_id, len(units), redacted(cfg))
     spark = spark_session(cfg.engine, f"vb-batch {plan.run_id}")
     # Rows as units finish on the executors (Spark's own stage bar shows tasks).
-    bar = tqdm(total=source.count_rows(), unit="img", desc="vb-batch", disable=not cfg.run.progress, smoothing=0.1)
-    success = False
-    try:
+    with tracked_run(cfg, sink, summary, started, source.count_rows()) as advance:
         frame = spark.createDataFrame(
             [(i, json.dumps(u)) for i, u in enumerate(units)], "unit long, spec string"
         ).repartition(cfg.engine.partitions or max(1, len(units)))
@@ -160,15 +157,5 @@ def run_spark(cfg: JobConfig, backend: ModelBackend | None = None) -> RunSummary
             summary.rows_read += row["rows"] + row["skipped"]
             if row["file"]:
                 sink.stage(row["file"], row["rows"])
-            bar.update(row["rows"] + row["skipped"])
-            bar.set_postfix(ok=summary.rows_ok, failed=summary.rows_failed, refresh=False)
-        success = summary.within_error_budget(cfg.run.max_error_fraction)
-    except BaseException as exc:
-        summary.message = f"stopped by {type(exc).__name__}: {exc}"
-        raise
-    finally:
-        bar.close()
-        summary.seconds = time.perf_counter() - started
-        summary.success = success
-        sink.close(success=success, summary={**summary.as_dict(), "config": redacted(cfg)})
+            advance(row["rows"] + row["skipped"])
     return summary
