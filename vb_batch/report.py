@@ -126,6 +126,16 @@ def row_pictures(view: OutputView, row: dict[str, Any]) -> dict[str, np.ndarray]
     return pictures
 
 
+def _figure_uri(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def _histogram_uri(values: list[np.ndarray] | np.ndarray, title: str, xlabel: str, log_x: bool = False) -> str:
     import matplotlib
 
@@ -144,11 +154,7 @@ def _histogram_uri(values: list[np.ndarray] | np.ndarray, title: str, xlabel: st
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel, fontsize=9)
     ax.tick_params(labelsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return _figure_uri(fig)
 
 
 def _bars_uri(names: list[str], values: list[float], colours: list[tuple[int, int, int]], title: str) -> str:
@@ -162,11 +168,7 @@ def _bars_uri(names: list[str], values: list[float], colours: list[tuple[int, in
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("mean fraction of pixels", fontsize=9)
     ax.tick_params(labelsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return _figure_uri(fig)
 
 
 # ---------------------------------------------------------------------------- the report
