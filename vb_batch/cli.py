@@ -4,6 +4,7 @@
     vb-batch validate CONFIG [key.path=value ...] check a config and print it resolved
     vb-batch demo                                 held-out scenes + the demo generalist + a real job + eval
     vb-batch eval PREDICTIONS [--truth TRUTH]     metrics against ground truth, next to trivial baselines
+    vb-batch scenes PATH --count N                procedural scenes with exact ground truth, as a table
     vb-batch report OUTPUT                        (re)write OUTPUT/_report.html
     vb-batch show OUTPUT --id ID                  previews of one row as PNG files
     vb-batch tiny-model PATH --task depth         build a tiny random Marigold checkpoint
@@ -102,6 +103,13 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scenes(args: argparse.Namespace) -> int:
+    from vb_batch.scenes import write_scene_table
+
+    print(write_scene_table(args.path, args.count, args.start_seed, (args.height, args.width), args.encoding))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from vb_batch.report import write_report
 
@@ -177,6 +185,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baselines", action="store_true", help="score the model only")
     p.add_argument("--max-depth", type=float, default=80.0, help="depth range cap in metres (default: 80)")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser(
+        "scenes",
+        help="write procedural scenes with exact ground truth as an image table (Parquet)",
+        description="Render rooms with boxes, spheres and cylinders (vb_batch.scenes) and write one Parquet file: "
+        "id, image (PNG), gt_depth, gt_normals, gt_segmentation, gt_instances (vb.role = truth) and the intrinsics. "
+        "Seeds from 1000000 on are held out from the demo model's training.",
+    )
+    p.add_argument("path", help="Parquet file to write")
+    p.add_argument("--count", type=int, default=200, help="number of scenes (default: 200)")
+    p.add_argument("--start-seed", type=int, default=1_000_000, help="first seed (default: 1000000, held out)")
+    p.add_argument("--height", type=int, default=96)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--encoding", choices=["array", "png"], default="array", help="truth storage (default: array, exact)")
+    p.set_defaults(func=_scenes)
 
     p = sub.add_parser(
         "report",

@@ -36,6 +36,7 @@ BACKENDS: dict[str, str] = {
     "marigold": "vb_batch.models.marigold:MarigoldBackend",
     "diffusers": "vb_batch.models.diffusers_edit:DiffusersEditBackend",
     "http": "vb_batch.models.http:HttpBackend",
+    "demo": "vb_batch.models.demo_generalist:DemoBackend",
 }
 
 
