@@ -67,8 +67,14 @@ class S3Server:
 
 
 @contextlib.contextmanager
-def s3_server(bucket: str = "vb-test") -> Iterator[S3Server]:
-    """A moto S3 server on 127.0.0.1 (a free port) with one empty bucket; stopped on exit."""
+def s3_server(bucket: str | None = None) -> Iterator[S3Server]:
+    """A moto S3 server on 127.0.0.1 (a free port) with one empty bucket; stopped on exit.
+
+    moto keeps its store per process, shared by every server: each call gets a fresh bucket.
+    """
+    import uuid
+
+    bucket = bucket or f"vb-test-{uuid.uuid4().hex[:10]}"
     import boto3
     from moto.server import ThreadedMotoServer
 

@@ -88,15 +88,6 @@ def test_missing_checkpoint_is_a_config_error(tmp_path, capsys, sample_images):
     assert "model.path" in capsys.readouterr().err
 
 
-def test_demo_command(tmp_path, capsys):
-    code = main(["demo", "--out", str(tmp_path / "out"), "--data", str(tmp_path / "data"), "--rows", "6"])
-    assert code == 0
-    out = capsys.readouterr().out
-    assert "6 ok, 0 failed" in out
-    assert (tmp_path / "out" / "_SUCCESS").exists()
-    assert read_output(str(tmp_path / "out")).num_rows == 6
-
-
 def test_model_options_reach_the_pipeline(sample_images, tmp_path, tiny_marigold):
     # Marigold's own ensembling, through model.options: its uncertainty needs ensemble_size > 1.
     cfg = job(sample_images, tmp_path / "out", {"depth": tiny_marigold["depth"]},

@@ -65,7 +65,8 @@ class OutputView:
         }
 
     def column_of(self, kind: str) -> str | None:
-        return next((name for name, m in self.maps.items() if m.kind == kind), None)
+        """The first prediction column of `kind` (ground-truth columns carry vb.role = truth)."""
+        return next((n for n, m in self.maps.items() if m.kind == kind and m.extra.get("role") != "truth"), None)
 
     def read(self, columns: list[str], filter=None, limit: int | None = None) -> pa.Table:
         columns = [c for c in columns if c in self.schema.names]
