@@ -98,3 +98,21 @@ def test_depth_preview_colours_near_warm_and_far_black():
     assert tuple(rgb[0, 3]) == (0, 0, 0) and tuple(rgb[0, 4]) == (128, 128, 128)
     assert rgb[0, 0, 0] > rgb[0, 0, 2]  # near: red dominates
     assert rgb[0, 2, 2] > rgb[0, 2, 0]  # far: blue dominates
+
+
+def test_report_fetches_uris_under_the_jobs_own_rules(tmp_path):
+    """Inputs given by URI appear in the report, read through the job's URI safety checks."""
+    from vb_batch.demo import make_sample_images
+    from vb_batch.report import OutputView
+
+    make_sample_images(tmp_path / "imgs", 3)
+    job_input = {"path": str(tmp_path / "imgs"), "allowed_prefixes": [str(tmp_path / "imgs")]}
+    summary = vb_batch.annotate({"input": job_input, "output": {"path": str(tmp_path / "out")},
+                                 "run": {"progress": False}})
+    assert (tmp_path / "out" / REPORT_NAME).read_text().count("alt='input'") == 3
+    view = OutputView(summary.output)
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(png_bytes(np.zeros((16, 16, 3), np.uint8)))  # a real image, outside the input folder
+    inside = next((tmp_path / "imgs").iterdir())
+    assert view.input_image({"uri": str(inside)}) is not None
+    assert view.input_image({"uri": str(outside)}) is None  # the job's rules refuse it: never read

@@ -23,9 +23,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from vb_batch.config import OutputConfig, StorageOptions
+from vb_batch.config import InputConfig, OutputConfig, StorageOptions
 from vb_batch.io.encodings import ColumnMeta, decode_map
 from vb_batch.io.filesystems import fsspec_filesystem
+from vb_batch.io.fetch import read_uri
 from vb_batch.io.images import decode_image
 from vb_batch.io.sinks import open_output
 from vb_batch.previews import colorize_depth, colorize_normals, overlay_classes
@@ -80,9 +81,8 @@ class OutputView:
                 cell = row[self.image_column]
                 data = cell["bytes"] if isinstance(cell, dict) else cell
             elif self.uri_column and row.get(self.uri_column):
-                fs, path = fsspec_filesystem(row[self.uri_column], StorageOptions(**self.job.get("input", {}).get("storage", {})))
-                with fs.open(path, "rb") as f:
-                    data = f.read()
+                # The job's own URI rules (allowed prefixes, no internal addresses) apply here too.
+                data = read_uri(row[self.uri_column], InputConfig.model_validate(self.job.get("input", {})))
             else:
                 return None
             return decode_image(data, max_pixels=10**9)

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from vb_batch import __version__
@@ -324,7 +325,9 @@ def decode_answer(task: Task, answers: list[np.ndarray], plan: Plan) -> Decoded:
 def decode_encode(batch: pa.RecordBatch, plan: Plan) -> pa.RecordBatch:
     """Stage 3 (CPU): decode answers, encode for storage, add summaries and provenance."""
     errors = _errors(batch)
-    sizes = [None if c is None else tuple(c["shape"][:2]) for c in _column_list(batch, IMAGE_COLUMN)]
+    # Only the shapes: reading the whole struct would copy every image's raw pixels into Python.
+    shapes = pc.struct_field(batch.column(batch.schema.get_field_index(IMAGE_COLUMN)), "shape").to_pylist()
+    sizes = [None if shape is None else tuple(shape[:2]) for shape in shapes]
     encoding = plan.cfg.output.encoding
     outputs: dict[str, list[Any]] = {f.name: [None] * batch.num_rows for f in plan.output_fields()}
     for task in plan.tasks:

@@ -125,10 +125,6 @@ def arrow_filesystem(url: str, storage: StorageOptions | None = None) -> tuple[p
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
-def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
-
-
 def delta_storage_options(url: str, storage: StorageOptions | None = None) -> dict[str, str]:
     """deltalake's `storage_options` for a table URL (delta-rs has its own object store client).
 
