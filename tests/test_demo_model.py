@@ -75,7 +75,9 @@ def test_legend_colours_come_from_the_prompt(pipe):
     assert colours <= {(255, 0, 0), (0, 255, 0), (0, 0, 0)}
 
 
-def test_job_with_the_demo_backend_meets_the_metric_floors(scene_table, tmp_path):
+# The fast path (bf16 weights, codecs decoded in the model worker) must keep the floors too.
+@pytest.mark.parametrize("dtype, decode_on_device", [("float32", False), ("bfloat16", True)])
+def test_job_with_the_demo_backend_meets_the_metric_floors(scene_table, tmp_path, dtype, decode_on_device):
     # A job's own legend (order and colours unlike the truth's): classes are matched by name.
     legend = {"sky": [30, 60, 200], "box": [200, 30, 30], "floor": [90, 90, 20], "sphere": [20, 200, 20],
               "wall": [200, 200, 200], "cylinder": [250, 120, 0]}
@@ -84,7 +86,8 @@ def test_job_with_the_demo_backend_meets_the_metric_floors(scene_table, tmp_path
         "output": {"path": str(tmp_path / "out"), "mode": "overwrite", "report": False},
         "tasks": ["depth", "normals", "segmentation"],
         "segmentation": {"legend": legend},
-        "model": {"backend": "demo", "device": "cpu", "batch_size": 4},
+        "model": {"backend": "demo", "device": "cpu", "batch_size": 4, "dtype": dtype,
+                  "decode_on_device": decode_on_device},
         "run": {"progress": False},
     })
     assert summary.success and summary.rows_ok == ROWS, summary.render()

@@ -103,3 +103,14 @@ def test_model_options_reach_the_pipeline(sample_images, tmp_path, tiny_marigold
     bad = job(sample_images, tmp_path / "bad", tiny_marigold, options={"generator": None})
     with pytest.raises(Exception, match="model.options"):
         vb_batch.annotate(bad)
+
+
+def test_compile_and_half_precision_options(sample_images, tmp_path, tiny_marigold):
+    """compile wraps each UNet; half precision on the CPU is refused up front (torch has no CPU bf16 resize)."""
+    from vb_batch.config import ConfigError, ModelConfig
+    from vb_batch.models.base import create_backend
+
+    compiled = create_backend(ModelConfig(backend="marigold", path=tiny_marigold, device="cpu", compile=True))
+    assert all(p.unet._compiled_call_impl is not None for p in compiled.pipelines.values())  # compiled on first call
+    with pytest.raises(ConfigError, match="model.dtype"):
+        create_backend(ModelConfig(backend="marigold", path=tiny_marigold, device="cpu", dtype="bfloat16"))

@@ -192,8 +192,9 @@ class LegendFollowingBackend(ModelBackend):
         return out
 
 
+@pytest.mark.parametrize("decode_on_device", [False, True])
 @pytest.mark.parametrize("spoil", [False, True])
-def test_segmentation_ensemble_votes_over_permuted_legends(painted_table, tmp_path, legend, spoil):
+def test_segmentation_ensemble_votes_over_permuted_legends(painted_table, tmp_path, legend, spoil, decode_on_device):
     paths, truth = painted_table
     spoil_colour = tuple(legend.permuted(2).colors[0]) if spoil else None
     backend = LegendFollowingBackend(legend, spoil_colour)
@@ -202,6 +203,7 @@ def test_segmentation_ensemble_votes_over_permuted_legends(painted_table, tmp_pa
         "output": {"path": str(tmp_path / "out"), "encoding": "array"},
         "tasks": ["segmentation"],
         "segmentation": {"legend": {n: list(c) for n, c in legend.to_pairs()}, "ensemble": 3},
+        "model": {"decode_on_device": decode_on_device},
         "run": {"progress": False},
     }
     assert vb_batch.annotate(config, backend=backend).success
@@ -234,3 +236,61 @@ def test_max_error_fraction_fails_the_run_after_committing(tmp_path, capsys):
     table = read_output(str(tmp_path / "out"))
     assert table.num_rows == 4  # committed, good and bad rows alike
     assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_decode_on_device_gives_the_cpu_decode(painted_table, tmp_path, legend, monkeypatch):
+    """`model.decode_on_device` (torch codecs in the model worker, here on the CPU) stores what numpy decodes."""
+    import vb_batch.stages as stages
+
+    stacked = []
+    real_to_device = stages.to_device
+    monkeypatch.setattr(stages, "to_device", lambda array, device: stacked.append(array.shape) or real_to_device(array, device))
+    paths, _ = painted_table
+    tasks = ["depth", "normals", "segmentation"]
+    for task in tasks:
+        for on_device in (False, True):
+            run(paths[task], tmp_path / f"{task}-{on_device}", tasks, "array", legend=legend,
+                model__decode_on_device=on_device, model__batch_size=8)
+        cpu = read_output(str(tmp_path / f"{task}-False")).sort_by("id")
+        device = read_output(str(tmp_path / f"{task}-True")).sort_by("id")
+        for name in tasks:
+            for a, b in zip(vb_batch.load_arrays(cpu, name), vb_batch.load_arrays(device, name)):
+                assert a.dtype == b.dtype and a.shape == b.shape
+                if name == "segmentation":
+                    np.testing.assert_array_equal(a, b)
+                else:
+                    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(
+                cpu.column(f"{name}_confidence").to_numpy(), device.column(f"{name}_confidence").to_numpy(), atol=1e-5
+            )
+        assert cpu.column("depth_median_m").to_pylist() == pytest.approx(device.column("depth_median_m").to_pylist())
+    # Batched by shape: the 5 images of 4 sizes make 4 stacks per task, one of 2 images.
+    assert sorted(shape[0] for shape in stacked[:4]) == [1, 1, 1, 2]
+    assert len(stacked) == 4 * len(tasks) * len(tasks)
+
+
+class OneBadPaintingBackend(ModelBackend):
+    """The identity model, except that row "depth-2" gets a 4-channel painting no codec reads."""
+
+    name = "one-bad-painting"
+
+    def predict(self, images, prompts, task, seeds):
+        return [np.dstack([im, im[..., :1]]) if im.shape[:2] == (40, 40) else im for im in images]
+
+
+@pytest.mark.parametrize("decode_on_device", [False, True])
+def test_a_malformed_painting_fails_only_its_row(painted_table, tmp_path, decode_on_device):
+    paths, _ = painted_table
+    config = {
+        "input": {"path": str(paths["depth"])},
+        "output": {"path": str(tmp_path / "out")},
+        "tasks": ["depth"],
+        "model": {"batch_size": 8, "decode_on_device": decode_on_device},
+        "run": {"progress": False},
+    }
+    summary = vb_batch.annotate(config, backend=OneBadPaintingBackend(None))
+    table = read_output(str(tmp_path / "out")).sort_by("id")
+    errors = dict(zip(table.column("id").to_pylist(), table.column("vb_error").to_pylist()))
+    assert errors.pop("depth-2")["code"] == "output_error"
+    assert set(errors.values()) == {None}
+    assert summary.rows_ok == 4 and summary.errors_by_code == {"output_error": 1}

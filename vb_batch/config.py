@@ -213,7 +213,10 @@ class ModelConfig(_Section):
     transformer_path: str | None = None
     transformer_subfolder: str | None = None
     transformer_revision: str | None = None
-    compile: bool = False  # diffusers: torch.compile the transformer
+    compile: bool = False  # diffusers, marigold: torch.compile the denoiser (transformer or UNet)
+    # Decode painted answers with the codecs' torch path on the model's device, in the model worker,
+    # batched, instead of with numpy on CPU threads after it: for hosts short of CPU per GPU.
+    decode_on_device: bool = False
     vae_slicing: bool = False  # diffusers: decode a batch one image at a time (memory)
     vae_tiling: bool = False  # diffusers: encode and decode large images in tiles (memory)
     # http: the URL images are POSTed to, extra (non-secret) headers, and the environment variable

@@ -19,6 +19,7 @@ import json
 import logging
 import sys
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -38,6 +39,7 @@ from vb_batch.io.fetch import read_uri
 from vb_batch.io.images import decode_image
 from vb_batch.io.sources import image_bytes
 from vb_batch.models.base import ModelBackend, backend_class, model_id
+from vb_batch.models.loading import to_device
 from vb_batch.models.profiles import get_profile
 from vb_batch.tasks import Task, TaskContext, build_legend, get_task
 
@@ -56,6 +58,11 @@ def new_run_id() -> str:
 
 def answer_column(task: str, pass_index: int) -> str:
     return f"_vb_answer_{task}_{pass_index}"
+
+
+def confidence_column(task: str, pass_index: int) -> str:
+    """Per-pixel confidence of a pass decoded in the model worker (`model.decode_on_device`)."""
+    return f"_vb_confidence_{task}_{pass_index}"
 
 
 def row_seed(seed: int, row_id: Any) -> int:
@@ -115,6 +122,10 @@ class Plan:
             image_column=image_column,
             uri_column=uri_column,
         )
+
+    def decodes_on_device(self, task: Task) -> bool:
+        """Whether `task`'s paintings are decoded in the model worker: its answers are then values."""
+        return self.cfg.model.decode_on_device and task.name not in self.native_tasks
 
     # ------------------------------------------------------------------ schema
     def column(self, task: Task, suffix: str = "") -> str:
@@ -261,8 +272,46 @@ def _predict_rows(backend: ModelBackend, images, prompts, task: str, seeds) -> l
         return out
 
 
+def _output_error(task: Task, exc: Exception) -> dict[str, str]:
+    return {"code": "output_error", "message": f"{task.name}: {type(exc).__name__}: {exc}"}
+
+
+def decode_on_device(
+    task: Task, ctx: TaskContext, pass_index: int, answers: list, errors: list, device: Any
+) -> list[np.ndarray | None]:
+    """Decode one pass's paintings on the model's device, batched by shape; `answers` become values.
+
+    Paintings cross to the device as uint8 (from pinned memory on a GPU) and
+    the decoded values come back once per batch. A batch that fails to decode
+    is retried row by row, so one malformed painting only fails its own row.
+    Returns the per-pixel confidence of each row.
+    """
+    confidences: list[np.ndarray | None] = [None] * len(answers)
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, painting in enumerate(answers):
+        if painting is not None:
+            buckets[(painting.shape, painting.dtype.str)].append(i)
+    pending = list(buckets.values())
+    while pending:
+        index = pending.pop()
+        try:
+            pixels = to_device(np.stack([answers[i] for i in index]), device)
+            decoded = task.decode_pass(pixels, ctx, pass_index)
+            values, confidence = decoded.values.cpu().numpy(), decoded.confidence.cpu().numpy()
+        except Exception as exc:  # noqa: BLE001 - a bad painting is its row's fault
+            if len(index) > 1:
+                pending += [[i] for i in index]
+                continue
+            errors[index[0]] = errors[index[0]] or _output_error(task, exc)
+            answers[index[0]] = None
+            continue
+        for j, i in enumerate(index):
+            answers[i], confidences[i] = values[j], confidence[j]
+    return confidences
+
+
 def run_model(batch: pa.RecordBatch, plan: Plan, backend: ModelBackend) -> pa.RecordBatch:
-    """Stage 2 (GPU): one answer per valid row, task and ensemble pass."""
+    """Stage 2 (GPU): one answer per valid row, task and ensemble pass (decoded here with `decode_on_device`)."""
     images = _images(batch)
     errors = _errors(batch)
     ids = _column_list(batch, plan.cfg.input.id_column)
@@ -283,6 +332,9 @@ def run_model(batch: pa.RecordBatch, plan: Plan, backend: ModelBackend) -> pa.Re
                         errors[i] = errors[i] or result.as_cell()
                     else:
                         answers[i] = np.asarray(result)
+            if plan.decodes_on_device(task):
+                confidences = decode_on_device(task, plan.ctx, p, answers, errors, backend.device)
+                batch = _set_column(batch, confidence_column(task.name, p), _array_cells(confidences))
             batch = _set_column(batch, answer_column(task.name, p), _array_cells(answers))
     return _set_column(batch, ERROR_COLUMN, pa.array(errors, ERROR_TYPE))
 
@@ -312,13 +364,16 @@ def resize_values(values: np.ndarray, kind: str, size: tuple[int, int]) -> np.nd
     return resized[..., 0] if values.ndim == 2 else resized
 
 
-def decode_answer(task: Task, answers: list[np.ndarray], plan: Plan) -> Decoded:
+def decode_answer(task: Task, answers: list[np.ndarray], plan: Plan, confidences: list | None = None) -> Decoded:
+    """One row's answers (one per pass) -> the values to store: native values, decoded passes, or paintings."""
     if task.name in plan.native_tasks:
         values = answers[0].astype(np.float32)
         if task.kind == "normals":
             # Native normals come in the OpenGL frame (Marigold's); store them in the configured one.
             values = normals_codec.convert(values, "opengl", plan.ctx.frame)
         return Decoded(values=values, confidence=None)
+    if plan.decodes_on_device(task):
+        return task.combine([Decoded(v, c) for v, c in zip(answers, confidences)], plan.ctx)
     return task.decode(answers, plan.ctx)
 
 
@@ -332,12 +387,19 @@ def decode_encode(batch: pa.RecordBatch, plan: Plan) -> pa.RecordBatch:
     outputs: dict[str, list[Any]] = {f.name: [None] * batch.num_rows for f in plan.output_fields()}
     for task in plan.tasks:
         meta = task.column_meta(plan.ctx, encoding)
-        passes = [_column_list(batch, answer_column(task.name, p)) for p in range(task.passes(plan.ctx))]
+        num_passes = task.passes(plan.ctx)
+        passes = [_column_list(batch, answer_column(task.name, p)) for p in range(num_passes)]
+        pass_confidences = (
+            [_column_list(batch, confidence_column(task.name, p)) for p in range(num_passes)]
+            if plan.decodes_on_device(task)
+            else None
+        )
         for i in range(batch.num_rows):
             if errors[i] is not None or sizes[i] is None:
                 continue
             try:
-                decoded = decode_answer(task, [decode_array(cells[i]) for cells in passes], plan)
+                confidences = pass_confidences and [decode_array(cells[i]) for cells in pass_confidences]
+                decoded = decode_answer(task, [decode_array(cells[i]) for cells in passes], plan, confidences)
                 values = resize_values(np.asarray(decoded.values), task.kind, sizes[i])
                 outputs[plan.column(task)][i] = encode_map(values, meta)
                 if decoded.confidence is not None:
@@ -345,7 +407,7 @@ def decode_encode(batch: pa.RecordBatch, plan: Plan) -> pa.RecordBatch:
                 for suffix, value in task.summarise(values, plan.ctx).items():
                     outputs[plan.column(task, suffix)][i] = value
             except Exception as exc:  # noqa: BLE001 - a bad answer is this row's fault
-                errors[i] = {"code": "output_error", "message": f"{task.name}: {type(exc).__name__}: {exc}"}
+                errors[i] = _output_error(task, exc)
                 for f in plan.output_fields():
                     if f.name.startswith(plan.column(task)):
                         outputs[f.name][i] = None

@@ -78,7 +78,15 @@ class Task:
 
     def decode(self, paintings: list[np.ndarray], ctx: TaskContext) -> Decoded:
         """The painted RGB of every pass for one image -> values and per-pixel confidence."""
+        return self.combine([self.decode_pass(rgb, ctx, i) for i, rgb in enumerate(paintings)], ctx)
+
+    def decode_pass(self, rgb: Any, ctx: TaskContext, pass_index: int = 0) -> Decoded:
+        """The colour codec alone, on one pass's painting: numpy or torch (on its device), one or a batch."""
         raise NotImplementedError
+
+    def combine(self, decodes: list[Decoded], ctx: TaskContext) -> Decoded:
+        """One image's decoded passes (numpy) -> the stored values and confidence."""
+        return decodes[0]
 
     def column_meta(self, ctx: TaskContext, encoding: str) -> ColumnMeta:
         raise NotImplementedError
@@ -95,8 +103,11 @@ class DepthTask(Task):
     name = "depth"
     kind = "depth"
 
-    def decode(self, paintings, ctx):
-        decoded = depth_codec.decode(paintings[0], preset=ctx.depth_preset)
+    def decode_pass(self, rgb, ctx, pass_index=0):
+        return depth_codec.decode(rgb, preset=ctx.depth_preset)
+
+    def combine(self, decodes, ctx):
+        decoded = decodes[0]
         if not ctx.depth_relative:
             return decoded
         # A relative painting means its position along the walk, f in [0, 1] (far = 1), not metres.
@@ -126,8 +137,8 @@ class NormalsTask(Task):
     name = "normals"
     kind = "normals"
 
-    def decode(self, paintings, ctx):
-        return normals_codec.decode(paintings[0], frame=ctx.frame)
+    def decode_pass(self, rgb, ctx, pass_index=0):
+        return normals_codec.decode(rgb, frame=ctx.frame)
 
     def column_meta(self, ctx, encoding):
         return ColumnMeta(kind="normals", encoding=encoding, unit="unit vector", task=self.name, frame=ctx.frame)
@@ -148,11 +159,10 @@ class SegmentationTask(Task):
         text = ctx.template(self.name).format(legend=legend_text(self.pass_legend(ctx, pass_index)))
         return [text] * n
 
-    def decode(self, paintings, ctx):
-        decodes = [
-            seg_codec.decode(rgb, self.pass_legend(ctx, i), max_distance=ctx.max_distance)
-            for i, rgb in enumerate(paintings)
-        ]
+    def decode_pass(self, rgb, ctx, pass_index=0):
+        return seg_codec.decode(rgb, self.pass_legend(ctx, pass_index), max_distance=ctx.max_distance)
+
+    def combine(self, decodes, ctx):
         return decodes[0] if len(decodes) == 1 else seg_codec.vote(decodes)
 
     def column_meta(self, ctx, encoding):
@@ -178,9 +188,12 @@ class ReferringTask(Task):
         phrases = phrases if phrases is not None else [ctx.phrase] * n
         return [ctx.template(self.name).format(phrase=p) for p in phrases]
 
-    def decode(self, paintings, ctx):
-        dec = seg_codec.decode(paintings[0], REFERRING_LEGEND, max_distance=ctx.max_distance)
-        return Decoded(values=(np.asarray(dec.values) == 0).astype(np.uint8), confidence=dec.confidence)
+    def decode_pass(self, rgb, ctx, pass_index=0):
+        return seg_codec.decode(rgb, REFERRING_LEGEND, max_distance=ctx.max_distance)
+
+    def combine(self, decodes, ctx):
+        # Class 0 of the referring legend is the object.
+        return Decoded(values=(np.asarray(decodes[0].values) == 0).astype(np.uint8), confidence=decodes[0].confidence)
 
     def column_meta(self, ctx, encoding):
         return ColumnMeta(kind="mask", encoding=encoding, unit="mask (1 = referred object)", task=self.name)

@@ -45,6 +45,7 @@ class ModelBackend:
 
     name: ClassVar[str]
     default_profile: ClassVar[str] = "vision-banana"
+    device: str = "cpu"  # where the model runs; painted answers can be decoded there (model.decode_on_device)
 
     def __init__(self, cfg: "ModelConfig"):
         self.cfg = cfg

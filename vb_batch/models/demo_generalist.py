@@ -52,7 +52,9 @@ from vb_batch.codecs import depth as depth_codec
 from vb_batch.codecs import normals as normals_codec
 from vb_batch.config import ConfigError
 from vb_batch.models.base import ModelBackend
-from vb_batch.models.loading import from_pretrained, load_error, local_only, quiet_loading, resolve_device
+from vb_batch.models.loading import (
+    from_pretrained, load_error, local_only, quiet_loading, resolve_device, to_device,
+)
 
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
 TASKS = ("depth", "normals", "segmentation")
@@ -261,7 +263,7 @@ class VBDemoPipeline(DiffusionPipeline):
             im if im.shape[:2] == (height, width) else np.asarray(Image.fromarray(im).resize((width, height), Image.BICUBIC))
             for im in images
         ]
-        pixels = torch.from_numpy(np.stack(resized)).to(self.device, torch.float32).permute(0, 3, 1, 2) / 255.0
+        pixels = to_device(np.stack(resized), self.device).permute(0, 3, 1, 2).to(torch.float32) / 255.0
 
         # 3. Run the trunk once and the head once per task asked for.
         features = self.net.trunk(pixels.to(self.net.dtype))

@@ -53,7 +53,7 @@ from PIL import Image
 
 from vb_batch.config import ConfigError
 from vb_batch.models.base import ModelBackend
-from vb_batch.models.loading import from_pretrained, load_error, local_only, quiet_loading, resolve_device
+from vb_batch.models.loading import compile_denoiser, from_pretrained, load_error, local_only, quiet_loading, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +178,7 @@ class DiffusersEditBackend(ModelBackend):
         if cfg.vae_tiling:
             self.pipe.vae.enable_tiling()
         if cfg.compile:
-            # In place, so the pipeline still sees the module's config and dtype.
-            self.pipe.transformer.compile()
+            compile_denoiser(self.pipe)
         self.multiple = self.pipe.vae_scale_factor * 2
         resolution = cfg.processing_resolution
         self.resolution = DEFAULT_RESOLUTION if resolution is None else resolution

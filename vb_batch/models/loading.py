@@ -10,6 +10,8 @@ import logging
 import os
 from typing import Any
 
+import numpy as np
+
 from vb_batch.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -22,6 +24,27 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def to_device(array: np.ndarray, device: Any) -> Any:
+    """A numpy array as a torch tensor on `device`; to a GPU from pinned memory, without blocking the host.
+
+    Callers send uint8 pixels (a quarter of float32's bytes) and convert on the device.
+    """
+    import torch
+
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def compile_denoiser(pipe: Any) -> None:
+    """`torch.compile` the pipeline's denoiser (transformer or UNet) in place: the module keeps its config and dtype."""
+    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    if denoiser is None:
+        raise ConfigError(f"model.compile: {type(pipe).__name__} has no transformer or unet to compile")
+    denoiser.compile()
 
 
 def hub_offline() -> bool:

@@ -14,7 +14,7 @@ import numpy as np
 
 from vb_batch.config import ConfigError
 from vb_batch.models.base import ModelBackend
-from vb_batch.models.loading import from_pretrained, quiet_loading, resolve_device
+from vb_batch.models.loading import compile_denoiser, from_pretrained, quiet_loading, resolve_device, to_device
 
 # Call arguments the backend sets itself; `model.options` passes anything else (ensemble_size, ...).
 RESERVED_OPTIONS = {"image", "generator", "batch_size", "output_type", "num_inference_steps", "processing_resolution"}
@@ -43,6 +43,10 @@ class MarigoldBackend(ModelBackend):
         reserved = sorted(RESERVED_OPTIONS & set(cfg.options))
         if reserved:
             raise ConfigError(f"model.options: {reserved} are set by the marigold backend itself")
+        if cfg.dtype != "float32" and resolve_device(cfg.device) == "cpu":
+            # Marigold resizes with antialiased interpolation; torch's CPU kernel for it has no half-precision
+            # version (every row would fail with NotImplementedError).
+            raise ConfigError(f"model.dtype: {cfg.dtype} Marigold needs a GPU (device cuda); use float32 on the CPU")
         paths = cfg.path if isinstance(cfg.path, dict) else {None: cfg.path}
         self.pipelines = {}
         for task, path in paths.items():
@@ -52,6 +56,8 @@ class MarigoldBackend(ModelBackend):
                 raise ConfigError(f"model.path: {path!r} holds a {type(pipe).__name__}, not a Marigold pipeline")
             if task is not None and task != served:
                 raise ConfigError(f"model.path.{task}: {path!r} is a {served} checkpoint")
+            if cfg.compile:
+                compile_denoiser(pipe)
             self.pipelines[served] = pipe
         self.device = resolve_device(cfg.device)
 
@@ -72,7 +78,8 @@ class MarigoldBackend(ModelBackend):
         for i, image in enumerate(images):
             buckets[image.shape].append(i)
         for index in buckets.values():
-            stack = np.stack([images[i] for i in index]).astype(np.float32) / 255.0
+            # uint8 (N, 3, H, W) on the device: the pipeline scales it to [0, 1] there.
+            pixels = to_device(np.stack([images[i] for i in index]), self.device).permute(0, 3, 1, 2)
             # One generator per ensemble member (Marigold repeats each image ensemble_size times, image-major).
             members = int(self.cfg.options.get("ensemble_size", 1))
             generators = [
@@ -81,7 +88,7 @@ class MarigoldBackend(ModelBackend):
                 for k in range(members)
             ]
             out = pipe(
-                stack,
+                pixels,
                 num_inference_steps=self.cfg.num_inference_steps,
                 processing_resolution=self.cfg.processing_resolution,
                 generator=generators,
