@@ -205,6 +205,17 @@ def test_row_filter_and_delta_output_on_ray(ray_local, tmp_path):
 
 
 @pytest.mark.slow
+def test_decode_on_device_in_the_model_actor(ray_local, tmp_path):
+    """`model.decode_on_device`: the actor decodes, the finishing tasks only encode; the output is the local one."""
+    inputs = write_inputs(tmp_path / "in", 12, files=1)
+    model = {"decode_on_device": True}
+    vb_batch.annotate(job(inputs, tmp_path / "local", model=model))
+    summary = vb_batch.annotate(job(inputs, tmp_path / "ray", "ray", model=model))
+    assert summary.success and summary.rows_ok == 10 and summary.errors_by_code == {"not_image": 1, "null_image": 1}
+    assert_same_output(sorted_output(tmp_path / "local"), sorted_output(tmp_path / "ray"))
+
+
+@pytest.mark.slow
 def test_tiny_marigold_on_ray_matches_local(ray_local, tiny_marigold, tmp_path):
     inputs = write_inputs(tmp_path / "in", 8, files=1, bad=False)
     model = {"backend": "marigold", "path": tiny_marigold, "batch_size": 4}
