@@ -107,6 +107,8 @@ def test_model_options_reach_the_pipeline(sample_images, tmp_path, tiny_marigold
 
 def test_compile_and_half_precision_options(sample_images, tmp_path, tiny_marigold):
     """compile wraps each UNet; half precision on the CPU is refused up front (torch has no CPU bf16 resize)."""
+    import torch
+
     from vb_batch.config import ConfigError, ModelConfig
     from vb_batch.models.base import create_backend
 
@@ -114,3 +116,14 @@ def test_compile_and_half_precision_options(sample_images, tmp_path, tiny_marigo
     assert all(p.unet._compiled_call_impl is not None for p in compiled.pipelines.values())  # compiled on first call
     with pytest.raises(ConfigError, match="model.dtype"):
         create_backend(ModelConfig(backend="marigold", path=tiny_marigold, device="cpu", dtype="bfloat16"))
+
+    # channels_last (the default) changes the memory layout only, not the maps.
+    conv = next(m for m in compiled.pipelines["depth"].unet.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    for layout in (True, False):
+        cfg = job(sample_images, tmp_path / f"cl-{layout}", {"depth": tiny_marigold["depth"]}, channels_last=layout)
+        cfg["tasks"], cfg["output"]["encoding"] = ["depth"], "array"
+        assert vb_batch.annotate(cfg).success
+    fast, plain = (vb_batch.load_arrays(read_output(str(tmp_path / f"cl-{v}")).sort_by("id"), "depth") for v in (True, False))
+    for a, b in zip(fast, plain):
+        np.testing.assert_allclose(a, b, atol=1e-4)

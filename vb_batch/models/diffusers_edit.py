@@ -53,7 +53,9 @@ from PIL import Image
 
 from vb_batch.config import ConfigError
 from vb_batch.models.base import ModelBackend
-from vb_batch.models.loading import compile_denoiser, from_pretrained, load_error, local_only, quiet_loading, resolve_device
+from vb_batch.models.loading import (
+    compile_denoiser, from_pretrained, load_error, local_only, quiet_loading, resolve_device, use_channels_last,
+)
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +179,8 @@ class DiffusersEditBackend(ModelBackend):
             self.pipe.vae.enable_slicing()
         if cfg.vae_tiling:
             self.pipe.vae.enable_tiling()
+        if cfg.channels_last:
+            use_channels_last(self.pipe)
         if cfg.compile:
             compile_denoiser(self.pipe)
         self.multiple = self.pipe.vae_scale_factor * 2

@@ -39,6 +39,16 @@ def to_device(array: np.ndarray, device: Any) -> Any:
     return tensor.to(device)
 
 
+def use_channels_last(pipe: Any) -> None:
+    """Convolutional components (UNet, VAE) in channels-last memory: faster convolutions on CPUs and GPUs alike."""
+    import torch
+
+    for name in ("unet", "vae"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            module.to(memory_format=torch.channels_last)
+
+
 def compile_denoiser(pipe: Any) -> None:
     """`torch.compile` the pipeline's denoiser (transformer or UNet) in place: the module keeps its config and dtype."""
     denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)

@@ -14,7 +14,9 @@ import numpy as np
 
 from vb_batch.config import ConfigError
 from vb_batch.models.base import ModelBackend
-from vb_batch.models.loading import compile_denoiser, from_pretrained, quiet_loading, resolve_device, to_device
+from vb_batch.models.loading import (
+    compile_denoiser, from_pretrained, quiet_loading, resolve_device, to_device, use_channels_last,
+)
 
 # Call arguments the backend sets itself; `model.options` passes anything else (ensemble_size, ...).
 RESERVED_OPTIONS = {"image", "generator", "batch_size", "output_type", "num_inference_steps", "processing_resolution"}
@@ -56,6 +58,8 @@ class MarigoldBackend(ModelBackend):
                 raise ConfigError(f"model.path: {path!r} holds a {type(pipe).__name__}, not a Marigold pipeline")
             if task is not None and task != served:
                 raise ConfigError(f"model.path.{task}: {path!r} is a {served} checkpoint")
+            if cfg.channels_last:
+                use_channels_last(pipe)
             if cfg.compile:
                 compile_denoiser(pipe)
             self.pipelines[served] = pipe
