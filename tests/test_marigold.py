@@ -112,12 +112,14 @@ def test_compile_and_half_precision_options(sample_images, tmp_path, tiny_marigo
     from vb_batch.config import ConfigError, ModelConfig
     from vb_batch.models.base import create_backend
 
-    compiled = create_backend(ModelConfig(backend="marigold", path=tiny_marigold, device="cpu", compile=True))
+    compiled = create_backend(
+        ModelConfig(backend="marigold", path=tiny_marigold, device="cpu", compile=True, channels_last=True)
+    )
     assert all(p.unet._compiled_call_impl is not None for p in compiled.pipelines.values())  # compiled on first call
     with pytest.raises(ConfigError, match="model.dtype"):
         create_backend(ModelConfig(backend="marigold", path=tiny_marigold, device="cpu", dtype="bfloat16"))
 
-    # channels_last (the default) changes the memory layout only, not the maps.
+    # channels_last changes the memory layout only, not the maps.
     conv = next(m for m in compiled.pipelines["depth"].unet.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     for layout in (True, False):

@@ -214,8 +214,9 @@ class ModelConfig(_Section):
     transformer_subfolder: str | None = None
     transformer_revision: str | None = None
     compile: bool = False  # diffusers, marigold: torch.compile the denoiser (transformer or UNet)
-    # diffusers, marigold: UNet and VAE in channels-last memory (the same maps; measured 2x faster on CPU).
-    channels_last: bool = True
+    # diffusers, marigold: UNet and VAE in channels-last memory (the same maps). Often faster for
+    # convolutions on GPUs in half precision; no difference measured on this project's CPU.
+    channels_last: bool = False
     # Decode painted answers with the codecs' torch path on the model's device, in the model worker,
     # batched, instead of with numpy on CPU threads after it: for hosts short of CPU per GPU.
     decode_on_device: bool = False

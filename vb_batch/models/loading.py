@@ -40,7 +40,7 @@ def to_device(array: np.ndarray, device: Any) -> Any:
 
 
 def use_channels_last(pipe: Any) -> None:
-    """Convolutional components (UNet, VAE) in channels-last memory: faster convolutions on CPUs and GPUs alike."""
+    """Convolutional components (UNet, VAE) in channels-last memory, the layout GPU convolution kernels prefer."""
     import torch
 
     for name in ("unet", "vae"):
