@@ -82,8 +82,10 @@ class MarigoldBackend(ModelBackend):
         for i, image in enumerate(images):
             buckets[image.shape].append(i)
         for index in buckets.values():
-            # uint8 (N, 3, H, W) on the device: the pipeline scales it to [0, 1] there.
+            # uint8 (N, 3, H, W) on the device, in the UNet's memory layout: the pipeline scales it to [0, 1] there.
+            layout = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
             pixels = to_device(np.stack([images[i] for i in index]), self.device).permute(0, 3, 1, 2)
+            pixels = pixels.contiguous(memory_format=layout)
             # One generator per ensemble member (Marigold repeats each image ensemble_size times, image-major).
             members = int(self.cfg.options.get("ensemble_size", 1))
             generators = [
