@@ -260,7 +260,7 @@ class ModelConfig(_Section):
 class EngineConfig(_Section):
     kind: Literal["local", "ray", "spark"] = "local"
     # Threads that fetch + decode images and encode outputs around the model.
-    io_threads: int = Field(default=4, gt=0)
+    io_threads: int | None = Field(default=None, gt=0)  # None: one per CPU less one, at most 4
     # Model batches prepared ahead of the model so it never waits for decode.
     prefetch_batches: int = Field(default=2, ge=1)
     # ray: the cluster (None: RAY_ADDRESS if set, else a local Ray started for the job;
