@@ -176,6 +176,27 @@ def test_labels_do_not_depend_on_batching(pipeline, tiny):
     assert np.abs(reseeded.astype(int) - together[0].astype(int)).max() > 2  # the seed matters
 
 
+def test_klein_encodes_each_prompt_once(tiny):
+    """A job repeats its prompts: klein's text encoder runs once per distinct prompt, with the same paintings."""
+    backend = create_backend(model_cfg(tiny("Flux2KleinPipeline")))
+    fresh = create_backend(model_cfg(tiny("Flux2KleinPipeline")))
+    encoded: list[int] = []
+    backend.pipe.text_encoder.register_forward_hook(
+        lambda module, args, kwargs, out: encoded.append(len(kwargs["input_ids"])), with_kwargs=True
+    )
+    images = images_of([(48, 64)] * 3, seed=2)
+    prompts = ["paint the depth", "paint the normals", "paint the depth"]
+    first = backend.predict(images, prompts, "depth", [1, 2, 3])
+    # The two distinct prompts in one encoder call (then klein's empty negative prompt, for its guidance).
+    assert encoded[0] == 2 and sum(encoded) <= 3
+    calls = len(encoded)
+    again = backend.predict(images, prompts, "depth", [1, 2, 3])
+    assert len(encoded) == calls  # served from the cache
+    for a, b, c in zip(first, again, fresh.predict(images, prompts, "depth", [1, 2, 3])):
+        np.testing.assert_array_equal(a, b)
+        assert np.abs(a.astype(int) - c.astype(int)).max() <= 2  # an uncached pipeline paints the same
+
+
 def test_open_vision_banana_transformer_loads_over_the_base(tiny, tmp_path):
     """Open Vision Banana: the klein base pipeline with a fine-tuned transformer from another repo's subfolder."""
     from diffusers import Flux2Transformer2DModel

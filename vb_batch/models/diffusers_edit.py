@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -70,7 +70,38 @@ class Flux2KleinBatchPipeline(Flux2KleinPipeline):
     only: the same tokens and positions as a call with that one image, which
     is what this `prepare_image_latents` builds. Loaded from the same
     checkpoint as its parent class.
+
+    A batch job asks the same few prompts over and over (one per task), so
+    `encode_prompt` keeps the text encoder's output per prompt: each prompt is
+    padded to the full sequence on its own, so its embedding does not depend on
+    what it is batched with. At full size the text encoder is about 4 of klein's
+    ~170 TFLOP per image (benchmarks/bench_gpu.py).
     """
+
+    PROMPT_CACHE_SIZE = 16  # one entry is max_sequence_length x 7680 values (~8 MB in bf16 at full size)
+
+    def encode_prompt(self, prompt, device=None, num_images_per_prompt=1, prompt_embeds=None,
+                      max_sequence_length=512, text_encoder_out_layers=(9, 18, 27)):
+        if prompt_embeds is None:
+            prompts = [prompt or ""] if prompt is None or isinstance(prompt, str) else list(prompt)
+            settings = (max_sequence_length, tuple(text_encoder_out_layers))
+            cache = self.__dict__.setdefault("_prompt_cache", OrderedDict())
+            missing = [p for p in dict.fromkeys(prompts) if (p, settings) not in cache]
+            if missing:
+                embeds = self._get_qwen3_prompt_embeds(
+                    text_encoder=self.text_encoder, tokenizer=self.tokenizer, prompt=missing,
+                    device=device or self._execution_device, max_sequence_length=max_sequence_length,
+                    hidden_states_layers=text_encoder_out_layers,
+                )
+                cache.update({(p, settings): e for p, e in zip(missing, embeds)})
+            for p in prompts:
+                cache.move_to_end((p, settings))
+            prompt_embeds = torch.stack([cache[(p, settings)] for p in prompts])
+            while len(cache) > self.PROMPT_CACHE_SIZE:
+                cache.popitem(last=False)
+        return super().encode_prompt(
+            prompt, device, num_images_per_prompt, prompt_embeds, max_sequence_length, text_encoder_out_layers
+        )
 
     def prepare_image_latents(self, images, batch_size, generator, device, dtype):
         if len(images) != batch_size:
