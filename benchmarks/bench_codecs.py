@@ -16,9 +16,6 @@ default, like numpy) and on CUDA if present.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -27,12 +24,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, write_result  # noqa: E402
 
 from vb_batch.codecs import depth, normals, segmentation  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results" / "codecs.json"
 NOISE_LEVELS = 3.0
 
 
@@ -94,60 +90,38 @@ def row(case: str, backend: str, times: list[float], copy_times: list[float], pi
     }
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict:
-    info = {
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": cpu_model(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "torch": None,
-    }
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except ImportError:
-        pass
-    return info
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=1024, help="image side in pixels (square)")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--no-write", action="store_true", help="print only, do not write the results file")
-    parser.add_argument(
-        "--torch-threads", type=int, default=1,
-        help="torch CPU threads (default 1: like numpy, and robust to other load on the machine)",
-    )
-    args = parser.parse_args()
-
-    pixels = args.size * args.size
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+def measure(size: int = 1024, repeats: int = 10, torch_threads: int = 1) -> dict[str, Any]:
+    pixels = size * size
     results = []
     try:
         import torch
 
-        torch.set_num_threads(args.torch_threads)
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(torch_threads)
     except ImportError:
         torch = None
+    try:
+        results = decode_rows(size, repeats, pixels, torch)
+    finally:
+        if torch is not None:  # the next benchmark in this process gets torch as it was
+            torch.set_num_threads(threads_before)
+    return {
+        "benchmark": "benchmarks/bench_codecs.py",
+        "machine": machine_info(),
+        "image": {"height": size, "width": size, "pixels": pixels, "dtype": "uint8", "noise_levels": NOISE_LEVELS},
+        "repeats": repeats,
+        "torch_threads": torch_threads,
+        "timing": "seconds per decode; mpix_per_s = pixels / best of the repeats (median also given)",
+        "baseline": "np.copy of the same uint8 image (torch rows: tensor.clone()), timed in the same run",
+        "results": results,
+    }
+
+
+def decode_rows(size: int, repeats: int, pixels: int, torch: Any) -> list[dict[str, Any]]:
+    results = []
     devices = [] if torch is None else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-    for case, (rgb, legend) in paintings(args.size).items():
+    for case, (rgb, legend) in paintings(size).items():
         decode = decoder(case, legend)
         if legend is not None:
             legend.class_separations()  # per legend and per process (scipy import): not the table fill
@@ -156,10 +130,10 @@ def main() -> None:
                 segmentation._decode_table.cache_clear()
                 decode(rgb)
 
-            cold = seconds(decode_with_empty_table, min(args.repeats, 5))
+            cold = seconds(decode_with_empty_table, min(repeats, 5))
         decode(rgb)  # warm-up (and, for segmentation, fill the table)
-        copy_times = seconds(lambda: np.copy(rgb), args.repeats)
-        times = seconds(lambda: decode(rgb), args.repeats)
+        copy_times = seconds(lambda: np.copy(rgb), repeats)
+        times = seconds(lambda: decode(rgb), repeats)
         results.append(row(case, "numpy", times, copy_times, pixels))
         if legend is not None:
             note = "first image of a colour set: the table is filled from empty each run"
@@ -168,40 +142,40 @@ def main() -> None:
             tensor = torch.from_numpy(rgb).to(device)
             sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
             decode(tensor)
-            copy_times = seconds(lambda: tensor.clone(), args.repeats, sync)
-            times = seconds(lambda: decode(tensor), args.repeats, sync)
+            copy_times = seconds(lambda: tensor.clone(), repeats, sync)
+            times = seconds(lambda: decode(tensor), repeats, sync)
             results.append(row(case, f"torch-{device}", times, copy_times, pixels, baseline="tensor.clone()"))
+    return results
 
+
+def print_table(report: dict[str, Any]) -> None:
+    image = report["image"]
     header = f"{'codec':<18} {'backend':<18} {'MPix/s':>9} {'copy MPix/s':>12} {'ratio':>9}"
-    print(f"{args.size}x{args.size} RGB uint8, best of {args.repeats}")
+    print(f"{image['height']}x{image['width']} RGB uint8, best of {report['repeats']}")
     print(header)
     print("-" * len(header))
-    for r in results:
+    for r in report["results"]:
         print(
             f"{r['codec']:<18} {r['backend']:<18} {r['mpix_per_s']:>9.1f} "
             f"{r['baseline_copy_mpix_per_s']:>12.0f} {r['ratio_to_copy']:>9.4f}"
         )
 
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=1024, help="image side in pixels (square)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--no-write", action="store_true", help="print only, do not write the results file")
+    parser.add_argument(
+        "--torch-threads", type=int, default=1,
+        help="torch CPU threads (default 1: like numpy, and robust to other load on the machine)",
+    )
+    args = parser.parse_args(argv)
+    report = measure(args.size, args.repeats, args.torch_threads)
+    print_table(report)
     if not args.no_write:
-        report = {
-            "benchmark": "benchmarks/bench_codecs.py",
-            # How busy the machine was: other processes slow every row, torch's threads most.
-            "machine": {**machine_info(), "load_average_1m_before_after": [
-                None if load_before is None else round(load_before[0], 2),
-                round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-            ]},
-            "image": {
-                "height": args.size, "width": args.size, "pixels": pixels, "dtype": "uint8",
-                "noise_levels": NOISE_LEVELS,
-            },
-            "repeats": args.repeats,
-            "timing": "seconds per decode; mpix_per_s = pixels / best of the repeats (median also given)",
-            "baseline": "np.copy of the same uint8 image (torch rows: tensor.clone()), timed in the same run",
-            "results": results,
-        }
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {RESULTS.relative_to(REPO)}")
+        print(f"wrote {write_result('codecs', report)}")
+    return report
 
 
 if __name__ == "__main__":

@@ -24,10 +24,7 @@ compared (identity: equal; Marigold: equal but for float rounding).
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,37 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, write_input, write_result  # noqa: E402
 
 import vb_batch  # noqa: E402
-from vb_batch.codecs import depth  # noqa: E402
 from vb_batch.io.sinks import read_output  # noqa: E402
-
-RESULTS = REPO / "benchmarks" / "results" / "engines.json"
-
-
-def write_input(folder: Path, rows: int, side: int, files: int = 4) -> Path:
-    """`rows` painted depth maps of `side` x `side` as PNG bytes over `files` Parquet files."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:side, 0:side] / side
-    folder.mkdir(parents=True, exist_ok=True)
-    images = []
-    for _ in range(rows):
-        depth_m = 0.5 + rng.uniform(5, 40) * xx + rng.uniform(1, 20) * yy**2
-        buffer = io.BytesIO()
-        Image.fromarray(depth.encode(depth_m.astype(np.float32))).save(buffer, format="PNG")
-        images.append(buffer.getvalue())
-    per_file = -(-rows // files)
-    for f in range(files):
-        part = slice(f * per_file, (f + 1) * per_file)
-        ids = [f"img-{i:06d}" for i in range(rows)][part]
-        pq.write_table(pa.table({"id": ids, "image": pa.array(images[part], pa.binary())}), folder / f"part-{f}.parquet")
-    return folder
 
 
 def job(workload: str, input_path: Path, output_path: Path, engine: str, model_path: dict[str, str]) -> dict[str, Any]:
@@ -99,7 +71,7 @@ def same_output(a: Path, b: Path, exact: bool) -> bool:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--identity-rows", type=int, default=1024)
     parser.add_argument("--identity-side", type=int, default=128)
@@ -162,16 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
 
     report = {
-        "benchmark": "bench_engines",
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.is_available(),
-            "ray": ray.__version__,
-        },
+        "benchmark": "benchmarks/bench_engines.py",
+        "machine": {**machine_info(), "ray": ray.__version__},
         "settings": {
             **{k: v for k, v in vars(args).items() if k != "no_write"},
             "ray": "one model actor (engine.actors=1, cpus_per_actor=1), cpu_batch_rows=32; Ray start excluded",
@@ -191,11 +155,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{local['same_output_local_and_ray']}")
     print(f"(Ray start-up, not counted above: {ray_init_s:.1f} s)")
     if not args.no_write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {RESULTS.relative_to(REPO)}")
-    return 0
+        print(f"wrote {write_result('engines', report)}")
+    return report
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

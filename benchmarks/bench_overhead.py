@@ -1,0 +1,158 @@
+"""What vb_batch adds around the model: the `identity` job against pyarrow alone, side by side.
+
+The `identity` backend hands each input image back as its painting, so a job
+with it is all pipeline and no model. Three things run on the same Parquet
+input (`--rows` PNG images), in the same process, best of `--repeats`:
+
+    pyarrow copy   pq.read_table(input) then pq.write_table(...): the I/O floor
+    hand loop      pyarrow and the codec library by hand, one thread: read; per row,
+                   PIL decode, depth + normals + segmentation decode, confidence means;
+                   write the input columns plus the maps (raw float32 / id bytes, as the
+                   job's `array` encoding stores them)
+    vb_batch       the identity job for the same three tasks, `output.encoding: array`,
+                   local engine: everything the loop does plus ids, per-row error
+                   capture, summaries (depth min/median/max, class fractions),
+                   provenance, bounded prefetch threads, staged files, atomic commit
+
+Two ratios come out. vb_batch / hand loop is the pipeline's overhead over the
+same work (target <= 1.3x). vb_batch / pyarrow copy is also printed: it is
+the cost of decoding images and colours at all, which no engine can remove
+(decoding a 128x128 PNG alone takes longer than copying its bytes).
+
+    python benchmarks/bench_overhead.py                 # writes benchmarks/results/overhead.json
+    python benchmarks/bench_overhead.py --rows 256 --repeats 1 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import best_of, clear_dir, machine_info, write_input, write_result  # noqa: E402
+
+CLASSES = ["road", "car", "person", "sky"]
+
+
+def pyarrow_copy(input_dir: Path, output_file: Path) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(pq.read_table(input_dir), output_file)
+
+
+def hand_loop(input_dir: Path, output_file: Path) -> None:
+    """The same decoding, written with pyarrow, PIL and the codecs, one row at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from vb_batch.codecs import depth, normals, segmentation
+
+    legend = segmentation.Legend.from_names(CLASSES)
+    table = pq.read_table(input_dir)
+    columns: dict[str, list] = {name: [] for name in ("depth", "depth_confidence", "normals", "segmentation")}
+    for cell in table.column("image").to_pylist():
+        rgb = np.asarray(Image.open(io.BytesIO(cell)).convert("RGB"))
+        depth_map = depth.decode(rgb)
+        columns["depth"].append(depth_map.values.astype(np.float32).tobytes())
+        columns["depth_confidence"].append(float(np.mean(depth_map.confidence)))
+        columns["normals"].append(normals.decode(rgb).values.astype(np.float32).tobytes())
+        columns["segmentation"].append(segmentation.decode(rgb, legend).values.tobytes())
+    for name, values in columns.items():  # next to the input columns, image included, as the job keeps them
+        table = table.append_column(name, pa.array(values))
+    pq.write_table(table, output_file)
+
+
+def job_config(input_dir: Path, output_dir: Path) -> dict:
+    return {
+        "input": {"path": str(input_dir)},
+        "output": {"path": str(output_dir), "mode": "overwrite", "report": False, "encoding": "array"},
+        "run": {"progress": False},
+        "tasks": ["depth", "normals", "segmentation"],
+        "segmentation": {"classes": CLASSES},
+        "model": {"backend": "identity", "batch_size": 16},
+    }
+
+
+def measure(rows: int = 1024, side: int = 128, repeats: int = 3) -> dict[str, Any]:
+    import vb_batch
+
+    with tempfile.TemporaryDirectory(prefix="vb-bench-overhead-") as tmp:
+        root = Path(tmp)
+        input_dir = write_input(root / "input", rows, side)
+        input_bytes = sum(f.stat().st_size for f in input_dir.iterdir())
+        output_dir = root / "out-vb_batch"
+        cfg = job_config(input_dir, output_dir)
+        vb_batch.annotate(cfg)  # warm-up: imports, the segmentation colour table
+        timings = {
+            "pyarrow copy": best_of(repeats, lambda: pyarrow_copy(input_dir, root / "copy.parquet")),
+            "hand loop": best_of(repeats, lambda: hand_loop(input_dir, root / "loop.parquet")),
+            "vb_batch identity": best_of(repeats, lambda: vb_batch.annotate(cfg), before=lambda: clear_dir(output_dir)),
+        }
+        # Same work: the loop's depth maps are vb_batch's, bit for bit.
+        import pyarrow.parquet as pq
+
+        from vb_batch.io.sinks import read_output
+
+        loop = pq.read_table(root / "loop.parquet").sort_by("id")
+        ours = read_output(str(output_dir)).sort_by("id")
+        same_depth = all(
+            np.array_equal(np.frombuffer(a, np.float32).reshape(b.shape), b)
+            for a, b in zip(loop.column("depth").to_pylist(), vb_batch.load_arrays(ours, "depth"))
+        )
+
+    best = {side_name: t for side_name, (t, _) in timings.items()}
+    return {
+        "benchmark": "benchmarks/bench_overhead.py",
+        "machine": machine_info(),
+        "settings": {
+            "rows": rows, "side": side, "input_bytes": input_bytes, "repeats": repeats,
+            "tasks": ["depth", "normals", "segmentation"], "encoding": "array",
+            "timing": "wall seconds from reading the input to the written output, best of repeats",
+        },
+        "results": [
+            {"side": name, "seconds": round(t, 3), "seconds_all_runs": [round(x, 3) for x in runs],
+             "rows_per_second": round(rows / t, 1)}
+            for name, (t, runs) in timings.items()
+        ],
+        "ratio_vb_batch_to_hand_loop": round(best["vb_batch identity"] / best["hand loop"], 3),
+        "ratio_vb_batch_to_pyarrow_copy": round(best["vb_batch identity"] / best["pyarrow copy"], 1),
+        "depth_identical_to_hand_loop": same_depth,
+        "target": "vb_batch identity <= 1.3x the same work without it (hand loop)",
+    }
+
+
+def print_table(report: dict[str, Any]) -> None:
+    s = report["settings"]
+    print(f"identity job, {s['tasks']}, {s['rows']} images {s['side']}x{s['side']} "
+          f"({s['input_bytes'] / 1e6:.1f} MB), best of {s['repeats']}")
+    print(f"{'side':<18} {'seconds':>8} {'rows/s':>9}")
+    for r in report["results"]:
+        print(f"{r['side']:<18} {r['seconds']:>8.3f} {r['rows_per_second']:>9.1f}")
+    print(f"vb_batch / hand loop: {report['ratio_vb_batch_to_hand_loop']:.2f}x   "
+          f"vb_batch / pyarrow copy: {report['ratio_vb_batch_to_pyarrow_copy']:.1f}x   "
+          f"same depth maps: {report['depth_identical_to_hand_loop']}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1024)
+    parser.add_argument("--side", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    report = measure(args.rows, args.side, args.repeats)
+    print_table(report)
+    if not args.no_write:
+        print(f"wrote {write_result('overhead', report)}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
