@@ -86,6 +86,31 @@ def test_crash_then_resume_gives_each_id_once(tmp_path):
     assert (tmp_path / "out" / "_SUCCESS").exists()
 
 
+def test_a_failing_write_stops_the_run_and_resume_completes_it(tmp_path, monkeypatch):
+    """The local engine writes on its own thread: a storage failure there still stops the run, and what was
+    written before it is committed; a resumed run gives each id once."""
+    make_input(tmp_path / "in.parquet", 30)
+    real_write = ParquetSink.write
+    calls = {"n": 0}
+
+    def flaky_write(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError("disk full")
+        real_write(self, batch)
+
+    monkeypatch.setattr(ParquetSink, "write", flaky_write)
+    with pytest.raises(OSError, match="disk full"):
+        vb_batch.annotate(config(tmp_path))
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    partial = read_output(str(tmp_path / "out")).column("id").to_pylist()
+    assert 0 < len(partial) < 30 and len(set(partial)) == len(partial)
+    monkeypatch.setattr(ParquetSink, "write", real_write)
+    summary = vb_batch.annotate(config(tmp_path, "resume"))
+    assert summary.success and summary.rows_skipped == len(partial)
+    assert sorted(read_output(str(tmp_path / "out")).column("id").to_pylist()) == list(range(30))
+
+
 SLOW_JOB = """
 import sys, time
 import vb_batch
