@@ -129,3 +129,65 @@ def test_compile_and_half_precision_options(sample_images, tmp_path, tiny_marigo
     fast, plain = (vb_batch.load_arrays(read_output(str(tmp_path / f"cl-{v}")).sort_by("id"), "depth") for v in (True, False))
     for a, b in zip(fast, plain):
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_depth_and_normals_share_one_vae_encode(tmp_path, tiny_marigold):
+    """Equal VAEs (Marigold trains the UNet only) are loaded once and encode each batch once for both tasks."""
+    from vb_batch.config import ModelConfig
+    from vb_batch.models.base import create_backend
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import png_bytes
+
+    rng = np.random.default_rng(0)
+    images = [png_bytes(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)) for _ in range(8)]
+    pq.write_table(pa.table({"id": list(range(8)), "image": images}), tmp_path / "in.parquet")
+    backend = create_backend(ModelConfig(backend="marigold", path=tiny_marigold, device="cpu"))
+    assert backend.pipelines["depth"].vae is backend.pipelines["normals"].vae
+    cfg = job(tmp_path / "in.parquet", tmp_path / "both", tiny_marigold, batch_size=4)
+    cfg["output"]["encoding"] = "array"
+    assert vb_batch.annotate(cfg, backend=backend).success
+    assert backend.shared_encoder.encodes == 2  # 2 batches of one size, 2 tasks: one encode per batch
+    # The same maps as each task's pipeline alone (no sharing with one task).
+    both = read_output(str(tmp_path / "both")).sort_by("id")
+    for task in ("depth", "normals"):
+        alone = job(tmp_path / "in.parquet", tmp_path / task, {task: tiny_marigold[task]}, batch_size=4)
+        alone["tasks"], alone["output"]["encoding"] = [task], "array"
+        assert vb_batch.annotate(alone).success
+        single = read_output(str(tmp_path / task)).sort_by("id")
+        for a, b in zip(vb_batch.load_arrays(both, task), vb_batch.load_arrays(single, task)):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_different_vaes_are_not_shared(tmp_path, tiny_marigold):
+    from vb_batch.config import ModelConfig
+    from vb_batch.models.base import create_backend
+    from vb_batch.models.tiny import build_tiny_marigold
+
+    other = build_tiny_marigold(tmp_path / "normals-seed-1", task="normals", seed=1)
+    backend = create_backend(
+        ModelConfig(backend="marigold", path={"depth": tiny_marigold["depth"], "normals": str(other)}, device="cpu")
+    )
+    assert backend.shared_encoder is None
+    assert backend.pipelines["depth"].vae is not backend.pipelines["normals"].vae
+
+
+def test_shared_encoder_reuses_only_the_same_call():
+    import torch
+
+    from vb_batch.models.marigold import SharedEncoder
+
+    encoder = SharedEncoder(lambda sample: sample * 2)
+    first, second = torch.ones(2, 3), torch.full((2, 3), 5.0)
+    with encoder.call("batch-1"):  # two chunks of one pipeline call, same shape, other pixels
+        assert torch.equal(encoder(first), first * 2) and torch.equal(encoder(second), second * 2)
+    with encoder.call("batch-1"):  # the other task's call on the same batch: both chunks reused
+        assert torch.equal(encoder(first), first * 2) and torch.equal(encoder(second), second * 2)
+    assert encoder.encodes == 2
+    with encoder.call("batch-2"):
+        assert torch.equal(encoder(second), second * 2)
+    assert encoder.encodes == 3
+    encoder(first)  # outside a call: never cached
+    encoder(first)
+    assert encoder.encodes == 5

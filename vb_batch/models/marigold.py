@@ -8,7 +8,9 @@ decides the task) or a mapping `{depth: ..., normals: ...}`.
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
@@ -32,6 +34,81 @@ def load_pipeline(path: str, cfg):
     pipe = from_pretrained(DiffusionPipeline, path, "model.path", revision=cfg.revision, dtype=getattr(torch, cfg.dtype))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(resolve_device(cfg.device))
+
+
+class SharedEncoder:
+    """One VAE encode per image batch for Marigold pipelines that share their VAE (depth and normals).
+
+    Marigold fine-tunes the UNet only, so its depth and normals checkpoints carry the
+    same VAE; `share_vae` checks that weight for weight. The backend opens each
+    pipeline call with a key made from the input pixels and everything that shapes
+    the encoder's input (`call`); the n-th encode of a call whose key and input
+    shape match the n-th encode of the calls before it reuses that result. Only the
+    latest key's results are kept (one batch of latents); encodes outside a
+    `call` are never cached.
+    """
+
+    def __init__(self, encode):
+        self._encode = encode
+        self._key = None  # the key of the pipeline call in progress, if any
+        self._results_key = None  # the key `_results` belong to
+        self._results: dict = {}
+        self._calls = 0
+        self.encodes = 0  # encoder runs, for tests and profiling
+
+    @contextmanager
+    def call(self, key):
+        if key != self._results_key:
+            self._results, self._results_key = {}, key
+        self._key, self._calls = key, 0
+        try:
+            yield
+        finally:
+            self._key = None
+
+    def __call__(self, sample, *args, **kwargs):
+        if self._key is None:
+            self.encodes += 1
+            return self._encode(sample, *args, **kwargs)
+        slot = (self._calls, tuple(sample.shape), sample.dtype, args, tuple(sorted(kwargs.items())))
+        self._calls += 1
+        if slot not in self._results:
+            self.encodes += 1
+            self._results[slot] = self._encode(sample, *args, **kwargs)
+        return self._results[slot]
+
+
+def share_vae(pipelines: list) -> SharedEncoder | None:
+    """Give every pipeline the first one's VAE when all VAEs are equal, with one shared encode per batch."""
+    import torch
+
+    if len(pipelines) < 2:
+        return None
+    def architecture(module) -> dict:
+        return {k: v for k, v in module.config.items() if not k.startswith("_")}  # not where it was loaded from
+
+    vae = pipelines[0].vae
+    reference = vae.state_dict()
+    for pipe in pipelines[1:]:
+        other = pipe.vae.state_dict()
+        same = architecture(pipe.vae) == architecture(vae) and reference.keys() == other.keys()
+        if not same or not all(torch.equal(reference[name], other[name]) for name in reference):
+            return None
+    for pipe in pipelines[1:]:
+        pipe.register_modules(vae=vae)
+    encoder = SharedEncoder(vae.encode)
+    vae.encode = encoder
+    return encoder
+
+
+def batch_key(images: list[np.ndarray], pipe, cfg) -> tuple:
+    """Everything that decides what Marigold feeds its VAE encoder for these images."""
+    digest = hashlib.blake2b(digest_size=16)
+    for image in images:
+        digest.update(np.ascontiguousarray(image).data)
+    resolution = cfg.processing_resolution or pipe.default_processing_resolution
+    processor = tuple(sorted(pipe.image_processor.config.items()))
+    return digest.hexdigest(), len(images), resolution, processor, repr(sorted(cfg.options.items()))
 
 
 class MarigoldBackend(ModelBackend):
@@ -64,6 +141,7 @@ class MarigoldBackend(ModelBackend):
                 compile_denoiser(pipe)
             self.pipelines[served] = pipe
         self.device = resolve_device(cfg.device)
+        self.shared_encoder = share_vae(list(self.pipelines.values()))
 
     @classmethod
     def native_tasks_of(cls, cfg):
@@ -93,15 +171,20 @@ class MarigoldBackend(ModelBackend):
                 for i in index
                 for k in range(members)
             ]
-            out = pipe(
-                pixels,
-                num_inference_steps=self.cfg.num_inference_steps,
-                processing_resolution=self.cfg.processing_resolution,
-                generator=generators,
-                batch_size=len(index),
-                output_type="np",
-                **self.cfg.options,
+            shared = (
+                nullcontext() if self.shared_encoder is None
+                else self.shared_encoder.call(batch_key([images[i] for i in index], pipe, self.cfg))
             )
+            with shared:
+                out = pipe(
+                    pixels,
+                    num_inference_steps=self.cfg.num_inference_steps,
+                    processing_resolution=self.cfg.processing_resolution,
+                    generator=generators,
+                    batch_size=len(index),
+                    output_type="np",
+                    **self.cfg.options,
+                )
             pred = np.asarray(out.prediction, dtype=np.float32)
             for j, i in enumerate(index):
                 answers[i] = pred[j, ..., 0] if task == "depth" else pred[j]
