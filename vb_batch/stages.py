@@ -398,7 +398,7 @@ def decode_encode(batch: pa.RecordBatch, plan: Plan) -> pa.RecordBatch:
             if errors[i] is not None or sizes[i] is None:
                 continue
             try:
-                confidences = pass_confidences and [decode_array(cells[i]) for cells in pass_confidences]
+                confidences = None if pass_confidences is None else [decode_array(c[i]) for c in pass_confidences]
                 decoded = decode_answer(task, [decode_array(cells[i]) for cells in passes], plan, confidences)
                 values = resize_values(np.asarray(decoded.values), task.kind, sizes[i])
                 outputs[plan.column(task)][i] = encode_map(values, meta)
