@@ -15,7 +15,6 @@ default, like numpy) and on CUDA if present.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, write_result  # noqa: E402
+from common import argument_parser, machine_info, publish  # noqa: E402
 
 from vb_batch.codecs import depth, normals, segmentation  # noqa: E402
 
@@ -162,20 +161,16 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels (square)")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--no-write", action="store_true", help="print only, do not write the results file")
     parser.add_argument(
         "--torch-threads", type=int, default=1,
         help="torch CPU threads (default 1: like numpy, and robust to other load on the machine)",
     )
     args = parser.parse_args(argv)
     report = measure(args.size, args.repeats, args.torch_threads)
-    print_table(report)
-    if not args.no_write:
-        print(f"wrote {write_result('codecs', report)}")
-    return report
+    return publish("codecs", report, print_table, write=not args.no_write)
 
 
 if __name__ == "__main__":

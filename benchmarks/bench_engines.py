@@ -23,7 +23,6 @@ compared (identity: equal; Marigold: equal but for float rounding).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, write_input, write_result  # noqa: E402
+from common import argument_parser, machine_info, write_input, write_result  # noqa: E402
 
 import vb_batch  # noqa: E402
 from vb_batch.io.sinks import read_output  # noqa: E402
@@ -72,13 +71,12 @@ def same_output(a: Path, b: Path, exact: bool) -> bool:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--identity-rows", type=int, default=1024)
     parser.add_argument("--identity-side", type=int, default=128)
     parser.add_argument("--marigold-rows", type=int, default=64)
     parser.add_argument("--marigold-side", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="runs per engine and workload; the best counts")
-    parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -79,7 +79,7 @@ so that both models finish in a few minutes on a 2-core CPU.
     python benchmarks/bench_gpu.py --flops-only          # full-size params and FLOPs per image only (meta device)
     python benchmarks/bench_gpu.py --models marigold --images 64 --batch-size 16 --no-write
 
-With $OUT set, the result JSON is also written there (also with --no-write). Where a
+With $OUT set, the result JSON is also written there. Where a
 command may run at most ~10 minutes, run the models one by one, e.g.
 `--models flux2-klein --output benchmarks/results/gpu-klein.json`: at full size klein's
 random 8 B parameters are built, saved (~16 GB) and loaded twice (cold and warm).
@@ -90,8 +90,6 @@ from __future__ import annotations
 import argparse
 import gc
 import io
-import json
-import os
 import shutil
 import subprocess
 import sys
@@ -109,7 +107,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import REPO, RESULTS_DIR as RESULTS  # noqa: E402
+from common import REPO  # noqa: E402
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
@@ -670,7 +668,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                         help="print full-size params and FLOPs per image (meta device) and exit")
     parser.add_argument("--output", type=Path, default=None,
                         help="result JSON (default: benchmarks/results/gpu.json, or gpu-cpu-<size>.json on CPU)")
-    parser.add_argument("--no-write", action="store_true", help="write no result JSON (except to $OUT when set)")
+    parser.add_argument("--no-write", action="store_true", help="write no result JSON")
     args = parser.parse_args(argv)
 
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -731,17 +729,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "results": rows,
     }
     print_table(rows, peak["tflops"])
-    path = args.output or RESULTS / ("gpu.json" if cuda else f"gpu-cpu-{args.size}.json")
-    text = json.dumps(report, indent=2) + "\n"
-    if not args.no_write:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        print(f"wrote {path}")
-    if os.environ.get("OUT"):  # on the GPU machine, results come back from $OUT
-        out = Path(os.environ["OUT"]) / path.name
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"wrote {out}")
+    if not args.no_write:  # on the GPU machine, $OUT gets a copy: results come back from there
+        name = "gpu" if cuda else f"gpu-cpu-{args.size}"
+        print(f"wrote {common.write_result(name, report, args.output)}")
     return report
 
 

@@ -26,7 +26,6 @@ started before the timed runs; its start-up is reported apart.
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import sys
@@ -38,7 +37,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_of, clear_dir, machine_info, write_input, write_result  # noqa: E402
+from common import argument_parser, best_of, clear_dir, machine_info, publish, write_input  # noqa: E402
 
 TASKS = ("depth", "normals")
 
@@ -209,20 +208,16 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--height", type=int, default=96)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-ray", action="store_true")
-    parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     report = measure(args.rows, args.height, args.width, args.batch_size, args.repeats, not args.no_ray)
-    print_table(report)
-    if not args.no_write:
-        print(f"wrote {write_result('naive', report)}")
-    return report
+    return publish("naive", report, print_table, write=not args.no_write)
 
 
 if __name__ == "__main__":

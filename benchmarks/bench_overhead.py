@@ -25,7 +25,6 @@ the cost of decoding images and colours at all, which no engine can remove
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_of, clear_dir, machine_info, write_input, write_result  # noqa: E402
+from common import argument_parser, best_of, clear_dir, machine_info, publish, write_input  # noqa: E402
 
 CLASSES = ["road", "car", "person", "sky"]
 
@@ -141,17 +140,13 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--side", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     report = measure(args.rows, args.side, args.repeats)
-    print_table(report)
-    if not args.no_write:
-        print(f"wrote {write_result('overhead', report)}")
-    return report
+    return publish("overhead", report, print_table, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -106,12 +107,27 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def write_result(name: str, report: dict[str, Any]) -> Path:
-    """benchmarks/results/<name>.json (and a copy under $OUT when a device run collects results there)."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's command line: its docstring's first line, and `--no-write`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--no-write", action="store_true", help="print only, write no results file")
+    return parser
+
+
+def write_result(name: str, report: dict[str, Any], path: Path | None = None) -> Path:
+    """benchmarks/results/<name>.json, or `path` (and a copy under $OUT, where a device run collects results)."""
+    path = path or RESULTS_DIR / f"{name}.json"
     text = json.dumps(report, indent=2) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"{name}.json").write_text(text)
+        Path(os.environ["OUT"], path.name).write_text(text)
     return path
+
+
+def publish(name: str, report: dict[str, Any], print_table: Callable[[dict[str, Any]], None], write: bool) -> dict:
+    """Print a benchmark's table and, unless told not to, write its results file."""
+    print_table(report)
+    if write:
+        print(f"wrote {write_result(name, report)}")
+    return report
