@@ -101,14 +101,12 @@ def share_vae(pipelines: list) -> SharedEncoder | None:
     return encoder
 
 
-def batch_key(images: list[np.ndarray], pipe, cfg) -> tuple:
-    """Everything that decides what Marigold feeds its VAE encoder for these images."""
-    digest = hashlib.blake2b(digest_size=16)
-    for image in images:
-        digest.update(np.ascontiguousarray(image).data)
+def batch_key(stack: np.ndarray, pipe, cfg) -> tuple:
+    """Everything that decides what Marigold feeds its VAE encoder for a (N, H, W, 3) stack of images."""
+    digest = hashlib.blake2b(stack.data, digest_size=16).hexdigest()
     resolution = cfg.processing_resolution or pipe.default_processing_resolution
     processor = tuple(sorted(pipe.image_processor.config.items()))
-    return digest.hexdigest(), len(images), resolution, processor, repr(sorted(cfg.options.items()))
+    return digest, stack.shape, resolution, processor, repr(sorted(cfg.options.items()))
 
 
 class MarigoldBackend(ModelBackend):
@@ -162,8 +160,8 @@ class MarigoldBackend(ModelBackend):
         for index in buckets.values():
             # uint8 (N, 3, H, W) on the device, in the UNet's memory layout: the pipeline scales it to [0, 1] there.
             layout = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
-            pixels = to_device(np.stack([images[i] for i in index]), self.device).permute(0, 3, 1, 2)
-            pixels = pixels.contiguous(memory_format=layout)
+            stack = np.stack([images[i] for i in index])
+            pixels = to_device(stack, self.device).permute(0, 3, 1, 2).contiguous(memory_format=layout)
             # One generator per ensemble member (Marigold repeats each image ensemble_size times, image-major).
             members = int(self.cfg.options.get("ensemble_size", 1))
             generators = [
@@ -173,7 +171,7 @@ class MarigoldBackend(ModelBackend):
             ]
             shared = (
                 nullcontext() if self.shared_encoder is None
-                else self.shared_encoder.call(batch_key([images[i] for i in index], pipe, self.cfg))
+                else self.shared_encoder.call(batch_key(stack, pipe, self.cfg))
             )
             with shared:
                 out = pipe(
