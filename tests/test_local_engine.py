@@ -9,6 +9,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from conftest import png_bytes
 
 import vb_batch
@@ -88,3 +89,71 @@ def test_fsspec_urls_in_and_out():
     d = vb_batch.load_arrays(table, "depth")[0]
     assert d.shape == (8, 8) and abs(float(d[0, 0]) - 1.0) < 0.01
     fs.rm("/bucket", recursive=True)
+
+
+def test_read_ahead_keeps_order_raises_the_readers_error_and_stops_on_close():
+    assert list(local.read_ahead(iter(range(100)), depth=3)) == list(range(100))
+
+    def failing():
+        yield from (1, 2)
+        raise OSError("object storage went away")
+
+    got = []
+    with pytest.raises(OSError, match="went away"):  # the items read before the error come first
+        for item in local.read_ahead(failing(), depth=2):
+            got.append(item)  # noqa: PERF402 - the items must arrive before the error
+    assert got == [1, 2]
+
+    produced = []
+
+    def endless():
+        for i in range(10**9):
+            produced.append(i)
+            yield i
+
+    reader = local.read_ahead(endless(), depth=2)
+    assert next(reader) == 0
+    reader.close()  # joins the reader thread: it stops instead of reading on
+    assert not any(t.name == "vb-read" for t in threading.enumerate())
+    assert len(produced) <= 5
+
+
+def test_the_model_thread_neither_reads_nor_decodes_and_the_summary_says_where_its_time_went(tmp_path, monkeypatch):
+    image = png_bytes(depth.encode(np.full((16, 16), 3.0, np.float32)))
+    pq.write_table(pa.table({"id": list(range(64)), "image": [image] * 64}), tmp_path / "in.parquet")
+    readers: set[str] = set()
+    real_rebatch, real_fetch = local.rebatch, local.fetch_decode
+
+    def rebatch(batches, rows):
+        for batch in real_rebatch(batches, rows):
+            readers.add(threading.current_thread().name)
+            yield batch
+
+    monkeypatch.setattr(local, "rebatch", rebatch)
+
+    def run(name, fetch_seconds):
+        def fetch(batch, plan):
+            time.sleep(fetch_seconds)
+            return real_fetch(batch, plan)
+
+        monkeypatch.setattr(local, "fetch_decode", fetch)
+        cfg = {
+            "input": {"path": str(tmp_path / "in.parquet"), "read_batch_rows": 4},
+            "output": {"path": str(tmp_path / name)},
+            "model": {"batch_size": 4},
+            "engine": {"io_threads": 1, "prefetch_batches": 2},
+            "run": {"progress": False},
+        }
+        summary = vb_batch.annotate(cfg, backend=SlowBackend([]))
+        assert summary.rows_ok == 64
+        waits = summary.model_input_wait_seconds + summary.model_output_wait_seconds
+        assert 16 * 0.05 <= summary.model_seconds and summary.model_seconds + waits <= summary.seconds
+        assert summary.model_load_seconds is None  # the backend was given, not loaded
+        assert "model: " in summary.render() and "for input" in summary.render()
+        return waits
+
+    assert run("fed", 0.0) < 0.3
+    assert readers == {"vb-read"}
+    # Decoding slower than the model (0.1 s a batch against 0.05 s, on the one io thread that also encodes the
+    # answers): the model thread waits ~16 x 0.05 s, for input or for the writer behind it.
+    assert run("starved", 0.1) > 0.6

@@ -1,17 +1,19 @@
 """The local engine: the stages in one process, CPU work on threads overlapping the model.
 
-    source -> rebatch to model.batch_size -> [io threads] fetch_decode
+    [reader thread] source -> rebatch to model.batch_size -> [io threads] fetch_decode
            -> [this thread] run_model -> [io threads] decode_encode -> [writer thread] sink, in input order
 
-The model thread only runs the model: decoding, encoding and writing happen on
-other threads, so a GPU is not left idle while a Parquet file is compressed.
-At most `prefetch_batches` decoded batches wait for the model and at most
-`io_threads` finished batches wait for the writer, so memory stays bounded
-however large the input.
+The model thread only runs the model: reading, decoding, encoding and writing
+happen on other threads, so a GPU is not left idle while a Parquet file is read
+from object storage or compressed. At most `prefetch_batches` decoded batches
+wait for the model and at most `io_threads` finished batches wait for the
+writer, so memory stays bounded however large the input. The summary says how
+long the model thread worked and how long it waited, for input and for the writer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -19,6 +21,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from queue import Full, Queue
+from typing import TypeVar
 
 import pyarrow as pa
 
@@ -30,6 +34,8 @@ from vb_batch.models.base import ModelBackend, create_backend
 from vb_batch.stages import ERROR_COLUMN, Plan, check_backend, decode_encode, fetch_decode, run_model
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def rebatch(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
@@ -47,6 +53,50 @@ def rebatch(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordB
             count = rest.num_rows
     if count:
         yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
+
+
+def read_ahead(items: Iterator[T], depth: int) -> Iterator[T]:
+    """`items`, produced on a background thread at most `depth` ahead of the consumer.
+
+    The producer's exception is raised in the consumer, after the items before it.
+    Closing the consumer early stops the producer after the item it is reading.
+    """
+    queue: Queue = Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(entry: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(entry, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            put((end, exc))
+            return
+        put((end, None))
+
+    thread = threading.Thread(target=produce, name="vb-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = queue.get()
+            if item is end:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def pending_rows(
@@ -72,7 +122,10 @@ def run_local(cfg: JobConfig, backend: ModelBackend | None = None) -> RunSummary
     sink = open_sink(cfg.output, plan.run_id, plan.output_schema(), source.id_column)
     summary = RunSummary(run_id=plan.run_id, output=cfg.output.name, engine="local")
     sink.check_mode()  # fail fast, before a large model is loaded
-    backend = backend or create_backend(cfg.model)
+    if backend is None:
+        loading = time.perf_counter()
+        backend = create_backend(cfg.model)
+        summary.model_load_seconds = time.perf_counter() - loading
     check_backend(plan, backend)
     done = sink.open()
     log.info("run %s: %s", plan.run_id, redacted(cfg))
@@ -99,20 +152,36 @@ def run_local(cfg: JobConfig, backend: ModelBackend | None = None) -> RunSummary
             while len(written) > until:
                 written.popleft().result()  # a failed decode or write stops the run here
 
+        clock = {"model": 0.0, "output": 0.0}  # the model thread's time in the model, and waiting for the writer
+
         def model_step() -> None:
             batch = decoded.popleft().result()
-            finished = pool.submit(decode_encode, run_model(batch, plan, backend), plan)
-            written.append(writer.submit(write, finished))
+            t0 = time.perf_counter()
+            answered = run_model(batch, plan, backend)
+            t1 = time.perf_counter()
+            written.append(writer.submit(write, pool.submit(decode_encode, answered, plan)))
             wait_for_writes(io_threads)
+            clock["model"] += t1 - t0
+            clock["output"] += time.perf_counter() - t1
 
-        batches = rebatch(pending_rows(source, cfg.input.read_batch_rows, done, summary, progress), cfg.model.batch_size)
-        for batch in batches:
-            decoded.append(pool.submit(fetch_decode, batch, plan))
-            if len(decoded) > cfg.engine.prefetch_batches:
-                model_step()
+        batches = read_ahead(
+            rebatch(pending_rows(source, cfg.input.read_batch_rows, done, summary, progress), cfg.model.batch_size),
+            depth=cfg.engine.prefetch_batches + 1,
+        )
+        loop_started = time.perf_counter()
+        with contextlib.closing(batches):  # a failed step stops the reader thread too
+            for batch in batches:
+                decoded.append(pool.submit(fetch_decode, batch, plan))
+                if len(decoded) > cfg.engine.prefetch_batches:
+                    model_step()
         while decoded:
             model_step()
+        # The rest of the model thread's loop was waiting for input: the next batch read, or decoded.
+        loop_seconds = time.perf_counter() - loop_started
         wait_for_writes(0)
+        summary.model_seconds = clock["model"]
+        summary.model_output_wait_seconds = clock["output"]
+        summary.model_input_wait_seconds = max(0.0, loop_seconds - clock["model"] - clock["output"])
     return summary
 
 
