@@ -170,6 +170,9 @@ def test_identity_job_gives_the_local_output(ray_local, tmp_path):
     assert all(pq.read_metadata(out / f).num_rows <= 5 for f in committed)
     assert (out / "_SUCCESS").exists() and not (out / "_vb" / "staging").exists()
     assert sum(run_record(out, summary.run_id)["model_nodes"].values()) == 30
+    # The actors' time in the model, summed from the manifests into the summary and the run record.
+    assert 0 < summary.model_seconds == run_record(out, summary.run_id)["model_seconds"]
+    assert "model: " in summary.render() and summary.model_input_wait_seconds is None
 
 
 @pytest.mark.slow

@@ -88,6 +88,7 @@ def test_spark_output_equals_local(spark, tmp_path):
     cfg, _ = job(tmp_path, "spark", "spark")
     remote = vb_batch.annotate(cfg)
     assert remote.success and remote.engine == "spark"
+    assert remote.model_seconds > 0 and "model: " in remote.render()  # summed over the executors' units
     assert (remote.rows_ok, remote.rows_failed) == (local.rows_ok, local.rows_failed) == (10, 2)
     assert remote.errors_by_code == local.errors_by_code
     a, b = comparable(str(tmp_path / "local")), comparable(str(tmp_path / "spark"))

@@ -61,12 +61,14 @@ from vb_batch.stages import ERROR_COLUMN, Plan, check_backend, decode_encode, fe
 log = logging.getLogger(__name__)
 
 NODE_COLUMN = "_vb_model_node"
+MODEL_SECONDS_COLUMN = "_vb_model_seconds"  # the batch's time in the model actor, spread evenly over its rows
 MANIFEST_SCHEMA = pa.schema(
     [
         pa.field("file", pa.string()),
         pa.field("rows", pa.int64()),
         pa.field("error_codes", pa.list_(pa.string())),
         pa.field("model_nodes", pa.list_(pa.struct([pa.field("node", pa.string()), pa.field("rows", pa.int64())]))),
+        pa.field("model_seconds", pa.float64()),
     ]
 )
 # Process-local storage: Ray workers would each see their own, empty one.
@@ -114,8 +116,11 @@ class ModelActor:
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        started = time.perf_counter()
         batch = run_model(record_batch(table), self.plan, self.backend)
+        seconds = (time.perf_counter() - started) / max(1, batch.num_rows)
         batch = batch.append_column(NODE_COLUMN, pa.array([self.node_id] * batch.num_rows, pa.string()))
+        batch = batch.append_column(MODEL_SECONDS_COLUMN, pa.array([seconds] * batch.num_rows, pa.float64()))
         return pa.Table.from_batches([batch])
 
 
@@ -125,13 +130,15 @@ def finish(table: pa.Table, plan: Plan, staging: str) -> pa.Table:
     if batch.num_rows == 0:
         return MANIFEST_SCHEMA.empty_table()
     nodes = Counter(batch.column(batch.schema.get_field_index(NODE_COLUMN)).to_pylist())
+    model_seconds = pc.sum(batch.column(batch.schema.get_field_index(MODEL_SECONDS_COLUMN))).as_py()
     out = decode_encode(batch, plan)
     name = f"part-{plan.run_id}-{uuid.uuid4().hex[:16]}.parquet"
     write_part(plan.cfg.output, posixpath.join(staging, name), pa.Table.from_batches([out]))
     codes = [e["code"] for e in out.column(ERROR_COLUMN).to_pylist() if e is not None]
     return pa.Table.from_pylist(
         [{"file": name, "rows": out.num_rows, "error_codes": codes,
-          "model_nodes": [{"node": node, "rows": rows} for node, rows in sorted(nodes.items())]}],
+          "model_nodes": [{"node": node, "rows": rows} for node, rows in sorted(nodes.items())],
+          "model_seconds": model_seconds}],
         schema=MANIFEST_SCHEMA,
     )
 
@@ -240,6 +247,7 @@ def _run(cfg: JobConfig, plan: Plan, source: Source, sink: ParquetSink, summary:
     log.info("run %s: %s", plan.run_id, redacted(cfg))
     summary.rows_read = source.count_rows()
     model_nodes: Counter[str] = Counter()
+    summary.model_seconds = 0.0  # summed over the actors
     context = DataContext.get_current()
     ray_bars, context.enable_progress_bars = context.enable_progress_bars, False  # ours counts committed rows
     try:
@@ -250,6 +258,7 @@ def _run(cfg: JobConfig, plan: Plan, source: Source, sink: ParquetSink, summary:
                     sink.stage(row["file"], row["rows"])
                     summary.count_errors(row["error_codes"] + [None] * (row["rows"] - len(row["error_codes"])))
                     model_nodes.update({n["node"]: n["rows"] for n in row["model_nodes"]})
+                    summary.model_seconds += row["model_seconds"]
                     advance(row["rows"])
             # Every row read was either processed or, committed already, dropped before the model.
             summary.rows_skipped = summary.rows_read - summary.rows_processed

@@ -35,8 +35,11 @@ from vb_batch.stages import ERROR_COLUMN, Plan, check_backend, decode_encode, fe
 
 log = logging.getLogger(__name__)
 
-RESULT_SCHEMA = "file string, rows long, skipped long, error_codes string"
-RESULT = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("skipped", pa.int64()), ("error_codes", pa.string())])
+RESULT_SCHEMA = "file string, rows long, skipped long, error_codes string, model_seconds double"
+RESULT = pa.schema(
+    [("file", pa.string()), ("rows", pa.int64()), ("skipped", pa.int64()), ("error_codes", pa.string()),
+     ("model_seconds", pa.float64())]
+)
 
 # One model per Python worker process, kept across tasks (Spark reuses Python workers).
 _MODELS: dict[str, ModelBackend] = {}
@@ -103,15 +106,20 @@ def annotate_units(
             read = sum(b.num_rows for b in batches)
             if done:
                 batches = [b.filter(pa.array([i not in done for i in b.column(0).to_pylist()])) for b in batches]
-            outputs = [
-                decode_encode(run_model(fetch_decode(b, plan), plan, backend), plan)
-                for b in rebatch((b for b in batches if b.num_rows), cfg.model.batch_size)
-            ]
+            outputs, model_seconds = [], 0.0
+            for b in rebatch((b for b in batches if b.num_rows), cfg.model.batch_size):
+                decoded = fetch_decode(b, plan)
+                started = time.perf_counter()
+                answered = run_model(decoded, plan, backend)
+                model_seconds += time.perf_counter() - started
+                outputs.append(decode_encode(answered, plan))
             table = pa.Table.from_batches(outputs, schema=plan.output_schema())
             skipped = read - table.num_rows
             if table.num_rows == 0:
                 yield pa.RecordBatch.from_pydict(
-                    {"file": [None], "rows": [0], "skipped": [skipped], "error_codes": ["[]"]}, schema=RESULT
+                    {"file": [None], "rows": [0], "skipped": [skipped], "error_codes": ["[]"],
+                     "model_seconds": [model_seconds]},
+                    schema=RESULT,
                 )
             for part, start in enumerate(range(0, table.num_rows, cfg.output.rows_per_file)):
                 piece = table.slice(start, cfg.output.rows_per_file)
@@ -120,7 +128,7 @@ def annotate_units(
                 codes = [e and e["code"] for e in piece.column(ERROR_COLUMN).to_pylist()]
                 yield pa.RecordBatch.from_pydict(
                     {"file": [name], "rows": [piece.num_rows], "skipped": [skipped if part == 0 else 0],
-                     "error_codes": [json.dumps(codes)]},
+                     "error_codes": [json.dumps(codes)], "model_seconds": [model_seconds if part == 0 else 0.0]},
                     schema=RESULT,
                 )
 
@@ -139,6 +147,7 @@ def run_spark(cfg: JobConfig, backend: ModelBackend | None = None) -> RunSummary
     log.info("run %s on spark: %d units; %s", plan.run_id, len(units), redacted(cfg))
     spark = spark_session(cfg.engine, f"vb-batch {plan.run_id}")
     # Rows as units finish on the executors (Spark's own stage bar shows tasks).
+    summary.model_seconds = 0.0  # summed over the executors' units
     with tracked_run(cfg, sink, summary, started, source.count_rows()) as advance:
         frame = spark.createDataFrame(
             [(i, json.dumps(u)) for i, u in enumerate(units)], "unit long, spec string"
@@ -155,6 +164,7 @@ def run_spark(cfg: JobConfig, backend: ModelBackend | None = None) -> RunSummary
             summary.count_errors(json.loads(row["error_codes"]))
             summary.rows_skipped += row["skipped"]
             summary.rows_read += row["rows"] + row["skipped"]
+            summary.model_seconds += row["model_seconds"]
             if row["file"]:
                 sink.stage(row["file"], row["rows"])
             advance(row["rows"] + row["skipped"])
