@@ -476,8 +476,12 @@ def time_vb(cfg, backend, device: str) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     if not summary.success:
         raise RuntimeError(summary.render())
+    # Where the model thread's time went: a fed model is busy nearly all of the run.
     return {"seconds": seconds, "images_per_second": summary.rows_processed / seconds,
-            "rows_ok": summary.rows_ok, "rows_failed": summary.rows_failed}
+            "rows_ok": summary.rows_ok, "rows_failed": summary.rows_failed,
+            "model_seconds": summary.model_seconds, "model_busy_fraction": summary.model_seconds / seconds,
+            "model_input_wait_seconds": summary.model_input_wait_seconds,
+            "model_output_wait_seconds": summary.model_output_wait_seconds}
 
 
 def peak_matmul_tflops(device: str, dtype: torch.dtype, repeats: int = 10) -> dict[str, Any]:
@@ -634,7 +638,7 @@ def print_table(rows: list[dict[str, Any]], peak: float) -> None:
     print()
     print(f"{'model':12s} {'size':8s} {'px':>4s} {'dtype':9s} {'bare img/s':>11s} {'vb img/s':>9s} {'ratio':>6s} "
           f"{'vb+load':>8s} {'GFLOP/img':>10s} {'full TFLOP/img':>15s} {'bare TF/s':>10s} {'vb TF/s':>8s} "
-          f"{'MFU bare':>9s} {'MFU vb':>7s}")
+          f"{'MFU bare':>9s} {'MFU vb':>7s} {'vb model busy':>14s}")
     for r in rows:
         cold = r["vb_batch_with_load"]
         cold_text = f"{cold['images_per_second']:8.2f}" if cold else f"{'-':>8s}"
@@ -643,7 +647,7 @@ def print_table(rows: list[dict[str, Any]], peak: float) -> None:
               f"{cold_text} {r['flops_per_image'] / 1e9:10.2f} "
               f"{r[f'full_size_flops_per_image_{FULL_RESOLUTION}'] / 1e12:15.2f} "
               f"{r['bare']['tflops']:10.4f} {r['vb_batch']['tflops']:8.4f} "
-              f"{r['bare']['mfu']:9.2%} {r['vb_batch']['mfu']:7.2%}")
+              f"{r['bare']['mfu']:9.2%} {r['vb_batch']['mfu']:7.2%} {r['vb_batch']['model_busy_fraction']:14.1%}")
     print(f"(peak: {peak:.3f} TFLOP/s, measured matmul; vb+load: vb_batch img/s including model loading; "
           f"full TFLOP/img: full-size model at {FULL_RESOLUTION} px)")
 

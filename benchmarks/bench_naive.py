@@ -144,8 +144,13 @@ def measure(rows: int = 64, height: int = 96, width: int = 128, batch_size: int 
         outputs = {engine: root / f"out-{engine}" for engine in engines}
         configs = {engine: job_config(input_dir, outputs[engine], engine, checkpoints, batch_size) for engine in engines}
 
+        last: dict[str, Any] = {}  # engine -> its last run summary
+
         def annotate(engine: str) -> float:
-            return best_of(1, lambda: vb_batch.annotate(configs[engine]), before=lambda: clear_dir(outputs[engine]))[0]
+            def run() -> None:
+                last[engine] = vb_batch.annotate(configs[engine])
+
+            return best_of(1, run, before=lambda: clear_dir(outputs[engine]))[0]
 
         runs: dict[str, list[float]] = {"naive loop": [], "vb_batch local": []}
         for _ in range(repeats):  # alternating, so that a machine slowing down or speeding up hits both sides
@@ -167,6 +172,13 @@ def measure(rows: int = 64, height: int = 96, width: int = 128, batch_size: int 
         timings = {side: (min(times), times) for side, times in runs.items()}
         differences = {engine: max_difference(naive_file, outputs[engine], (height, width)) for engine in engines}
         model_alone = batching_gain(input_dir, checkpoints, batch_size)
+        local = last["local"]
+        model_thread = {  # the last local run: how much of it the model worked, and waited
+            "seconds": round(local.seconds, 3), "model_seconds": round(local.model_seconds, 3),
+            "model_load_seconds": round(local.model_load_seconds, 3),
+            "input_wait_seconds": round(local.model_input_wait_seconds, 3),
+            "writer_wait_seconds": round(local.model_output_wait_seconds, 3),
+        }
 
     baseline = timings["naive loop"][0]
     results = [
@@ -190,6 +202,7 @@ def measure(rows: int = 64, height: int = 96, width: int = 128, batch_size: int 
         "ray_start_seconds": None if ray_start_s is None else round(ray_start_s, 2),
         "max_abs_difference_vs_naive": differences,
         "model_alone": model_alone,
+        "vb_batch_local_model_thread": model_thread,
         "results": results,
         "target": "vb_batch >= 2x the naive loop",
     }
@@ -202,6 +215,10 @@ def print_table(report: dict[str, Any]) -> None:
     for r in report["results"]:
         print(f"{r['side']:<16} {r['seconds']:>8.2f} {r['images_per_second']:>9.2f} {r['speedup_vs_naive']:>8.2f}x")
     print(f"max |vb_batch - naive| per task: {report['max_abs_difference_vs_naive']}")
+    m = report["vb_batch_local_model_thread"]
+    print(f"last local run: {m['seconds']:.2f} s, of which the model {m['model_seconds']:.2f} s, loading it "
+          f"{m['model_load_seconds']:.2f} s; the model waited {m['input_wait_seconds']:.2f} s for input and "
+          f"{m['writer_wait_seconds']:.2f} s for the writer")
     ceiling = report["model_alone"]
     print(f"the model alone, ms per image (all tasks) by batch size: {ceiling['ms_per_image_all_tasks']}: "
           f"batching alone gains {ceiling['batching_speedup']}x here")
