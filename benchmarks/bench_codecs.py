@@ -4,9 +4,9 @@ Each codec decodes a realistic painting (a smooth or blocky map, encoded,
 plus Gaussian noise of 3 levels as a generator's output has) of one size.
 Right before each codec, the same run times `np.copy` of the same uint8
 bytes; the ratio codec / copy makes figures comparable across machines.
-Segmentation is timed warm (its decode table already holds the image's
-colours: the steady state of a batch job) and cold (fresh table: the first
-image of a legend). torch rows use the torch path on CPU (one thread by
+Depth and segmentation are timed warm (numpy's colour table already holds
+the image's colours: the steady state of a batch job) and cold (fresh table:
+the first image of a preset or legend). torch rows use the torch path on CPU (one thread by
 default, like numpy) and on CUDA if present.
 
     python benchmarks/bench_codecs.py                  # 1024x1024, writes benchmarks/results/codecs.json
@@ -116,6 +116,10 @@ def measure(size: int = 1024, repeats: int = 10, torch_threads: int = 1) -> dict
     }
 
 
+# numpy decodes uint8 depth and segmentation through a per-preset / per-legend colour table.
+COLOUR_TABLES = {"depth": depth._decode_table, "segmentation": segmentation._decode_table}
+
+
 def decode_rows(size: int, repeats: int, pixels: int, torch: Any) -> list[dict[str, Any]]:
     results = []
     devices = [] if torch is None else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -124,9 +128,11 @@ def decode_rows(size: int, repeats: int, pixels: int, torch: Any) -> list[dict[s
         decode = decoder(case, legend)
         if legend is not None:
             legend.class_separations()  # per legend and per process (scipy import): not the table fill
+        table = COLOUR_TABLES.get(case.split("-")[0])
+        if table is not None:
 
             def decode_with_empty_table() -> None:
-                segmentation._decode_table.cache_clear()
+                table.cache_clear()
                 decode(rgb)
 
             cold = seconds(decode_with_empty_table, min(repeats, 5))
@@ -134,7 +140,7 @@ def decode_rows(size: int, repeats: int, pixels: int, torch: Any) -> list[dict[s
         copy_times = seconds(lambda: np.copy(rgb), repeats)
         times = seconds(lambda: decode(rgb), repeats)
         results.append(row(case, "numpy", times, copy_times, pixels))
-        if legend is not None:
+        if table is not None:
             note = "first image of a colour set: the table is filled from empty each run"
             results.append(row(case, "numpy, cold table", cold, copy_times, pixels, note=note))
         for device in devices:

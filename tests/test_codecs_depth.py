@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -202,6 +203,44 @@ def test_torch_equals_numpy():
         # float32 near d = 0 (a 1 - 1.0001 cancellation) is good to ~1 um.
         np.testing.assert_allclose(got.values.numpy(), expected.values, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(got.confidence.numpy(), expected.confidence, atol=1e-5)
+
+
+def test_colour_table_equals_the_direct_computation_on_every_colour():
+    """numpy uint8 decodes through a lazily filled per-preset table: bit for bit the direct float32 computation."""
+    from vb_batch.codecs.base import ArrayBackend
+
+    keys = np.arange(1 << 24, dtype=np.uint32)
+    cube = np.stack([keys >> 16, (keys >> 8) & 255, keys & 255], axis=-1).astype(np.uint8)
+    preset = depth.get_preset("vision-banana")
+    direct_values, direct_confidence = depth._decode_pixels(ArrayBackend(np), cube, preset)
+    depth._decode_table.cache_clear()
+    # Fill it in pieces (a sparse sample, then an overlapping half), then read every colour.
+    depth.decode(cube[::977].reshape(1, -1, 3))
+    depth.decode(cube[: 1 << 23].reshape(2048, -1, 3))
+    table = depth.decode(cube.reshape(4096, 4096, 3))
+    assert table.values.dtype == np.float32 and table.confidence.dtype == np.float32
+    np.testing.assert_array_equal(table.values.reshape(-1), direct_values)
+    np.testing.assert_array_equal(table.confidence.reshape(-1), direct_confidence)
+    assert np.isposinf(table.values[-1, -1]) and table.values[0, 0] == 0.0  # white is far, black is 0 m
+
+
+def test_threads_share_a_colour_table_and_presets_do_not():
+    rng = np.random.default_rng(3)
+    images = [
+        np.clip(depth.encode(smooth_depth(seed)) + rng.normal(0, 8, (96, 128, 3)), 0, 255).astype(np.uint8)
+        for seed in range(8)
+    ]
+    depth._decode_table.cache_clear()
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(depth.decode, images))
+    depth._decode_table.cache_clear()
+    for rgb, got in zip(images, together):
+        alone = depth.decode(rgb)
+        np.testing.assert_array_equal(got.values, alone.values)
+        np.testing.assert_array_equal(got.confidence, alone.confidence)
+    white = np.full((1, 1, 3), 255, np.uint8)
+    capped = {"name": "capped", "max_depth_m": 80.0}
+    assert np.isposinf(depth.decode(white).values[0, 0]) and depth.decode(white, capped).values[0, 0] == 80.0
 
 
 # -- presets ---------------------------------------------------------------------

@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -41,7 +42,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from vb_batch.codecs.base import Decoded, decode_in_chunks, painted_pixels
+from vb_batch.codecs.base import ArrayBackend, ColourTable, Decoded, decode_in_chunks, painted_pixels
 
 CUBE_WALK = (
     (0.0, 0.0, 0.0),  # black: 0 m
@@ -221,9 +222,39 @@ def decode(rgb: Any, preset: PresetLike = "vision-banana") -> Decoded:
         or max_depth_m for "far") and float32 `confidence` in [0, 1]
         (``exp(-dist**2 / (2 sigma**2))`` of the distance to the walk in
         8-bit levels). NaN in float input gives NaN depth, confidence 0.
+
+    numpy uint8 input goes through a per-preset table over the 2**24 colours,
+    filled lazily with the exact computation below for the colours an image
+    contains: the same float32 values bit for bit, and repeated colours cost one
+    lookup. The table grows with the colours seen, to at most 128 MB per preset.
     """
     preset = get_preset(preset)
     backend, pixels, lead_shape = painted_pixels(rgb, "depth")
+    if not backend.is_torch and pixels.dtype == np.uint8:
+        entries = ~_decode_table(preset).lookup(pixels)
+        depth_m = (entries >> 32).astype(np.uint32).view(np.float32)
+        confidence = entries.astype(np.uint32).view(np.float32)
+    else:
+        depth_m, confidence = _decode_pixels(backend, pixels, preset)
+    return Decoded(values=depth_m.reshape(lead_shape), confidence=confidence.reshape(lead_shape))
+
+
+@functools.lru_cache(maxsize=4)
+def _decode_table(preset: DepthPreset) -> ColourTable:
+    def compute(colours: np.ndarray) -> np.ndarray:
+        depth_m, confidence = _decode_pixels(ArrayBackend(np), colours, preset)
+        # Both float32 words in one uint64, inverted: all ones (NaN, NaN) never comes out of uint8 colours, so no
+        # entry is 0, the table's "not computed yet".
+        depth_bits = np.ascontiguousarray(depth_m, dtype=np.float32).view(np.uint32)
+        packed = depth_bits.astype(np.uint64) << np.uint64(32)
+        packed |= np.ascontiguousarray(confidence, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        return ~packed
+
+    return ColourTable(compute, np.uint64)
+
+
+def _decode_pixels(backend: ArrayBackend, pixels: Any, preset: DepthPreset) -> tuple[Any, Any]:
+    """(P, 3) pixels (uint8, or float32 in 0..255) -> float32 depth in metres and confidence, computed directly."""
     xp = backend.xp
     num_edges = preset.num_edges
     vertices = np.asarray(preset.vertices) * 255.0
@@ -274,5 +305,4 @@ def decode(rgb: Any, preset: PresetLike = "vision-banana") -> Decoded:
         confidence = xp.where(xp.isnan(confidence), 0.0, confidence)  # NaN float input
         return depth_m, confidence
 
-    depth_m, confidence = decode_in_chunks(backend, pixels, depth_and_confidence, elements_per_pixel=24)
-    return Decoded(values=depth_m.reshape(lead_shape), confidence=confidence.reshape(lead_shape))
+    return decode_in_chunks(backend, pixels, depth_and_confidence, elements_per_pixel=24)

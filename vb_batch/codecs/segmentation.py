@@ -51,6 +51,7 @@ import numpy as np
 
 from vb_batch.codecs.base import (
     ArrayBackend,
+    ColourTable,
     Decoded,
     backend_of,
     decode_in_chunks,
@@ -339,8 +340,9 @@ def decode(rgb: Any, legend: Legend, max_distance: float | None = None) -> Decod
         values = backend.asarray(class_of, "int64")[nearest]
         values = backend.astype(values, ids_dtype)
     else:
-        table = _decode_table(candidates.tobytes(), radii.tobytes())
-        nearest, confidence = table.lookup(backend.astype(pixels, "uint8"))
+        entries = _decode_table(candidates.tobytes(), radii.tobytes()).lookup(backend.astype(pixels, "uint8"))
+        nearest = (entries >> 16).astype(np.intp) - 1
+        confidence = (entries & 0xFFFF).astype(np.float32) * np.float32(1 / 65535)
         values = class_of.astype(legend.dtype)[nearest]
     return Decoded(values=values.reshape(lead_shape), confidence=confidence.reshape(lead_shape))
 
@@ -376,47 +378,24 @@ def _nearest_colours(
     return decode_in_chunks(backend, pixels, nearest, elements_per_pixel=3 * num_candidates)
 
 
-class _DecodeTable:
-    """`_nearest_colours` memoised over the 2**24 uint8 colours, filled on demand.
+def _pack_nearest(candidates: np.ndarray, radii: np.ndarray) -> Any:
+    """`_nearest_colours` of distinct colours packed as (candidate index + 1) << 16 | confidence in 1/65535 steps."""
 
-    One uint32 entry per colour: (candidate index + 1) << 16 | confidence in
-    1/65535 steps; 0 means not computed yet. The zeroed array is reserved
-    lazily by the OS, so memory grows only with the colours actually seen.
-    Concurrent fills write identical words, so threads may share a table.
-    """
+    def compute(colours: np.ndarray) -> np.ndarray:
+        nearest, confidence = _nearest_colours(ArrayBackend(np), colours, candidates, radii)
+        packed = (nearest.astype(np.uint32) + 1) << 16
+        packed |= np.rint(confidence * 65535).astype(np.uint32)
+        return packed
 
-    def __init__(self, candidates: np.ndarray, radii: np.ndarray) -> None:
-        self.candidates = candidates
-        self.radii = radii
-        self.entries = np.zeros(1 << 24, dtype=np.uint32)
-
-    def lookup(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        key = pixels[:, 0].astype(np.int32) << 16
-        key |= pixels[:, 1].astype(np.int32) << 8
-        key |= pixels[:, 2]
-        entries = self.entries[key]
-        missing = entries == 0
-        if missing.any():
-            # Distinct missing colours via a 2**24-bit mask: ~10x faster than np.unique here.
-            is_new = np.zeros(1 << 24, dtype=bool)
-            is_new[key[missing]] = True
-            new_keys = np.flatnonzero(is_new)
-            new_colours = np.stack([new_keys >> 16, (new_keys >> 8) & 255, new_keys & 255], axis=1)
-            nearest, confidence = _nearest_colours(ArrayBackend(np), new_colours, self.candidates, self.radii)
-            packed = (nearest.astype(np.uint32) + 1) << 16
-            packed |= np.rint(confidence * 65535).astype(np.uint32)
-            self.entries[new_keys] = packed
-            entries[missing] = self.entries[key[missing]]
-        nearest = (entries >> 16).astype(np.intp) - 1
-        confidence = (entries & 0xFFFF).astype(np.float32) * np.float32(1 / 65535)
-        return nearest, confidence
+    return compute
 
 
 @functools.lru_cache(maxsize=4)
-def _decode_table(candidate_bytes: bytes, radii_bytes: bytes) -> _DecodeTable:
+def _decode_table(candidate_bytes: bytes, radii_bytes: bytes) -> ColourTable:
     # Keyed by bytes so that legends with the same colour set (permutations) share a table.
     candidates = np.frombuffer(candidate_bytes, dtype=np.uint8).reshape(-1, 3)
-    return _DecodeTable(candidates, np.frombuffer(radii_bytes, dtype=np.float64))
+    radii = np.frombuffer(radii_bytes, dtype=np.float64)
+    return ColourTable(_pack_nearest(candidates, radii), np.uint32)
 
 
 def vote(decodes: Sequence[Decoded], unlabelled: int | None = None) -> Decoded:
