@@ -91,6 +91,14 @@ def headline(name: str, report: dict[str, Any]) -> list[dict[str, Any]]:
              "baseline": f"{r['bare']['images_per_second']:.2f} img/s", "ratio": r["ratio"],
              "target": ">= 0.9 on GPU", "met": r["ratio"] >= 0.9 if r["device"].startswith("cuda") else None}
             for r in report["results"]
+        ] + [
+            # Headroom: above 1, vb_batch's CPU side outruns the bare model on this machine.
+            {"comparison": f"{r['model']}: vb_batch CPU side (zero-cost model) vs bare model loop",
+             "measured": f"{r['vb_batch_zero_cost_model']['images_per_second']:.2f} img/s",
+             "baseline": f"{r['bare']['images_per_second']:.2f} img/s",
+             "ratio": round(r["vb_batch_zero_cost_model"]["images_per_second"] / r["bare"]["images_per_second"], 2),
+             "target": "-", "met": None}
+            for r in report["results"]
         ]
     raise ValueError(name)
 
