@@ -34,7 +34,7 @@ from vb_batch.codecs import Decoded
 from vb_batch.codecs import normals as normals_codec
 from vb_batch.config import ConfigError, JobConfig, redacted
 from vb_batch.errors import RowError
-from vb_batch.io.encodings import ARRAY_TYPE, decode_array, encode_array, encode_map, storage_type
+from vb_batch.io.encodings import arrays_to_column, column_to_arrays, encode_map, storage_type
 from vb_batch.io.fetch import read_uri
 from vb_batch.io.images import decode_image
 from vb_batch.io.sources import image_bytes
@@ -182,12 +182,13 @@ def _errors(batch: pa.RecordBatch) -> list[dict[str, str] | None]:
     return _column_list(batch, ERROR_COLUMN)
 
 
-def _array_cells(arrays: list[np.ndarray | None]) -> pa.Array:
-    return pa.array([None if a is None else encode_array(a) for a in arrays], type=ARRAY_TYPE)
+def _arrays(batch: pa.RecordBatch, name: str) -> list[np.ndarray | None]:
+    """An array column's cells as read-only numpy views of the batch's buffers."""
+    return column_to_arrays(batch.column(batch.schema.get_field_index(name)))
 
 
 def _images(batch: pa.RecordBatch) -> list[np.ndarray | None]:
-    return [None if c is None else decode_array(c) for c in _column_list(batch, IMAGE_COLUMN)]
+    return _arrays(batch, IMAGE_COLUMN)
 
 
 # ---------------------------------------------------------------------------- stage 1
@@ -211,7 +212,7 @@ def fetch_decode(batch: pa.RecordBatch, plan: Plan) -> pa.RecordBatch:
             except RowError as err:
                 errors[i] = err.as_cell()
         images.append(image)
-    batch = _set_column(batch, IMAGE_COLUMN, _array_cells(images))
+    batch = _set_column(batch, IMAGE_COLUMN, arrays_to_column(images))
     return _set_column(batch, ERROR_COLUMN, pa.array(errors, ERROR_TYPE))
 
 
@@ -334,8 +335,8 @@ def run_model(batch: pa.RecordBatch, plan: Plan, backend: ModelBackend) -> pa.Re
                         answers[i] = np.asarray(result)
             if plan.decodes_on_device(task):
                 confidences = decode_on_device(task, plan.ctx, p, answers, errors, backend.device)
-                batch = _set_column(batch, confidence_column(task.name, p), _array_cells(confidences))
-            batch = _set_column(batch, answer_column(task.name, p), _array_cells(answers))
+                batch = _set_column(batch, confidence_column(task.name, p), arrays_to_column(confidences))
+            batch = _set_column(batch, answer_column(task.name, p), arrays_to_column(answers))
     return _set_column(batch, ERROR_COLUMN, pa.array(errors, ERROR_TYPE))
 
 
@@ -388,9 +389,9 @@ def decode_encode(batch: pa.RecordBatch, plan: Plan) -> pa.RecordBatch:
     for task in plan.tasks:
         meta = task.column_meta(plan.ctx, encoding)
         num_passes = task.passes(plan.ctx)
-        passes = [_column_list(batch, answer_column(task.name, p)) for p in range(num_passes)]
+        passes = [_arrays(batch, answer_column(task.name, p)) for p in range(num_passes)]
         pass_confidences = (
-            [_column_list(batch, confidence_column(task.name, p)) for p in range(num_passes)]
+            [_arrays(batch, confidence_column(task.name, p)) for p in range(num_passes)]
             if plan.decodes_on_device(task)
             else None
         )
@@ -398,8 +399,8 @@ def decode_encode(batch: pa.RecordBatch, plan: Plan) -> pa.RecordBatch:
             if errors[i] is not None or sizes[i] is None:
                 continue
             try:
-                confidences = None if pass_confidences is None else [decode_array(c[i]) for c in pass_confidences]
-                decoded = decode_answer(task, [decode_array(cells[i]) for cells in passes], plan, confidences)
+                confidences = None if pass_confidences is None else [c[i] for c in pass_confidences]
+                decoded = decode_answer(task, [cells[i] for cells in passes], plan, confidences)
                 values = resize_values(np.asarray(decoded.values), task.kind, sizes[i])
                 outputs[plan.column(task)][i] = encode_map(values, meta)
                 if decoded.confidence is not None:

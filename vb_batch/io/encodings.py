@@ -170,6 +170,64 @@ def decode_array(cell: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(cell["data"], dtype=np.dtype(cell["dtype"])).reshape(cell["shape"])
 
 
+# A binary column's offsets are int32: past this many bytes, cells go through pyarrow's own builder.
+_MAX_BINARY_BYTES = 2**31 - 1
+
+
+def arrays_to_column(arrays: list[np.ndarray | None]) -> pa.Array:
+    """numpy arrays (None: a null cell) as one `ARRAY_TYPE` column, equal to encoding them cell by cell.
+
+    The values are copied once, into the column's data buffer: no Python bytes or dict per cell
+    (at 768 px that halves what the model thread spends storing a batch's answers).
+    """
+    present = []
+    for a in arrays:
+        if a is not None:
+            a = np.ascontiguousarray(a)
+            present.append(a.astype(a.dtype.newbyteorder("<"), copy=False))
+    sizes = np.array([a.nbytes for a in present], dtype=np.int64)
+    if sizes.sum() > _MAX_BINARY_BYTES:
+        return pa.array([None if a is None else encode_array(a) for a in arrays], type=ARRAY_TYPE)
+    lengths = np.zeros(len(arrays), dtype=np.int64)
+    lengths[[i for i, a in enumerate(arrays) if a is not None]] = sizes
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    data = np.concatenate([a.reshape(-1).view(np.uint8) for a in present]) if present else np.empty(0, np.uint8)
+    cells = iter(present)
+    described = [None if a is None else next(cells) for a in arrays]
+    shape = pa.array([None if a is None else list(a.shape) for a in described], ARRAY_TYPE.field("shape").type)
+    dtype = pa.array([None if a is None else a.dtype.str for a in described], pa.string())
+    nulls = np.array([a is None for a in arrays], dtype=bool)
+    # Null cells are empty in the data child; the struct's own validity marks them.
+    values = pa.BinaryArray.from_buffers(pa.binary(), len(arrays), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    return pa.StructArray.from_arrays(
+        [shape, dtype, values], fields=list(ARRAY_TYPE), mask=pa.array(nulls) if nulls.any() else None
+    )
+
+
+def column_to_arrays(column: pa.Array | pa.ChunkedArray) -> list[np.ndarray | None]:
+    """An `ARRAY_TYPE` column as numpy arrays that view its data buffer (read-only, no copy per cell)."""
+    if isinstance(column, pa.ChunkedArray):
+        return [a for chunk in column.chunks for a in column_to_arrays(chunk)]
+    shapes, dtypes, values = column.flatten()
+    shape_list, dtype_list = shapes.to_pylist(), dtypes.to_pylist()
+    nulls = column.is_null().to_numpy(zero_copy_only=False)
+    buffers = values.buffers()
+    offsets = np.frombuffer(buffers[1], dtype=np.int32)[values.offset : values.offset + len(values) + 1]
+    data = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None else np.empty(0, np.uint8)
+    data.flags.writeable = False  # the column's own memory: a backend must not change its input in place
+    out: list[np.ndarray | None] = []
+    for i in range(len(column)):
+        if nulls[i]:
+            out.append(None)
+            continue
+        array = data[offsets[i] : offsets[i + 1]].view(np.dtype(dtype_list[i])).reshape(shape_list[i])
+        if not array.flags.aligned:  # after cells of odd sizes: numpy copes, torch and BLAS may not
+            array = array.copy()
+            array.flags.writeable = False
+        out.append(array)
+    return out
+
+
 def encode_map(values: np.ndarray, meta: ColumnMeta) -> Any:
     """One decoded map -> the Python value of its storage cell (bytes or an array struct)."""
     if meta.encoding == "array":
