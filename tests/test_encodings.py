@@ -45,6 +45,13 @@ def test_column_equals_the_per_cell_encoding_and_reads_back_sliced_or_chunked(ar
         ]
 
 
+def test_empty_columns():
+    assert column_to_arrays(arrays_to_column([])) == []
+    assert column_to_arrays(pa.array([], type=ARRAY_TYPE)) == []
+    assert column_to_arrays(pa.chunked_array([], type=ARRAY_TYPE)) == []
+    assert column_to_arrays(arrays_to_column([None, None])) == [None, None]
+
+
 def test_cells_are_read_only_views_and_unaligned_ones_are_copied():
     column = arrays_to_column([np.arange(3, dtype=np.uint8), np.arange(4, dtype=np.float32)])
     small, floats = column_to_arrays(column)

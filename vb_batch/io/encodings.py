@@ -208,6 +208,8 @@ def column_to_arrays(column: pa.Array | pa.ChunkedArray) -> list[np.ndarray | No
     """An `ARRAY_TYPE` column as numpy arrays that view its data buffer (read-only, no copy per cell)."""
     if isinstance(column, pa.ChunkedArray):
         return [a for chunk in column.chunks for a in column_to_arrays(chunk)]
+    if len(column) == 0:  # pyarrow may give an empty binary array no offsets buffer
+        return []
     shapes, dtypes, values = column.flatten()
     shape_list, dtype_list = shapes.to_pylist(), dtypes.to_pylist()
     nulls = column.is_null().to_numpy(zero_copy_only=False)
