@@ -91,7 +91,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import io
 import os
 import shutil
 import subprocess
@@ -104,13 +103,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import REPO  # noqa: E402
+from common import REPO, write_images  # noqa: E402
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
@@ -395,19 +392,6 @@ def make_images(n: int, side: int, seed: int = 0) -> list[np.ndarray]:
     return images
 
 
-def write_input(path: Path, images: list[np.ndarray]) -> Path:
-    """The images as PNG bytes in one Parquet file (id, image)."""
-    blobs = []
-    for image in images:
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="PNG")
-        blobs.append(buffer.getvalue())
-    ids = [f"img-{i:06d}" for i in range(len(images))]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"id": ids, "image": pa.array(blobs, pa.binary())}), path)
-    return path
-
-
 def job_config(model: str, input_path: Path, output_path: Path, model_path: Path, args, steps: int) -> dict[str, Any]:
     cfg_model: dict[str, Any] = {
         "backend": "marigold" if model == "marigold" else "diffusers",
@@ -562,8 +546,8 @@ def bench_model(model: str, args, root: Path, peak: float) -> dict[str, Any]:
     model_path = save_random_model(model, specs, tokenizer, args.resolution, dtype, args.device, root / f"model-{model}")
     build_s = time.perf_counter() - started
     images = make_images(args.images, args.resolution)
-    input_path = write_input(root / f"in-{model}" / "part-0.parquet", images)
-    warm_path = write_input(root / f"in-{model}-warm" / "part-0.parquet", images[: args.batch_size])
+    input_path = write_images(root / f"in-{model}", images)
+    warm_path = write_images(root / f"in-{model}-warm", images[: args.batch_size])
     cfg_of = lambda src, dst: job_config(model, src, root / dst, model_path, args, steps)
 
     cold = None
@@ -594,7 +578,7 @@ def bench_model(model: str, args, root: Path, peak: float) -> dict[str, Any]:
     vb = max(vb_runs, key=lambda r: r["images_per_second"])
     # At least 32 images (the model is free): a handful would measure the job's fixed costs, not its rate.
     capacity_images = max(CAPACITY_IMAGES, len(images))
-    capacity_path = write_input(root / f"in-{model}-capacity" / "part-0.parquet", make_images(capacity_images, args.resolution))
+    capacity_path = write_images(root / f"in-{model}-capacity", make_images(capacity_images, args.resolution))
     capacity_cfg = load_config(cfg_of(capacity_path, f"out-{model}-capacity"))
     zero_cost = ZeroCostModel(cfg.model, native_depth=model == "marigold")
     time_vb(capacity_cfg, zero_cost, "cpu")  # warm-up (the codec's colour table)

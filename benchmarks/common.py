@@ -22,36 +22,43 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def write_input(folder: Path, rows: int, height: int, width: int | None = None, files: int = 4) -> Path:
-    """`rows` painted depth maps (PNG bytes, `height` x `width`) with ids, over `files` Parquet files.
-
-    Depth paintings, so that every task has something plausible to decode: an
-    `identity` model hands the input back as its painting.
-    """
+def write_images(folder: Path, images: list[np.ndarray], files: int = 1) -> Path:
+    """uint8 RGB `images` as PNG bytes with ids (`img-000000`, ...), over `files` Parquet files in `folder`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from PIL import Image
 
+    blobs = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        blobs.append(buffer.getvalue())
+    ids = [f"img-{i:06d}" for i in range(len(images))]
+    folder.mkdir(parents=True, exist_ok=True)
+    per_file = -(-len(images) // files)
+    for f in range(files):
+        part = slice(f * per_file, (f + 1) * per_file)
+        pq.write_table(pa.table({"id": ids[part], "image": pa.array(blobs[part], pa.binary())}), folder / f"part-{f}.parquet")
+    return folder
+
+
+def write_input(folder: Path, rows: int, height: int, width: int | None = None, files: int = 4) -> Path:
+    """`rows` painted depth maps (PNG, `height` x `width`) with ids, over `files` Parquet files.
+
+    Depth paintings, so that every task has something plausible to decode: an
+    `identity` model hands the input back as its painting.
+    """
     from vb_batch.codecs import depth
 
     width = width or height
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:height, 0:width]
     yy, xx = yy / height, xx / width
-    folder.mkdir(parents=True, exist_ok=True)
-    images = []
-    for _ in range(rows):
-        depth_m = 0.5 + rng.uniform(5, 40) * xx + rng.uniform(1, 20) * yy**2
-        buffer = io.BytesIO()
-        Image.fromarray(depth.encode(depth_m.astype(np.float32))).save(buffer, format="PNG")
-        images.append(buffer.getvalue())
-    ids = [f"img-{i:06d}" for i in range(rows)]
-    per_file = -(-rows // files)
-    for f in range(files):
-        part = slice(f * per_file, (f + 1) * per_file)
-        table = pa.table({"id": ids[part], "image": pa.array(images[part], pa.binary())})
-        pq.write_table(table, folder / f"part-{f}.parquet")
-    return folder
+    paintings = [
+        depth.encode((0.5 + rng.uniform(5, 40) * xx + rng.uniform(1, 20) * yy**2).astype(np.float32))
+        for _ in range(rows)
+    ]
+    return write_images(folder, paintings, files)
 
 
 def best_of(repeats: int, run: Callable[[], Any], before: Callable[[], Any] = lambda: None) -> tuple[float, list[float]]:
