@@ -231,8 +231,10 @@ def test_threads_share_a_colour_table_and_presets_do_not():
         for seed in range(8)
     ]
     depth._decode_table.cache_clear()
+    depth.decode(images[0][:1, :1])  # one pixel: the table exists, almost empty
     with ThreadPoolExecutor(4) as pool:
-        together = list(pool.map(depth.decode, images))
+        together = list(pool.map(depth.decode, images))  # the threads fill it concurrently
+    assert depth._decode_table.cache_info().misses == 1  # one table, shared by every thread
     depth._decode_table.cache_clear()
     for rgb, got in zip(images, together):
         alone = depth.decode(rgb)

@@ -282,8 +282,10 @@ def test_threads_share_a_decode_table():
     rng = np.random.default_rng(12)
     images = [noisy(segmentation.encode(rng.integers(0, 64, (64, 64)), legend), 10, rng) for _ in range(8)]
     segmentation._decode_table.cache_clear()
+    segmentation.decode(images[0][:1, :1], legend)  # one pixel: the table exists, almost empty
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda rgb: segmentation.decode(rgb, legend), images))
+    assert segmentation._decode_table.cache_info().misses == 1  # one table, filled by every thread
     segmentation._decode_table.cache_clear()
     for rgb, got in zip(images, together):
         alone = segmentation.decode(rgb, legend)
