@@ -37,7 +37,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ import pyarrow as pa
 from PIL import Image
 
 from vb_batch.codecs import segmentation as seg_codec
-from vb_batch.io.encodings import ColumnMeta, depth_png_params, encode_map, storage_type
+from vb_batch.io.encodings import ColumnMeta, depth_png_params, encode_map, png_bytes, storage_type
 
 SCENE_CLASSES = ("floor", "wall", "box", "sphere", "cylinder", "sky")
 FLOOR, WALL, BOX, SPHERE, CYLINDER, SKY = range(len(SCENE_CLASSES))
@@ -386,12 +385,6 @@ def scene_id(seed: int) -> str:
     return f"scene-{seed:07d}"
 
 
-def png_bytes(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
 def scene_table(seeds: Sequence[int], size: tuple[int, int] = DEFAULT_SIZE, encoding: str = "array") -> pa.Table:
     """An image table of the scenes of `seeds`: id, image (PNG bytes), truth map columns, intrinsics.
 
@@ -408,7 +401,7 @@ def scene_table(seeds: Sequence[int], size: tuple[int, int] = DEFAULT_SIZE, enco
         scene = render_scene(int(seed), *size)
         maps = (scene.depth_m, scene.normals, scene.class_ids, scene.instance_ids)
         columns["id"].append(scene_id(int(seed)))
-        columns["image"].append(png_bytes(scene.rgb))
+        columns["image"].append(png_bytes(Image.fromarray(scene.rgb)))
         for (name, meta), values in zip(metas.items(), maps):
             columns[name].append(encode_map(values, meta))
         cam = scene.camera

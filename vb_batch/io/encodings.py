@@ -109,7 +109,7 @@ def depth_png_params(relative: bool) -> tuple[float, float]:
 # ---------------------------------------------------------------------------- encode
 
 
-def _png_bytes(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
@@ -123,7 +123,7 @@ def _depth_to_png(depth: np.ndarray, meta: ColumnMeta) -> bytes:
         stored = np.clip(stored, 1, PNG_FAR)
     stored[np.isnan(d)] = PNG_INVALID
     stored[np.isposinf(d)] = PNG_FAR
-    return _png_bytes(Image.fromarray(stored.astype(np.uint16)))
+    return png_bytes(Image.fromarray(stored.astype(np.uint16)))
 
 
 def _png_to_depth(data: bytes, meta: ColumnMeta) -> np.ndarray:
@@ -138,7 +138,7 @@ def _normals_to_png(n: np.ndarray, meta: ColumnMeta) -> bytes:
     invalid = ~np.isfinite(n).all(axis=-1)
     rgb = normals_codec.encode(np.where(invalid[..., None], 0.0, n).astype(np.float32), frame=meta.frame)
     rgb[invalid] = 0
-    return _png_bytes(Image.fromarray(rgb, mode="RGB"))
+    return png_bytes(Image.fromarray(rgb, mode="RGB"))
 
 
 def _png_to_normals(data: bytes, meta: ColumnMeta) -> np.ndarray:
@@ -153,7 +153,7 @@ def _ids_dtype(meta: ColumnMeta) -> type:
 
 
 def _ids_to_png(ids: np.ndarray, meta: ColumnMeta) -> bytes:
-    return _png_bytes(Image.fromarray(ids.astype(_ids_dtype(meta))))
+    return png_bytes(Image.fromarray(ids.astype(_ids_dtype(meta))))
 
 
 def _png_to_ids(data: bytes, meta: ColumnMeta) -> np.ndarray:
