@@ -77,8 +77,9 @@ class RunSummary:
     def model_line(self) -> str:
         """e.g. "1.92 s, 80% of the run; waited 0.04 s for input, 0.00 s for the writer; loaded in 0.38 s"."""
         parts = [f"{self.model_seconds:.2f} s"]
-        if self.model_input_wait_seconds is not None and self.seconds > 0:
-            parts[0] += f", {self.model_seconds / self.seconds:.0%} of the run"
+        if self.model_input_wait_seconds is not None:  # one model thread (local)
+            if self.seconds > 0:
+                parts[0] += f", {self.model_seconds / self.seconds:.0%} of the run"
             parts.append(
                 f"waited {self.model_input_wait_seconds:.2f} s for input, "
                 f"{self.model_output_wait_seconds or 0.0:.2f} s for the writer"
