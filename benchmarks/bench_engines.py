@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import argument_parser, machine_info, write_input, write_result  # noqa: E402
 
 import vb_batch  # noqa: E402
-from vb_batch.io.sinks import read_output  # noqa: E402
+from vb_batch.io.outputs import read_output  # noqa: E402
 
 
 def job(workload: str, input_path: Path, output_path: Path, engine: str, model_path: dict[str, str]) -> dict[str, Any]:

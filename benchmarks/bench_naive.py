@@ -113,7 +113,7 @@ def max_difference(naive_file: Path, output_dir: Path, shape: tuple[int, int]) -
     import pyarrow.parquet as pq
 
     import vb_batch
-    from vb_batch.io.sinks import read_output
+    from vb_batch.io.outputs import read_output
 
     naive = pq.read_table(naive_file).sort_by("id")
     ours = read_output(str(output_dir)).sort_by("id")

@@ -125,7 +125,7 @@ def measure(rows: int = 1024, side: int = 128, repeats: int = 3) -> dict[str, An
         # Same work: the loop's depth maps are vb_batch's, bit for bit.
         import pyarrow.parquet as pq
 
-        from vb_batch.io.sinks import read_output
+        from vb_batch.io.outputs import read_output
 
         loop = pq.read_table(root / "loop.parquet").sort_by("id")
         output_bytes = loop.nbytes

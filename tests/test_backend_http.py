@@ -20,7 +20,7 @@ import pytest
 
 import vb_batch
 from vb_batch.config import ConfigError, ModelConfig, load_config
-from vb_batch.io.sinks import read_output
+from vb_batch.io.outputs import read_output
 from vb_batch.models.base import create_backend, model_id
 from vb_batch.tasks import DEFAULT_TEMPLATES
 

@@ -22,7 +22,7 @@ from transformers.utils import is_torchvision_available
 import vb_batch
 from vb_batch.codecs import depth as depth_codec
 from vb_batch.config import ConfigError, ModelConfig, load_config
-from vb_batch.io.sinks import read_output
+from vb_batch.io.outputs import read_output
 from vb_batch.models.base import create_backend, model_id
 from vb_batch.models.diffusers_edit import working_size
 from vb_batch.models.tiny import build_tiny_edit_pipeline, build_tiny_flux2_klein, build_tiny_marigold

@@ -18,7 +18,7 @@ from vb_batch.codecs import depth
 from vb_batch.config import ConfigError, OutputConfig, load_config
 from vb_batch.errors import OutputExistsError
 from vb_batch.io import lake
-from vb_batch.io.sinks import open_output, read_output
+from vb_batch.io.outputs import open_output, read_output
 from vb_batch.io.sources import open_source, read_unit
 from vb_batch.models.identity import IdentityBackend
 

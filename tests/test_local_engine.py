@@ -15,7 +15,7 @@ from conftest import png_bytes
 import vb_batch
 from vb_batch.codecs import depth
 from vb_batch.engines import local
-from vb_batch.io.sinks import read_output
+from vb_batch.io.outputs import read_output
 from vb_batch.models.identity import IdentityBackend
 
 

@@ -8,7 +8,7 @@ import pytest
 import vb_batch
 from vb_batch.cli import main
 from vb_batch.demo import make_sample_images
-from vb_batch.io.sinks import read_output
+from vb_batch.io.outputs import read_output
 
 pytestmark = pytest.mark.slow
 

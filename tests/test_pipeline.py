@@ -13,7 +13,7 @@ from conftest import known_maps, png_bytes
 
 import vb_batch
 from vb_batch.codecs import depth, normals, segmentation
-from vb_batch.io.sinks import read_output
+from vb_batch.io.outputs import read_output
 from vb_batch.models.base import ModelBackend
 
 

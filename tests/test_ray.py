@@ -25,7 +25,7 @@ import vb_batch
 from vb_batch.codecs import depth
 from vb_batch.config import ConfigError, StorageOptions, load_config
 from vb_batch.errors import OutputExistsError
-from vb_batch.io.sinks import read_output
+from vb_batch.io.outputs import read_output
 from vb_batch.models.identity import IdentityBackend
 
 # Ray Data warns about its own deprecated settings whenever it copies its context.

@@ -23,7 +23,7 @@ from vb_batch.codecs import depth
 from vb_batch.config import InputConfig
 from vb_batch.errors import RowError
 from vb_batch.io.fetch import check_uri
-from vb_batch.io.sinks import read_output
+from vb_batch.io.outputs import read_output
 from vb_batch.models.identity import IdentityBackend
 
 

@@ -18,7 +18,7 @@ import vb_batch
 from vb_batch.codecs import depth
 from vb_batch.config import ConfigError, StorageOptions
 from vb_batch.io.filesystems import arrow_filesystem, fsspec_filesystem, s3_credentials
-from vb_batch.io.sinks import read_output
+from vb_batch.io.outputs import read_output
 
 
 

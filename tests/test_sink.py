@@ -19,7 +19,8 @@ import vb_batch
 from vb_batch.codecs import depth
 from vb_batch.config import OutputConfig
 from vb_batch.errors import OutputExistsError
-from vb_batch.io.sinks import ParquetSink, read_output
+from vb_batch.io.outputs import read_output
+from vb_batch.io.sinks import ParquetSink
 from vb_batch.models.identity import IdentityBackend
 
 

@@ -16,7 +16,7 @@ from s3_server import CREDENTIALS, SECRET, s3_server, use_fake_credentials
 import vb_batch
 from vb_batch.codecs import depth, normals, segmentation
 from vb_batch.config import StorageOptions
-from vb_batch.io.sinks import read_output
+from vb_batch.io.outputs import read_output
 
 pytestmark = pytest.mark.slow
 

@@ -86,7 +86,7 @@ def map_columns(schema: pa.Schema, truth: bool) -> dict[str, MapColumn]:
 def _read(source: str | pa.Table) -> pa.Table:
     if isinstance(source, pa.Table):
         return source
-    from vb_batch.io.sinks import read_output
+    from vb_batch.io.outputs import read_output
 
     return read_output(source)
 

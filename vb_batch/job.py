@@ -155,7 +155,7 @@ def run_job(cfg: JobConfig, backend=None) -> RunSummary:
     else:
         raise ValueError(f"engine.kind: unknown engine {cfg.engine.kind!r}")
     if cfg.output.report:
-        from vb_batch.io.sinks import output_location
+        from vb_batch.io.outputs import output_location
         from vb_batch.report import write_report
 
         try:

@@ -29,7 +29,7 @@ import pyarrow.dataset as pads
 
 from vb_batch.config import OutputConfig, StorageOptions
 from vb_batch.io.encodings import decode_map
-from vb_batch.report import OutputView
+from vb_batch.io.outputs import OutputView
 
 
 class LabelDataset:

@@ -23,12 +23,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from vb_batch.config import InputConfig, OutputConfig, StorageOptions
-from vb_batch.io.encodings import ColumnMeta, decode_map
+from vb_batch.config import StorageOptions
+from vb_batch.io.encodings import decode_map
 from vb_batch.io.filesystems import fsspec_filesystem
-from vb_batch.io.fetch import read_uri
-from vb_batch.io.images import decode_image
-from vb_batch.io.sinks import open_output
+from vb_batch.io.outputs import OutputView
 from vb_batch.previews import colorize_depth, colorize_normals, overlay_classes
 
 log = logging.getLogger(__name__)
@@ -38,57 +36,6 @@ THUMB_SIDE = 256
 
 
 # ---------------------------------------------------------------------------- reading the output
-
-
-class OutputView:
-    """A vb_batch output seen through its schema metadata: which columns hold what.
-
-    `path`: a Parquet output, a Delta table or an Iceberg table's location, or
-    an `OutputConfig` (an Iceberg table by name); `self.path` is where the
-    output lives (its `_vb/` run records, the report).
-    """
-
-    def __init__(self, path: str | OutputConfig, storage: StorageOptions | None = None):
-        output = open_output(path, storage)
-        self.path = output.location
-        self.storage = output.storage
-        self.dataset = output.dataset
-        self.schema = self.dataset.schema
-        meta = self.schema.metadata or {}
-        self.job = json.loads(meta.get(b"vb.job", b"{}"))
-        self.image_column = meta.get(b"vb.image_column", b"").decode() or None
-        self.uri_column = meta.get(b"vb.uri_column", b"").decode() or None
-        self.id_column = self.job.get("input", {}).get("id_column", "id")
-        self.maps = {
-            f.name: ColumnMeta.from_metadata(f.metadata)
-            for f in self.schema
-            if f.metadata and b"vb.kind" in f.metadata
-        }
-
-    def column_of(self, kind: str) -> str | None:
-        """The first prediction column of `kind` (ground-truth columns carry vb.role = truth)."""
-        return next((n for n, m in self.maps.items() if m.kind == kind and m.extra.get("role") != "truth"), None)
-
-    def read(self, columns: list[str], filter=None, limit: int | None = None) -> pa.Table:
-        columns = [c for c in columns if c in self.schema.names]
-        scanner = self.dataset.scanner(columns=columns, filter=filter)
-        return scanner.head(limit) if limit is not None else scanner.to_table()
-
-    def input_image(self, row: dict[str, Any]) -> np.ndarray | None:
-        """The row's input image as RGB, from kept bytes or its URI; None if unavailable."""
-        try:
-            if self.image_column and row.get(self.image_column) is not None:
-                cell = row[self.image_column]
-                data = cell["bytes"] if isinstance(cell, dict) else cell
-            elif self.uri_column and row.get(self.uri_column):
-                # The job's own URI rules (allowed prefixes, no internal addresses) apply here too.
-                data = read_uri(row[self.uri_column], InputConfig.model_validate(self.job.get("input", {})))
-            else:
-                return None
-            return decode_image(data, max_pixels=10**9)
-        except Exception as exc:  # noqa: BLE001 - a missing picture must not stop the report
-            log.warning("report: no input image for row %s: %s", row.get(self.id_column), exc)
-            return None
 
 
 # ---------------------------------------------------------------------------- pictures

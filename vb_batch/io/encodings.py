@@ -265,7 +265,7 @@ def _read_column(source: Any, column: str) -> tuple[pa.ChunkedArray, pa.Field]:
         table = source if isinstance(source, pa.Table) else pa.Table.from_batches([source])
     else:
         from vb_batch.config import OutputConfig
-        from vb_batch.io.sinks import read_output  # local import: sinks depend on this module
+        from vb_batch.io.outputs import read_output  # local import: outputs depend on this module
 
         table = read_output(source if isinstance(source, OutputConfig) else str(source), columns=[column])
     if column not in table.column_names:

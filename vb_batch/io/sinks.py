@@ -12,7 +12,7 @@ Every sink has one protocol, used by every engine:
     sink.close(success, summary)
 
 Delta and Iceberg sinks (`vb_batch.io.lake`) share the staging and commit
-through their table logs; `open_output` reads any of the three back.
+through their table logs; `vb_batch.io.outputs.open_output` reads any of the three back.
 
 The Parquet dataset sink: staged files, commit records, `_SUCCESS` last, and the output modes.
 
@@ -40,14 +40,13 @@ import logging
 import posixpath
 import re
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from vb_batch.config import OutputConfig, StorageOptions
+from vb_batch.config import OutputConfig
 from vb_batch.errors import OutputExistsError
 from vb_batch.io.filesystems import arrow_filesystem, fsspec_filesystem
 
@@ -246,73 +245,3 @@ def open_sink(cfg: OutputConfig, run_id: str, schema: pa.Schema, id_column: str 
 
         return IcebergSink(cfg, run_id, schema, id_column)
     return ParquetSink(cfg, run_id, schema, id_column)
-
-
-@dataclass
-class Output:
-    """A vb_batch output of any format as a pyarrow dataset; its schema carries the `vb.*` metadata."""
-
-    dataset: pads.Dataset
-    location: str  # URL of the dataset or table root: where `_vb/` and the report live
-    format: str
-    storage: StorageOptions | None = None
-
-
-def output_format(path: str, storage: StorageOptions | None = None) -> str:
-    """"delta", "iceberg" or "parquet": what the output at `path` is (a Delta log, Iceberg metadata, neither)."""
-    fs, root = fsspec_filesystem(path, storage)
-    if fs.exists(posixpath.join(root, "_delta_log")):
-        return "delta"
-    if fs.glob(posixpath.join(root, "metadata", "*.metadata.json")):
-        return "iceberg"
-    return "parquet"
-
-
-def open_output(output: str | OutputConfig, storage: StorageOptions | None = None) -> Output:
-    """Open an output by path (a Parquet dataset, a Delta table, an Iceberg table's location) or by its config.
-
-    Only committed rows are seen: a Parquet dataset's visible part files, a
-    lake table's current version.
-    """
-    if isinstance(output, OutputConfig):
-        storage = storage or output.storage
-        fmt, path = output.format, output.path
-    else:
-        path = str(output)
-        if not path:
-            raise ValueError("open_output: no path; give an output's path, or its OutputConfig for an Iceberg table")
-        fmt = output_format(path, storage)
-    if fmt == "parquet":
-        fs, root = arrow_filesystem(path, storage)
-        dataset = pads.dataset(root, format="parquet", filesystem=fs, ignore_prefixes=[".", "_"])
-        return Output(dataset, path, fmt, storage)
-    from vb_batch.io import lake
-
-    if fmt == "delta":
-        return Output(lake.open_delta(path, storage), path, fmt, storage)
-    if isinstance(output, OutputConfig):
-        table = lake.iceberg_table(lake.iceberg_catalog(output.catalog, storage), output.table)
-        if table is None:
-            raise FileNotFoundError(f"output.table {output.table!r}: no such Iceberg table")
-    else:
-        table = lake.open_iceberg_path(path, storage)
-    return Output(lake.open_iceberg(table, storage), lake.iceberg_location(table), fmt, storage)
-
-
-def output_location(cfg: OutputConfig) -> str:
-    """Where an output lives (its `_vb/` run records, `_report.html`): `output.path`, or an Iceberg table's location."""
-    if cfg.format != "iceberg":
-        return cfg.path
-    from vb_batch.io import lake
-
-    table = lake.iceberg_table(lake.iceberg_catalog(cfg.catalog, cfg.storage), cfg.table)
-    if table is None:
-        raise FileNotFoundError(f"output.table {cfg.table!r}: no such Iceberg table")
-    return lake.iceberg_location(table)
-
-
-def read_output(
-    output: str | OutputConfig, columns: list[str] | None = None, storage: StorageOptions | None = None
-) -> pa.Table:
-    """Read a vb_batch output (committed rows only, any format), keeping field metadata."""
-    return open_output(output, storage).dataset.to_table(columns=columns)
