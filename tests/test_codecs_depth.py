@@ -271,7 +271,7 @@ def test_presets_registry_and_dict_config():
             depth.register_preset({**config, "c": 6.0})
         depth.register_preset({**config, "c": 6.0}, replace=True)
     finally:
-        depth.PRESETS.pop("checkpoint-x", None)
+        depth.PRESETS.unregister("checkpoint-x")
 
 
 @pytest.mark.parametrize(

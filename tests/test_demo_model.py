@@ -18,7 +18,7 @@ from vb_batch.codecs import segmentation as seg_codec
 from vb_batch.config import ConfigError
 from vb_batch.evaluate import evaluate, metrics_json
 from vb_batch.models.demo_generalist import SHIPPED_MODEL, VBDemoPipeline, load_demo_pipeline, parse_prompt
-from vb_batch.tasks import DEFAULT_TEMPLATES, legend_text
+from vb_batch.tasks import get_task, legend_text
 
 ROWS = 6
 # The shipped model on held-out scenes, with margin for so few rows (full evaluation: README).
@@ -45,11 +45,11 @@ def test_shipped_weights_are_small_safetensors():
 
 def test_the_prompt_picks_the_task():
     legend = scenes.scene_legend()
-    assert parse_prompt(DEFAULT_TEMPLATES["depth"]).task == "depth"
-    assert parse_prompt(DEFAULT_TEMPLATES["normals"]).task == "normals"
-    request = parse_prompt(DEFAULT_TEMPLATES["segmentation"].format(legend=legend_text(legend)))
+    assert parse_prompt(get_task("depth").default_template).task == "depth"
+    assert parse_prompt(get_task("normals").default_template).task == "normals"
+    request = parse_prompt(get_task("segmentation").default_template.format(legend=legend_text(legend)))
     assert request.task == "segmentation" and request.legend == tuple(legend.to_pairs())
-    request = parse_prompt(DEFAULT_TEMPLATES["referring"].format(phrase="the red boxes"))
+    request = parse_prompt(get_task("referring").default_template.format(phrase="the red boxes"))
     assert request.task == "referring" and request.phrase == "the red boxes"
     with pytest.raises(ValueError, match="cannot tell the task"):
         parse_prompt("Make it look like a watercolour.")
@@ -60,7 +60,7 @@ def test_legend_colours_come_from_the_prompt(pipe):
     names = list(scenes.SCENE_CLASSES)
     first = seg_codec.Legend.from_names(names)
     second = seg_codec.Legend.from_pairs([(n, (40 * i + 20, 200 - 30 * i, 90)) for i, n in enumerate(reversed(names))])
-    prompts = [DEFAULT_TEMPLATES["segmentation"].format(legend=legend_text(lg)) for lg in (first, second)]
+    prompts = [get_task("segmentation").default_template.format(legend=legend_text(lg)) for lg in (first, second)]
     paintings = pipe(image=[image, image], prompt=prompts, output_type="uint8").images
     assert not np.array_equal(paintings[0], paintings[1])
     ids = [seg_codec.decode(p, lg).values for p, lg in zip(paintings, (first, second))]
@@ -69,7 +69,7 @@ def test_legend_colours_come_from_the_prompt(pipe):
     np.testing.assert_array_equal(by_name[0], by_name[1])  # same classes, painted in the asked colours
     # A legend without "sky" paints sky black: "anything else".
     partial = seg_codec.Legend.from_pairs([("floor", (255, 0, 0)), ("wall", (0, 255, 0))])
-    painting = pipe(image=[image], prompt=[DEFAULT_TEMPLATES["segmentation"].format(legend=legend_text(partial))],
+    painting = pipe(image=[image], prompt=[get_task("segmentation").default_template.format(legend=legend_text(partial))],
                     output_type="uint8").images[0]
     colours = {tuple(c) for c in painting.reshape(-1, 3)}
     assert colours <= {(255, 0, 0), (0, 255, 0), (0, 0, 0)}
@@ -103,7 +103,7 @@ def test_job_with_the_demo_backend_meets_the_metric_floors(scene_table, tmp_path
 
 def test_referring_paints_the_named_class(pipe):
     scene = scenes.render_scene(scenes.HELD_OUT_SEED_START + 1)
-    painting = pipe(image=[scene.rgb], prompt=[DEFAULT_TEMPLATES["referring"].format(phrase="the floor")],
+    painting = pipe(image=[scene.rgb], prompt=[get_task("referring").default_template.format(phrase="the floor")],
                     output_type="uint8").images[0]
     mask = (painting == 255).all(-1)
     floor = scene.class_ids == scenes.FLOOR

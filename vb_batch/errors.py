@@ -19,5 +19,9 @@ class RowError(Exception):
         return {"code": self.code, "message": self.message}
 
 
+class ConfigError(ValueError):
+    """A job config that cannot run; the message names the offending field (exit code 2)."""
+
+
 class OutputExistsError(RuntimeError):
     """`output.mode: error` and the output already holds data."""

@@ -19,22 +19,7 @@ from vb_batch.codecs import depth as depth_codec
 from vb_batch.codecs import normals as normals_codec
 from vb_batch.codecs import segmentation as seg_codec
 from vb_batch.io.encodings import ColumnMeta, depth_png_params
-
-DEFAULT_TEMPLATES = {
-    "depth": (
-        "Estimate the metric depth of this image. Paint it as a colour map that walks the RGB cube "
-        "from near to far: black, red, yellow, green, cyan, blue, magenta, white; sky and anything "
-        "beyond range = white."
-    ),
-    "normals": (
-        "Estimate the surface normals of this image. Paint each pixel's unit normal as colour "
-        "(n + 1) / 2: red = x to the right, green = y up, blue = z toward the viewer."
-    ),
-    "segmentation": (
-        "Segment this image. Paint every pixel with the colour of its class: {legend}; anything else = black."
-    ),
-    "referring": "Segment {phrase}. Paint {phrase} white and everything else black.",
-}
+from vb_batch.registry import Registry
 
 FRACTIONS_TYPE = pa.list_(pa.struct([pa.field("name", pa.string()), pa.field("fraction", pa.float32())]))
 # The referred object is one white class; every other colour is background.
@@ -56,7 +41,8 @@ class TaskContext:
     templates: dict[str, str] = field(default_factory=dict)
 
     def template(self, task: str) -> str:
-        return self.templates.get(task, DEFAULT_TEMPLATES[task])
+        """The profile's prompt for `task`, or the task's own default."""
+        return self.templates.get(task) or TASKS[task].default_template
 
 
 def legend_text(legend: seg_codec.Legend) -> str:
@@ -68,6 +54,8 @@ class Task:
 
     name: ClassVar[str]
     kind: ClassVar[str]  # storage kind in vb_batch.io.encodings.KINDS
+    default_template: ClassVar[str]  # the prompt, unless the model profile has its own
+    template_slots: ClassVar[tuple[str, ...]] = ()  # slots every prompt template must keep
 
     def passes(self, ctx: TaskContext) -> int:
         """How many times the model paints this task per image (test-time ensembling)."""
@@ -102,6 +90,11 @@ class Task:
 class DepthTask(Task):
     name = "depth"
     kind = "depth"
+    default_template = (
+        "Estimate the metric depth of this image. Paint it as a colour map that walks the RGB cube "
+        "from near to far: black, red, yellow, green, cyan, blue, magenta, white; sky and anything "
+        "beyond range = white."
+    )
 
     def decode_pass(self, rgb, ctx, pass_index=0):
         return depth_codec.decode(rgb, preset=ctx.depth_preset)
@@ -136,6 +129,10 @@ class DepthTask(Task):
 class NormalsTask(Task):
     name = "normals"
     kind = "normals"
+    default_template = (
+        "Estimate the surface normals of this image. Paint each pixel's unit normal as colour "
+        "(n + 1) / 2: red = x to the right, green = y up, blue = z toward the viewer."
+    )
 
     def decode_pass(self, rgb, ctx, pass_index=0):
         return normals_codec.decode(rgb, frame=ctx.frame)
@@ -147,6 +144,11 @@ class NormalsTask(Task):
 class SegmentationTask(Task):
     name = "segmentation"
     kind = "classes"
+    default_template = (
+        "Segment this image. Paint every pixel with the colour of its class: {legend}; anything else = black."
+    )
+    # Each ensemble pass fills in its own permuted legend.
+    template_slots = ("{legend}",)
 
     def passes(self, ctx):
         return ctx.ensemble
@@ -183,6 +185,8 @@ class SegmentationTask(Task):
 class ReferringTask(Task):
     name = "referring"
     kind = "mask"
+    default_template = "Segment {phrase}. Paint {phrase} white and everything else black."
+    template_slots = ("{phrase}",)
 
     def prompts(self, ctx, n, pass_index=0, phrases=None):
         phrases = phrases if phrases is not None else [ctx.phrase] * n
@@ -205,14 +209,14 @@ class ReferringTask(Task):
         return {"_fraction": float(values.mean()) if values.size else None}
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (DepthTask(), NormalsTask(), SegmentationTask(), ReferringTask())}
+# The one list of task names (config validation, profiles' templates and the stages all ask it).
+TASKS: Registry[Task] = Registry(
+    "task", field="tasks", entries={t.name: t for t in (DepthTask(), NormalsTask(), SegmentationTask(), ReferringTask())}
+)
 
 
 def get_task(name: str) -> Task:
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}") from None
+    return TASKS[name]
 
 
 def build_legend(classes: list[str] | None, legend: dict[str, Any] | None, palette: str = "generated"):

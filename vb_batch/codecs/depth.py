@@ -42,6 +42,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from vb_batch.registry import Registry
 from vb_batch.codecs.base import ArrayBackend, ColourTable, Decoded, decode_in_chunks, painted_pixels
 
 CUBE_WALK = (
@@ -121,7 +122,8 @@ def _is_finite_real(value: Any) -> bool:
 # Squared distances to two edges within this ratio are a tie (float32 rounding is ~1e-7).
 TIE_MARGIN = 1.0 - 1e-5
 
-PRESETS: dict[str, DepthPreset] = {}
+# Named presets (`depth.preset: <name>` in a job); `register_preset` adds a checkpoint's own mapping.
+PRESETS: Registry[DepthPreset] = Registry("depth preset", field="depth.preset")
 
 PresetLike = Union[str, DepthPreset, Mapping]
 
@@ -134,13 +136,7 @@ def register_preset(preset: DepthPreset | Mapping, *, replace: bool = False) -> 
     preset = get_preset(preset) if isinstance(preset, Mapping) else preset
     if not isinstance(preset, DepthPreset):
         raise TypeError(f"register_preset: expected a DepthPreset or dict, got {type(preset).__name__}")
-    existing = PRESETS.get(preset.name)
-    if existing is not None and existing != preset and not replace:
-        raise ValueError(
-            f"register_preset: a different preset is already registered as {preset.name!r}; "
-            "pass replace=True to overwrite it"
-        )
-    PRESETS[preset.name] = preset
+    PRESETS.register(preset.name, preset, replace=replace)
     return preset
 
 
@@ -153,8 +149,6 @@ def get_preset(preset: PresetLike) -> DepthPreset:
     if isinstance(preset, DepthPreset):
         return preset
     if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise ValueError(f"unknown depth preset {preset!r}; registered: {sorted(PRESETS)}")
         return PRESETS[preset]
     if isinstance(preset, Mapping):
         known = {f.name for f in fields(DepthPreset)}

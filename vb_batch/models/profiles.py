@@ -20,10 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vb_batch.codecs import depth as depth_codec
-from vb_batch.config import ConfigError
-
-# Slots each task's prompt template must keep (filled per image or per ensemble pass).
-TEMPLATE_SLOTS = {"depth": (), "normals": (), "segmentation": ("{legend}",), "referring": ("{phrase}",)}
+from vb_batch.registry import Registry
+from vb_batch.tasks import TASKS
 
 
 @dataclass(frozen=True)
@@ -32,15 +30,14 @@ class ModelProfile:
     depth_preset: str | dict[str, Any] = "vision-banana"
     # Relative (affine-invariant) depth is labelled as such and never stored as metres.
     depth_relative: bool = False
-    # Prompt per task; a task left out uses vb_batch.tasks.DEFAULT_TEMPLATES.
+    # Prompt per task; a task left out uses its own default (`vb_batch.tasks.Task.default_template`).
     templates: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for task, template in self.templates.items():
-            if task not in TEMPLATE_SLOTS:
-                known = sorted(TEMPLATE_SLOTS)
-                raise ValueError(f"profile {self.name!r}: template for unknown task {task!r}; known: {known}")
-            missing = [slot for slot in TEMPLATE_SLOTS[task] if slot not in template]
+            if task not in TASKS:
+                raise ValueError(f"profile {self.name!r}: template for unknown task {task!r}; known: {TASKS.names()}")
+            missing = [slot for slot in TASKS[task].template_slots if slot not in template]
             if missing:
                 raise ValueError(f"profile {self.name!r}: the {task} template must contain {missing}")
 
@@ -57,28 +54,27 @@ RELATIVE_DEPTH_TEMPLATE = (
     "from near to far: black, red, yellow, green, cyan, blue, magenta, white."
 )
 
-PROFILES: dict[str, ModelProfile] = {
-    "vision-banana": ModelProfile("vision-banana"),
-    "open-vision-banana": ModelProfile(
-        "open-vision-banana",
-        depth_preset=OPEN_VISION_BANANA_DEPTH.name,
-        depth_relative=True,
-        templates={"depth": RELATIVE_DEPTH_TEMPLATE},
-    ),
-    "marigold": ModelProfile("marigold", depth_relative=True),
-}
+PROFILES: Registry[ModelProfile] = Registry(
+    "profile",
+    field="model.profile",
+    entries={
+        "vision-banana": ModelProfile("vision-banana"),
+        "open-vision-banana": ModelProfile(
+            "open-vision-banana",
+            depth_preset=OPEN_VISION_BANANA_DEPTH.name,
+            depth_relative=True,
+            templates={"depth": RELATIVE_DEPTH_TEMPLATE},
+        ),
+        "marigold": ModelProfile("marigold", depth_relative=True),
+    },
+)
 
 
 def register_profile(profile: ModelProfile, *, replace: bool = False) -> ModelProfile:
     """Make a profile available to `model.profile` by its name."""
-    if profile.name in PROFILES and PROFILES[profile.name] != profile and not replace:
-        raise ValueError(f"a different profile is already registered as {profile.name!r}; pass replace=True")
-    PROFILES[profile.name] = profile
+    PROFILES.register(profile.name, profile, replace=replace)
     return profile
 
 
 def get_profile(name: str) -> ModelProfile:
-    try:
-        return PROFILES[name]
-    except KeyError:
-        raise ConfigError(f"model.profile: unknown profile {name!r}; known: {sorted(PROFILES)}") from None
+    return PROFILES[name]
