@@ -21,8 +21,8 @@ import pytest
 import vb_batch
 from vb_batch.config import ConfigError, ModelConfig, load_config
 from vb_batch.io.outputs import read_output
-from vb_batch.models.base import create_backend, model_id
-from vb_batch.tasks import DEFAULT_TEMPLATES
+from vb_batch.models.base import create_backend, model_id, public_url
+from vb_batch.tasks import get_task
 
 TOKEN = "s3cr3t-token-4f9a"
 
@@ -34,6 +34,8 @@ class Painter:
         self.script: list[int] = []  # statuses of the next requests; then `status`
         self.status = 200
         self.answer: bytes | None = None  # a fixed body for 200s instead of the echo
+        self.reason: str | None = None  # the reason phrase of error answers (None: the standard one)
+        self.error_body: bytes | None = None  # a JSON body for error answers (None: the standard HTML page)
         self.delay_s = 0.0
         self.stall_first_s = 0.0  # the first request sleeps this long (to trip the client's timeout)
         self.requests: list[tuple[dict[str, str], dict]] = []
@@ -64,8 +66,16 @@ def painter():
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                if status != 200:
+                if status != 200 and state.reason is None and state.error_body is None:
                     self.send_error(status)
+                    return
+                if status != 200:
+                    error = state.error_body or b""
+                    self.send_response(status, state.reason)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(error)))
+                    self.end_headers()
+                    self.wfile.write(error)
                     return
                 answer = state.answer if state.answer is not None else json.dumps({"image": body["image"]}).encode()
                 self.send_response(200)
@@ -128,7 +138,7 @@ def test_paintings_from_the_endpoint_decode_to_the_painted_maps(painted_table, p
     assert len(painter.requests) == len(truth["depth"])
     for headers, body in painter.requests:
         assert headers["Authorization"] == f"Bearer {TOKEN}"
-        assert set(body) == {"prompt", "image", "quality"} and body["prompt"] == DEFAULT_TEMPLATES["depth"]
+        assert set(body) == {"prompt", "image", "quality"} and body["prompt"] == get_task("depth").default_template
     assert painter.max_in_flight == 2  # bounded: concurrency, not batch size
     # Provenance shows the endpoint without its query string; the token is nowhere.
     assert set(table.column("vb_model").to_pylist()) == {model_id(ModelConfig(backend="http", endpoint=painter.url))}
@@ -221,3 +231,47 @@ def test_backend_pickles_without_its_token_in_repr(painter):
     image = np.zeros((8, 8, 3), dtype=np.uint8)
     (answer,) = clone.predict([image], ["paint"], "depth", [0])
     np.testing.assert_array_equal(answer, image)
+
+
+def test_what_a_server_says_reaches_row_errors_with_every_secret_masked(painted_table, painter, tmp_path, caplog, capsys):
+    """A server that echoes the token, a header value and the endpoint's key back in its reason phrase and body."""
+    paths, truth = painted_table
+    team, key = "team-77aa0c", "qk-1f0e3b"
+    echo = f"token {TOKEN} (Bearer%20{TOKEN}) team {team} key={key}"
+    painter.script = [503]  # the first call is retried: its words go to a log line
+    painter.status = 400
+    painter.reason = f"Rejected {echo}"
+    painter.error_body = json.dumps({"error": {"message": f"{echo}: prompt refused"}}).encode()
+    summary = vb_batch.annotate(
+        job(paths["depth"], tmp_path / "out", f"{painter.url}&key={key}", max_retries=1, headers={"X-Team": team})
+    )
+    assert summary.rows_failed == len(truth["depth"])
+    headers, _ = painter.requests[0]
+    assert headers["Authorization"] == f"Bearer {TOKEN}" and headers["X-Team"] == team  # the secrets were sent
+    assert painter.paths[0].endswith(f"&key={key}")
+    table = read_output(str(tmp_path / "out"))
+    errors = table.column("vb_error").to_pylist()
+    for error in errors:  # the server's own words are kept, its echo of the secrets is not
+        assert error["message"].startswith(f"{public_url(painter.url)}: HTTP 400 Rejected token *** (***) team *** key=***")
+        assert "prompt refused" in error["message"]
+    assert "HTTP 503 Rejected token ***" in caplog.text and "retry 1/1" in caplog.text
+    out, err = capsys.readouterr()
+    texts = [caplog.text, out, err, errors, table.schema.metadata, (tmp_path / "out" / "_report.html").read_text()]
+    for secret in (TOKEN, team, key):
+        for text in texts:
+            assert secret not in str(text)
+
+
+def test_header_values_that_would_break_a_request_are_refused_without_being_shown():
+    for headers, why in (
+        ({"X-Team": "a\r\nX-Injected: s3cr3t-hv"}, "line break"),
+        ({"X-Goog-Api-Key": "s3cr3t-hv"}, "credential"),
+        ({"X Team": "s3cr3t-hv"}, "not an HTTP header name"),
+        ({"X-Team": "s3cr3t-hv\u2028"}, "not Latin-1"),
+    ):
+        with pytest.raises(ConfigError, match=rf"model\.headers: .*{why}") as caught:
+            load_config({"input": {"path": "x"}, "model": {"backend": "http", "headers": headers}})
+        assert "s3cr3t-hv" not in str(caught.value)
+    with pytest.raises(ConfigError, match=r"model\.endpoint: must be an http") as caught:
+        load_config({"input": {"path": "x"}, "model": {"backend": "http", "endpoint": "ftp://h/x?key=s3cr3t-q"}})
+    assert "s3cr3t-q" not in str(caught.value)

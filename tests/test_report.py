@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +36,47 @@ def browse(url: str, profile, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
+# The report runs no script (its Content-Security-Policy forbids them), so a page of the test's
+# own, served with it from one loopback origin, looks into it through an iframe: the report
+# loads exactly as it would alone, under its own policy.
+INSPECTOR = """<!doctype html><html><body><iframe id="report" src="%s" width="1200" height="900"></iframe><script>
+document.getElementById('report').addEventListener('load', function () {
+  var doc = this.contentDocument, imgs = Array.prototype.slice.call(doc.images);
+  var broken = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); });
+  document.body.setAttribute('data-images', imgs.length);
+  document.body.setAttribute('data-broken', broken.length);
+  document.body.setAttribute('data-scripts', doc.scripts.length);
+});
+</script></body></html>"""
+
+
+def inspect_report(report: Path, profile) -> dict[str, int]:
+    """{images, broken, scripts} of `report` as Chromium loaded it (over loopback HTTP, same origin)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    (report.parent / "_inspect.html").write_text(INSPECTOR % report.name)
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(report.parent)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        dom = browse(f"http://127.0.0.1:{server.server_address[1]}/_inspect.html", profile, "--dump-dom")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+        (report.parent / "_inspect.html").unlink()
+    body = re.search(r'<body data-images="(\d+)" data-broken="(\d+)" data-scripts="(\d+)"', dom.stdout)
+    assert body, dom.stderr[-2000:]
+    return dict(zip(("images", "broken", "scripts"), map(int, body.groups())))
+
+
 @pytest.fixture
 def annotated(tmp_path):
     legend = segmentation.Legend.from_names(["road", "car", "sky"])
@@ -63,13 +105,10 @@ def test_report_opens_in_chromium_with_every_image(annotated, tmp_path):
     assert summary.report.endswith(REPORT_NAME) and report.exists()
     text = report.read_text()
     assert "not_image" in text  # the error table names the failed row's code
-    dom = browse(report.as_uri(), tmp_path / "profile1", "--dump-dom")
-    body = re.search(r"<body[^>]*data-images=\"(\d+)\"[^>]*data-broken=\"(\d+)\"", dom.stdout)
-    assert body, dom.stderr[-2000:]
-    images, broken = int(body.group(1)), int(body.group(2))
-    # 4 samples x (input + depth + normals + segmentation) + 2 depth histograms + class fractions.
-    assert images == 4 * 4 + 3
-    assert broken == 0
+    seen = inspect_report(report, tmp_path / "profile1")
+    # 4 samples x (input + depth + normals + segmentation) + 2 depth histograms + class fractions,
+    # every one loaded under the report's Content-Security-Policy; and not one script.
+    assert seen == {"images": 4 * 4 + 3, "broken": 0, "scripts": 0}
     shot = tmp_path / "report.png"
     browse(report.as_uri(), tmp_path / "profile2", f"--screenshot={shot}", "--window-size=1200,1600")
     picture = np.asarray(Image.open(shot).convert("RGB"))
@@ -115,4 +154,4 @@ def test_report_fetches_uris_under_the_jobs_own_rules(tmp_path):
     outside.write_bytes(png_bytes(np.zeros((16, 16, 3), np.uint8)))  # a real image, outside the input folder
     inside = next((tmp_path / "imgs").iterdir())
     assert view.input_image({"uri": str(inside)}) is not None
-    assert view.input_image({"uri": str(outside)}) is None  # the job's rules refuse it: never read
+    assert view.input_image({"uri": str(outside)}) is None  # the stored prefixes (narrower) refuse it: never read

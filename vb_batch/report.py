@@ -5,6 +5,31 @@ opens from disk with no server: a sample grid of input / depth / normals /
 mask overlay with the legend, histograms of depth and class fractions, the
 error table, run summaries, config and provenance. It reads only summary
 columns for all rows, and full maps for the sampled rows alone.
+
+An output's files are data, never instructions: the report may be built from
+an output someone else wrote. What it guarantees:
+
+- Nothing in it runs. Every value read from the output (run records, schema and
+  field metadata, ids, error messages, summary values, the stored config) is
+  HTML-escaped for text and attributes (`html.escape(..., quote=True)`); numbers
+  are formatted from real numbers only ("?" otherwise); CSS colours are written
+  only from three integers in 0..255 (else a neutral grey); every `src` is a
+  `data:image/png;base64,` URI generated here. The page has no script, and a
+  Content-Security-Policy that forbids scripts, every fetch but `data:` images,
+  forms and `<base>`: a slip in escaping would still run and load nothing.
+- Its secrets stay masked: the stored config is shown through
+  `vb_batch.masking.redact` again (outputs written by older versions included).
+- Input pictures given by URI are fetched under rules the stored config cannot
+  widen. When vb_batch reports its own run, the live job's rules
+  (`write_report(..., input_config=cfg.input)`). Otherwise (`vb-batch report`,
+  `vb-batch show`, `input_config=None`) `OutputView.uri_rules`: the defaults
+  (URIs in the stored input path's own scheme; no loopback, private or
+  link-local http addresses; default size limits), narrowed by the stored
+  `allowed_prefixes` when they all lie in that scheme. The stored
+  `allow_private_addresses`, storage endpoint and any wider prefixes are
+  ignored; `allow_uri_prefixes` / `--allow-uri-prefix PREFIX` (repeatable;
+  replaces the prefixes, so it also narrows) and `allow_private_addresses` /
+  `--allow-private-addresses` are the user's knowing word.
 """
 
 from __future__ import annotations
@@ -14,6 +39,7 @@ import html
 import io
 import json
 import logging
+import math
 import posixpath
 from pathlib import Path
 from typing import Any
@@ -23,19 +49,65 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from vb_batch.config import StorageOptions
-from vb_batch.io.encodings import decode_map
+from vb_batch.config import InputConfig, StorageOptions
+from vb_batch.io.encodings import ColumnMeta, decode_map
 from vb_batch.io.filesystems import fsspec_filesystem
 from vb_batch.io.outputs import OutputView
+from vb_batch.masking import redact
 from vb_batch.previews import colorize_depth, colorize_normals, overlay_classes
 
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "_report.html"
 THUMB_SIDE = 256
+NEUTRAL_RGB = (128, 128, 128)  # a legend colour that is not three integers in 0..255
+# No script, no fetch: only data: images and the page's own inline styles.
+CONTENT_SECURITY_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 
 
-# ---------------------------------------------------------------------------- reading the output
+# ---------------------------------------------------------------------------- values from the output
+
+
+class Markup(str):
+    """HTML built here from escaped parts: `_table` writes it as is, and escapes every other cell."""
+
+
+def _text(value: Any) -> str:
+    """Any value as HTML text or attribute content."""
+    return html.escape(str(value), quote=True)
+
+
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else "?"
+
+
+def _number(value: Any, spec: str) -> str:
+    real = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return format(value, spec) if real else "?"
+
+
+def _rgb(colour: Any) -> tuple[int, int, int]:
+    """A legend colour as three ints in 0..255; anything else is neutral grey."""
+    valid = (
+        isinstance(colour, (list, tuple)) and len(colour) == 3
+        and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in colour)
+    )
+    return tuple(colour) if valid else NEUTRAL_RGB
+
+
+def _legend(meta: ColumnMeta) -> list[tuple[str, tuple[int, int, int]]]:
+    return [(str(name), _rgb(colour)) for name, colour in (meta.legend or [])]
+
+
+def _plot_text(text: Any, limit: int = 60) -> str:
+    """Text for a matplotlib label: bounded, and `$` literal (matplotlib would parse mathtext)."""
+    return str(text)[:limit].replace("$", r"\$")
+
+
+def _error_parts(err: Any) -> tuple[str, str]:
+    if isinstance(err, dict):
+        return str(err.get("code")), str(err.get("message"))
+    return "?", str(err)
 
 
 # ---------------------------------------------------------------------------- pictures
@@ -50,28 +122,36 @@ def png_data_uri(rgb: np.ndarray, max_side: int = THUMB_SIDE) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def row_pictures(view: OutputView, row: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Input and preview pictures of one output row, by name."""
+def row_pictures(view: OutputView, row: dict[str, Any], rules: InputConfig | None = None) -> dict[str, np.ndarray]:
+    """Input and preview pictures of one output row, by name; a map that cannot be decoded is left out.
+
+    `rules`: where URI inputs may be fetched (see the module docstring; None: `view.uri_rules()`).
+    """
     pictures: dict[str, np.ndarray] = {}
-    image = view.input_image(row)
+    image = view.input_image(row, rules)
     if image is not None:
         pictures["input"] = image
     for name, meta in view.maps.items():
         if row.get(name) is None:
             continue
-        values = decode_map(row[name], meta)
-        if meta.kind == "depth":
-            pictures[name] = colorize_depth(values, relative=meta.unit.startswith("relative"))
-        elif meta.kind == "normals":
-            pictures[name] = colorize_normals(values, meta.frame or "opengl")
-        else:
-            colours = (
-                np.array([c for _, c in meta.legend], np.uint8) if meta.legend else np.array([[255, 64, 64]], np.uint8)
-            )
-            ids = values.astype(np.int64) if meta.legend else np.where(values > 0, 0, 1)
-            base = image if image is not None and image.shape[:2] == ids.shape else np.zeros(ids.shape + (3,), np.uint8)
-            pictures[name] = overlay_classes(base, ids, colours)
+        try:
+            pictures[name] = map_picture(decode_map(row[name], meta), meta, image)
+        except Exception as exc:  # noqa: BLE001 - one undecodable cell must not stop the report
+            log.warning("report: no picture of %s for row %s: %s", name, row.get(view.id_column), exc)
     return pictures
+
+
+def map_picture(values: np.ndarray, meta: ColumnMeta, image: np.ndarray | None) -> np.ndarray:
+    """A decoded map as a picture: colourised depth, normals as colour, classes over the input."""
+    if meta.kind == "depth":
+        return colorize_depth(values, relative=str(meta.unit).startswith("relative"))
+    if meta.kind == "normals":
+        return colorize_normals(values, meta.frame or "opengl")
+    legend = _legend(meta)
+    colours = np.array([c for _, c in legend] if legend else [[255, 64, 64]], np.uint8)
+    ids = values.astype(np.int64) if legend else np.where(values > 0, 0, 1)
+    base = image if image is not None and image.shape[:2] == ids.shape else np.zeros(ids.shape + (3,), np.uint8)
+    return overlay_classes(base, ids, colours)
 
 
 def _figure_uri(fig) -> str:
@@ -100,7 +180,7 @@ def _histogram_uri(values: list[np.ndarray] | np.ndarray, title: str, xlabel: st
         bins = 40
     ax.hist(data, bins=bins, color="#3b6fb6")
     ax.set_title(title, fontsize=10)
-    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_xlabel(_plot_text(xlabel), fontsize=9)
     ax.tick_params(labelsize=8)
     return _figure_uri(fig)
 
@@ -112,7 +192,8 @@ def _bars_uri(names: list[str], values: list[float], colours: list[tuple[int, in
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 0.3 * len(names) + 1), dpi=100)
-    ax.barh(names[::-1], values[::-1], color=[tuple(c / 255 for c in rgb) for rgb in colours[::-1]], edgecolor="#444")
+    labels = [_plot_text(n) for n in names]
+    ax.barh(labels[::-1], values[::-1], color=[tuple(c / 255 for c in rgb) for rgb in colours[::-1]], edgecolor="#444")
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("mean fraction of pixels", fontsize=9)
     ax.tick_params(labelsize=8)
@@ -128,18 +209,7 @@ table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;paddin
 .grid td{vertical-align:top}.grid img{max-width:256px;image-rendering:pixelated;display:block}
 .swatch{display:inline-block;width:12px;height:12px;border:1px solid #444;margin:0 4px 0 10px;vertical-align:middle}
 .ok{color:#17733a}.bad{color:#b3261e}pre{background:#f6f6f6;padding:8px;font-size:12px;overflow:auto}
-#broken{color:#b3261e;font-weight:bold}
-"""
-
-# Tells a reader (and the headless-browser test) when a picture failed to load.
-CHECK_IMAGES = """
-window.addEventListener('load', function () {
-  var imgs = Array.prototype.slice.call(document.images);
-  var broken = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); });
-  document.body.setAttribute('data-images', imgs.length);
-  document.body.setAttribute('data-broken', broken.length);
-  if (broken.length) document.getElementById('broken').textContent = broken.length + ' picture(s) failed to load';
-});
+.note{color:#555}
 """
 
 
@@ -147,82 +217,145 @@ def _run_records(view: OutputView) -> list[dict[str, Any]]:
     fs, root = fsspec_filesystem(view.path, view.storage)
     records = []
     for path in sorted(fs.glob(posixpath.join(root, "_vb", "runs", "*.json"))):
-        with fs.open(path, "rb") as f:
-            records.append(json.loads(f.read()))
+        try:
+            with fs.open(path, "rb") as f:
+                record = json.loads(f.read())
+        except (OSError, ValueError) as exc:
+            log.warning("report: skipped run record %s: %s", path, exc)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    """An HTML table; every cell is escaped text unless it is `Markup` built here."""
+
+    def cell(value: Any) -> str:
+        return value if isinstance(value, Markup) else _text(value)
+
+    head = "".join(f"<th>{_text(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def build_report(path: str, storage: StorageOptions | None = None, samples: int = 12) -> str:
-    """The report's HTML for the output dataset at `path`."""
+def _run_row(record: dict[str, Any]) -> list[Any]:
+    status = Markup("finished") if record.get("success") is True else Markup("<span class='bad'>failed</span>")
+    by_code = record.get("errors_by_code")
+    errors = ", ".join(f"{code}: {_count(n)}" for code, n in by_code.items()) if isinstance(by_code, dict) else ""
+    return [
+        record.get("run_id", ""), status, record.get("engine", ""), _count(record.get("rows_ok")),
+        _count(record.get("rows_failed")), _count(record.get("rows_skipped")), _number(record.get("seconds"), ".1f"),
+        _number(record.get("rows_per_second"), ".2f"), errors, record.get("message", ""),
+    ]
+
+
+def _numbers(values: list[Any]) -> np.ndarray:
+    return np.array([v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)], np.float64)
+
+
+def _distributions(view: OutputView, overview: pa.Table, summary_cols: list[str], sample: list[dict]) -> list[str]:
+    """Histogram and bar-chart data URIs from summary columns (all rows) and pixels (sampled rows)."""
+    plots = []
+    for col in summary_cols:
+        if col.endswith(("_median_m", "_median_rel")):
+            values = _numbers(overview.column(col).to_pylist())
+            if values.size:
+                unit = "m" if col.endswith("_m") else "relative"
+                plots.append(_histogram_uri(values, f"per-row median depth ({len(values)} rows)", unit, log_x=unit == "m"))
+    depth_col = view.column_of("depth")
+    if depth_col and sample:
+        meta = view.maps[depth_col]
+        pixels = []
+        for row in sample:
+            if row.get(depth_col) is None:
+                continue
+            try:
+                pixels.append(np.asarray(decode_map(row[depth_col], meta), np.float64).ravel())
+            except Exception as exc:  # noqa: BLE001 - one undecodable cell must not stop the report
+                log.debug("report: depth of row %s left out of the histogram: %s", row.get(view.id_column), exc)
+        if pixels:
+            plots.append(_histogram_uri(np.concatenate(pixels), f"depth of all pixels in {len(pixels)} samples",
+                                        meta.unit, log_x=meta.unit == "m"))
+    for col in summary_cols:
+        meta = view.maps.get(col[: -len("_fractions")]) if col.endswith("_fractions") else None
+        if meta is None or not meta.legend:
+            continue
+        legend = _legend(meta)
+        rows = []
+        for cell in overview.column(col).to_pylist():
+            if isinstance(cell, list) and len(cell) == len(legend) and all(isinstance(f, dict) for f in cell):
+                fractions = _numbers([f.get("fraction") for f in cell])
+                if fractions.size == len(legend):
+                    rows.append(fractions)
+        if rows:
+            plots.append(_bars_uri([n for n, _ in legend], list(np.mean(rows, axis=0)), [c for _, c in legend],
+                                   f"class fractions ({len(rows)} rows)"))
+    return plots
+
+
+def build_report(
+    path: str, storage: StorageOptions | None = None, samples: int = 12, input_config: InputConfig | None = None,
+    *, allow_uri_prefixes: list[str] | None = None, allow_private_addresses: bool = False,
+) -> str:
+    """The report's HTML for the output dataset at `path`.
+
+    `input_config`: the URI fetch rules of the job that wrote the output, when vb_batch reports its
+    own run (trusted as given). Otherwise the stored config's rules, never wider than the defaults,
+    widened only by `allow_uri_prefixes` / `allow_private_addresses` (see the module docstring).
+    """
     view = OutputView(path, storage)
-    e = html.escape
-    id_col = view.id_column
-    summary_cols = [c for c in view.schema.names if c.endswith(("_median_m", "_median_rel", "_fractions"))]
-    overview = view.read([id_col, "vb_error", "vb_model", "vb_run_id", *summary_cols])
+    rules = input_config or view.uri_rules(allow_uri_prefixes, allow_private_addresses)
+    e = _text
+    id_col = view.id_column if isinstance(view.id_column, str) and view.id_column in view.schema.names else None
+    summary_cols = [
+        c for c in view.schema.names
+        if (c.endswith(("_median_m", "_median_rel")) and pa.types.is_floating(view.schema.field(c).type))
+        or c.endswith("_fractions")
+    ]
+    overview = view.read([c for c in (id_col, "vb_error", "vb_model", "vb_run_id", *summary_cols) if c])
     n_rows = overview.num_rows
+    ids = overview.column(id_col).to_pylist() if id_col else list(range(n_rows))
     errors = overview.column("vb_error").to_pylist() if "vb_error" in overview.column_names else [None] * n_rows
-    failed = [(i, err) for i, err in zip(overview.column(id_col).to_pylist(), errors) if err]
-    parts = [f"<h1>vb-batch run report</h1><p id='broken'></p><p>Output <code>{e(path)}</code>: {n_rows} rows, "
-             f"<span class='ok'>{n_rows - len(failed)} ok</span>, <span class='bad'>{len(failed)} failed</span>.</p>"]
+    failed = [(i, err) for i, err in zip(ids, errors) if err]
+    parts = [(f"<h1>vb-batch run report</h1><p>Output <code>{e(path)}</code>: {n_rows} rows, "
+              f"<span class='ok'>{n_rows - len(failed)} ok</span>, <span class='bad'>{len(failed)} failed</span>.</p>")]
 
     runs = _run_records(view)
     if runs:
-        rows = [[e(r.get("run_id", "")), "finished" if r.get("success") else "<span class='bad'>failed</span>",
-                 r.get("engine", ""), r.get("rows_ok", 0), r.get("rows_failed", 0), r.get("rows_skipped", 0),
-                 f"{r.get('seconds', 0):.1f}", f"{r.get('rows_per_second', 0):.2f}"] for r in runs]
-        parts.append("<h2>Runs</h2>" + _table(["run", "status", "engine", "ok", "failed", "skipped", "seconds", "rows/s"], rows))
+        headers = ["run", "status", "engine", "ok", "failed", "skipped", "seconds", "rows/s", "errors", "message"]
+        parts.append("<h2>Runs</h2>" + _table(headers, [_run_row(r) for r in runs]))
 
     # Sample grid: the first rows that succeeded, full maps for those only.
     map_names = list(view.maps)
     ok_filter = pc.field("vb_error").is_null() if "vb_error" in view.schema.names else None
     sample = view.read(view.schema.names, filter=ok_filter, limit=samples).to_pylist()
     parts.append(f"<h2>Samples ({len(sample)} of {n_rows - len(failed)} successful rows)</h2>")
-    legend_html = ""
     for name, meta in view.maps.items():
         if meta.legend:
             swatches = "".join(
-                f"<span class='swatch' style='background:rgb{tuple(c)}'></span>{e(n)}" for n, c in meta.legend
+                f"<span class='swatch' style='background:rgb{rgb}'></span>{e(label)}" for label, rgb in _legend(meta)
             )
-            legend_html += f"<p><b>{e(name)}</b> legend: {swatches}</p>"
-    parts.append(legend_html)
+            parts.append(f"<p><b>{e(name)}</b> legend: {swatches}</p>")
     grid_rows = []
+    missing_inputs = 0
     for row in sample:
-        pictures = row_pictures(view, row)
-        cells = [f"<b>{e(str(row.get(id_col)))}</b>"]
+        pictures = row_pictures(view, row, rules)
+        missing_inputs += "input" not in pictures
+        cells: list[Any] = [Markup(f"<b>{e(row.get(id_col) if id_col else '?')}</b>")]
         for name in ["input", *map_names]:
-            cells.append(f"<img alt='{e(name)}' src='{png_data_uri(pictures[name])}'>" if name in pictures else "&ndash;")
+            cells.append(Markup(f"<img alt='{e(name)}' src='{png_data_uri(pictures[name])}'>") if name in pictures
+                         else Markup("&ndash;"))
         grid_rows.append(cells)
+    if missing_inputs and view.uri_column and input_config is None:
+        parts.append(
+            f"<p class='note'>{missing_inputs} input picture(s) not shown: inputs given by URI are fetched only "
+            "under the default rules; to fetch more, run <code>vb-batch report OUTPUT --allow-uri-prefix PREFIX"
+            "</code> (and <code>--allow-private-addresses</code> for hosts on a private network).</p>"
+        )
     parts.append("<div class='grid'>" + _table(["id", "input", *map_names], grid_rows) + "</div>")
 
-    # Distributions from summary columns (all rows) and pixels (sampled rows).
-    plots = []
-    for col in summary_cols:
-        if col.endswith(("_median_m", "_median_rel")):
-            values = np.array([v for v in overview.column(col).to_pylist() if v is not None])
-            if values.size:
-                unit = "m" if col.endswith("_m") else "relative"
-                plots.append(_histogram_uri(values, f"per-row median depth ({len(values)} rows)", unit, log_x=unit == "m"))
-    depth_col = view.column_of("depth")
-    if depth_col and sample:
-        pixels = [decode_map(r[depth_col], view.maps[depth_col]).ravel() for r in sample if r.get(depth_col) is not None]
-        if pixels:
-            unit = view.maps[depth_col].unit
-            plots.append(_histogram_uri(np.concatenate(pixels), f"depth of all pixels in {len(pixels)} samples", unit,
-                                        log_x=unit == "m"))
-    for col in summary_cols:
-        if col.endswith("_fractions"):
-            cells = [c for c in overview.column(col).to_pylist() if c]
-            meta = view.maps.get(col[: -len("_fractions")])
-            if cells and meta and meta.legend:
-                names = [n for n, _ in meta.legend]
-                means = np.mean([[f["fraction"] for f in c] for c in cells], axis=0)
-                plots.append(_bars_uri(names, list(means), [c for _, c in meta.legend], f"class fractions ({len(cells)} rows)"))
+    plots = _distributions(view, overview, summary_cols, sample)
     if plots:
         parts.append("<h2>Distributions</h2>" + "".join(f"<img alt='plot' src='{p}'> " for p in plots))
 
@@ -230,38 +363,63 @@ def build_report(path: str, storage: StorageOptions | None = None, samples: int 
     if failed:
         by_code: dict[str, list] = {}
         for row_id, err in failed:
-            by_code.setdefault(err["code"], []).append((row_id, err["message"]))
-        rows = [[e(code), len(items), "<br>".join(f"{e(str(i))}: {e(m)}" for i, m in items[:3])]
+            code, message = _error_parts(err)
+            by_code.setdefault(code, []).append((row_id, message))
+        rows = [[code, len(items), Markup("<br>".join(f"{e(i)}: {e(m)}" for i, m in items[:3]))]
                 for code, items in sorted(by_code.items(), key=lambda kv: -len(kv[1]))]
         parts.append(_table(["code", "rows", "examples"], rows))
     else:
         parts.append("<p class='ok'>No row failed.</p>")
 
-    models = sorted(set(overview.column("vb_model").to_pylist())) if "vb_model" in overview.column_names else []
+    def distinct(column: str) -> str:
+        values = overview.column(column).to_pylist() if column in overview.column_names else []
+        return ", ".join(sorted({str(v) for v in values if v is not None}))
+
     meta = view.schema.metadata or {}
     parts.append("<h2>Provenance</h2>" + _table(["key", "value"], [
-        ["vb_batch version", e(meta.get(b"vb.version", b"?").decode())],
-        ["model(s)", e(", ".join(str(m) for m in models))],
-        ["runs", e(", ".join(sorted(set(overview.column("vb_run_id").to_pylist()))) if "vb_run_id" in overview.column_names else "")],
+        ["vb_batch version", meta.get(b"vb.version", b"?").decode("utf-8", "replace")],
+        ["model(s)", distinct("vb_model")],
+        ["runs", distinct("vb_run_id")],
     ]))
-    field_rows = [[e(n), e(m.kind), e(m.encoding), e(m.unit), e(str(m.scale or "")), e(m.frame or "")] for n, m in view.maps.items()]
+    field_rows = [[n, m.kind, m.encoding, m.unit, m.scale if m.scale is not None else "", m.frame or ""]
+                  for n, m in view.maps.items()]
     parts.append(_table(["column", "kind", "encoding", "unit", "scale", "frame"], field_rows))
-    parts.append("<h2>Config</h2><pre>" + e(json.dumps(view.job, indent=2)) + "</pre>")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>vb-batch report</title>"
-            f"<style>{STYLE}</style><script>{CHECK_IMAGES}</script></head><body>{''.join(parts)}</body></html>")
+    # Masked again: an output written before masking covered URLs and headers keeps them here.
+    parts.append("<h2>Config</h2><pre>" + e(json.dumps(redact(view.job), indent=2, default=str)) + "</pre>")
+    return (f"<!doctype html><html><head><meta charset='utf-8'>"
+            f"<meta http-equiv='Content-Security-Policy' content=\"{CONTENT_SECURITY_POLICY}\">"
+            f"<title>vb-batch report</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
 
 
-def write_report(path: str, storage: StorageOptions | None = None, samples: int = 12) -> str:
-    """(Re)write `<path>/_report.html`; returns where it went."""
-    text = build_report(path, storage, samples)
+def write_report(
+    path: str, storage: StorageOptions | None = None, samples: int = 12, input_config: InputConfig | None = None,
+    *, allow_uri_prefixes: list[str] | None = None, allow_private_addresses: bool = False,
+) -> str:
+    """(Re)write `<path>/_report.html`; returns where it went.
+
+    The job that wrote the output passes its own `input_config=cfg.input`; see `build_report`.
+    """
+    text = build_report(path, storage, samples, input_config,
+                        allow_uri_prefixes=allow_uri_prefixes, allow_private_addresses=allow_private_addresses)
     fs, root = fsspec_filesystem(path, storage)
     target = posixpath.join(root, REPORT_NAME)
     fs.pipe_file(target, text.encode())
     return target if "://" not in path else path.rstrip("/") + "/" + REPORT_NAME
 
 
-def show_row(path: str, row_id: str, out_dir: str | Path, storage: StorageOptions | None = None) -> list[Path]:
-    """Write the input and preview PNGs of one row to `out_dir`; returns the files."""
+def _file_name(text: Any) -> str:
+    """A name from the output (an id, a column) as one part of a file name: no separator can make it a path."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(text))[:100] or "_"
+
+
+def show_row(
+    path: str, row_id: str, out_dir: str | Path, storage: StorageOptions | None = None,
+    *, allow_uri_prefixes: list[str] | None = None, allow_private_addresses: bool = False,
+) -> list[Path]:
+    """Write the input and preview PNGs of one row to `out_dir`; returns the files.
+
+    URI inputs are fetched under `OutputView.uri_rules` (the stored config never widens them).
+    """
     view = OutputView(path, storage)
     ids = view.read([view.id_column]).column(view.id_column)
     typed_id: Any = row_id
@@ -275,10 +433,11 @@ def show_row(path: str, row_id: str, out_dir: str | Path, storage: StorageOption
         log.warning("row %s failed: %s", row_id, row["vb_error"])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(row_id))
     written = []
-    for name, rgb in row_pictures(view, row).items():
-        target = out_dir / f"{safe}_{name}.png"
+    rules = view.uri_rules(allow_uri_prefixes, allow_private_addresses)
+    for name, rgb in row_pictures(view, row, rules).items():
+        # Column names come from the output's schema: never a path of their own.
+        target = out_dir / f"{_file_name(row_id)}_{_file_name(name)}.png"
         Image.fromarray(rgb).save(target)
         written.append(target)
     return written

@@ -9,6 +9,11 @@ Protocol: `POST {model.endpoint}` with the JSON body
   (default `Authorization: Bearer ...`). It never enters the job config, the
   logs, the row errors or the output's metadata; endpoints are shown
   without their query string.
+- What a server says back (its reason phrase, the start of a JSON or text
+  error body) goes into row errors and log lines only after the token, every
+  `model.headers` value and the endpoint's query string (whole and each value)
+  are masked out of it, also URL-quoted or JSON-escaped: a server that echoes a
+  request cannot leak it.
 - At most `model.concurrency` requests are in flight; `model.timeout_s`
   bounds each socket operation (connect, each read).
 - 429, 5xx, timeouts and connection errors are retried `model.max_retries`
@@ -51,11 +56,15 @@ from PIL import Image
 from vb_batch.config import ConfigError
 from vb_batch.errors import RowError
 from vb_batch.io.images import decode_image
+from vb_batch.masking import scrub, url_secrets
 from vb_batch.models.base import ModelBackend, public_url
 
 log = logging.getLogger(__name__)
 
 ANSWER_MAX_PIXELS = 64_000_000
+# How much of a server's error body is read, and shown in a row error: enough for an API's message.
+ERROR_BODY_READ_BYTES = 4096
+ERROR_TEXT_CHARS = 300
 MAX_RETRY_AFTER_S = 60.0
 RETRY_STATUS = frozenset({408, 425, 429}) | frozenset(range(500, 600))
 # Failures of the connection itself (refused, reset, timed out, cut short): always worth a retry.
@@ -78,6 +87,24 @@ def png_base64(image: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG", compress_level=1)
     return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def server_text(raw: bytes | str, limit: int = ERROR_TEXT_CHARS) -> str:
+    """Text a server sent, fit for one line of a message: printable, whitespace collapsed, bounded."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    text = " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def error_body(exc: urllib.error.HTTPError) -> str:
+    """The start of an error answer's body when it is JSON or plain text (an API's own message); else ""."""
+    content_type = (exc.headers.get("Content-Type", "") if exc.headers else "").lower()
+    if not ("json" in content_type or content_type.startswith("text/plain")):
+        return ""  # an HTML error page says nothing the status does not
+    try:
+        return server_text(exc.read(ERROR_BODY_READ_BYTES))
+    except (OSError, http.client.HTTPException):
+        return ""
 
 
 def read_answer(body: bytes) -> np.ndarray:
@@ -112,11 +139,14 @@ class HttpBackend(ModelBackend):
         self.url = cfg.endpoint
         self.shown_url = public_url(cfg.endpoint)
         self._headers = {"Content-Type": "application/json", "Accept": "application/json", **cfg.headers}
+        # What a server might echo back and must never be shown: masked out of its text by `_scrub`.
+        self._secrets = {*cfg.headers.values(), *url_secrets(cfg.endpoint)}
         if cfg.token_env:
             token = os.environ.get(cfg.token_env)
             if not token:
                 raise ConfigError(f"model.token_env: the environment variable {cfg.token_env!r} is not set or empty")
             self._headers[cfg.token_header] = f"{cfg.token_scheme} {token}" if cfg.token_scheme else token
+            self._secrets |= {token, self._headers[cfg.token_header]}
         self._opener = build_opener()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -145,6 +175,9 @@ class HttpBackend(ModelBackend):
         calls = [self._executor().submit(self._paint, image, prompt) for image, prompt in zip(images, prompts)]
         return [call.result() for call in calls]
 
+    def _scrub(self, text: str) -> str:
+        return scrub(text, self._secrets)
+
     def _paint(self, image: np.ndarray, prompt: str) -> np.ndarray | RowError:
         body = json.dumps({"prompt": prompt, "image": png_base64(image), **self.cfg.options}).encode()
         attempt = 0
@@ -157,14 +190,17 @@ class HttpBackend(ModelBackend):
                     answer = response.read()
                 return read_answer(answer)
             except RowError as err:
-                return err
+                return RowError(err.code, self._scrub(err.message))
             except urllib.error.HTTPError as exc:
-                reason, retryable = f"HTTP {exc.code} {exc.reason}", exc.code in RETRY_STATUS
+                reason = f"HTTP {exc.code} {self._scrub(server_text(exc.reason or '', 100))}".rstrip()
+                detail = self._scrub(error_body(exc))
+                reason = f"{reason}: {detail}" if detail else reason
+                retryable = exc.code in RETRY_STATUS
                 retry_after = exc.headers.get("Retry-After") if exc.headers else None
                 exc.close()
             except CONNECTION_ERRORS as exc:
                 cause = getattr(exc, "reason", exc)
-                reason, retryable = f"{type(cause).__name__}: {cause}", True
+                reason, retryable = f"{type(cause).__name__}: {self._scrub(server_text(str(cause)))}", True
             if not retryable or attempt > self.cfg.max_retries:
                 log.warning("%s: %s after %d attempt(s); the row gets an error", self.shown_url, reason, attempt)
                 return RowError("model_http_error", f"{self.shown_url}: {reason} after {attempt} attempt(s)")

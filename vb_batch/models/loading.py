@@ -18,11 +18,35 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> str:
-    """`auto` -> cuda when a GPU is visible, else cpu; anything else as given."""
+    """`auto` -> cuda when a GPU is visible, else cpu; anything else as given, once this process can use it.
+
+    Called where the model loads (the local process, a Ray actor, a Spark executor), not when the
+    config is read: a driver without a GPU may well drive workers that have one. A device this
+    process cannot use is a `ConfigError` naming `model.device`, not a traceback from deep in torch.
+    """
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            raise ConfigError(
+                f"model.device: {device!r}, but this torch build ({torch.__version__}) has no CUDA: install a CUDA "
+                "build of torch (https://pytorch.org/get-started/locally/), or use model.device: cpu (or auto)"
+            )
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"model.device: {device!r}, but torch sees no CUDA GPU here (check the driver and "
+                "CUDA_VISIBLE_DEVICES), or use model.device: cpu (or auto)"
+            )
+        if index and int(index) >= count:
+            raise ConfigError(f"model.device: {device!r}, but only {count} CUDA GPU(s) are visible (cuda:0..cuda:{count - 1})")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"model.device: {device!r}, but MPS (Apple GPU) is not available here; use cpu or auto")
+    elif kind == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise ConfigError(f"model.device: {device!r}, but no Intel XPU is available to this torch; use cpu or auto")
     return device
 
 
