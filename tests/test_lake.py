@@ -17,7 +17,8 @@ import vb_batch
 from vb_batch.codecs import depth
 from vb_batch.config import ConfigError, OutputConfig, load_config
 from vb_batch.errors import OutputExistsError
-from vb_batch.io import lake
+from vb_batch.io import delta, iceberg
+from vb_batch.io.filesystems import fsspec_filesystem
 from vb_batch.io.outputs import open_output, read_output
 from vb_batch.io.sources import open_source, read_unit
 from vb_batch.models.identity import IdentityBackend
@@ -101,7 +102,7 @@ def test_delta_output_modes_and_metadata(tmp_path):
     assert os.path.exists(f"{out}/_report.html")
 
     other = {**cfg, "tasks": ["depth", "normals"], "output": {**cfg["output"], "mode": "append"}}
-    with pytest.raises(ConfigError, match="other columns"):
+    with pytest.raises(ConfigError, match="different job.*columns only in this job"):
         vb_batch.annotate(other)
 
 
@@ -110,7 +111,7 @@ def test_iceberg_output_modes_and_metadata(tmp_path, catalog):
     out = {"format": "iceberg", "table": "labels.depth", "catalog": catalog, "mode": "error"}
     cfg = job({"path": str(tmp_path / "in.parquet")}, out)
     assert vb_batch.annotate(cfg).success
-    table = lake.iceberg_catalog(catalog).load_table("labels.depth")  # pyiceberg's own reader
+    table = iceberg.iceberg_catalog(catalog).load_table("labels.depth")  # pyiceberg's own reader
     assert len(table.snapshots()) == 1 and table.scan().to_arrow().num_rows == 5
     assert json.loads(table.properties["vb.column.depth"])["vb.unit"] == "m"
     output = OutputConfig(**out)
@@ -127,10 +128,10 @@ def test_iceberg_output_modes_and_metadata(tmp_path, catalog):
     assert read_output(output).num_rows == 10
     vb_batch.annotate({**cfg, "output": {**out, "mode": "overwrite"}})
     assert read_output(output).num_rows == 5
-    snapshots = len(lake.iceberg_catalog(catalog).load_table("labels.depth").snapshots())
+    snapshots = len(iceberg.iceberg_catalog(catalog).load_table("labels.depth").snapshots())
     summary = vb_batch.annotate({**cfg, "output": {**out, "mode": "resume"}})
     assert summary.rows_skipped == 5 and summary.rows_processed == 0
-    assert len(lake.iceberg_catalog(catalog).load_table("labels.depth").snapshots()) == snapshots
+    assert len(iceberg.iceberg_catalog(catalog).load_table("labels.depth").snapshots()) == snapshots
 
 
 def test_config_names_the_lake_fields():
@@ -164,7 +165,7 @@ def test_partitioned_output(tmp_path, catalog, fmt):
         assert sorted(table.partitions(), key=str) == [{"day": "2026-11-01"}, {"day": "2026-11-02"}]
         assert table.to_pyarrow_table(filters=[("day", "=", "2026-11-02")]).num_rows == 3
     else:
-        table = lake.iceberg_catalog(catalog).load_table("labels.by_day")
+        table = iceberg.iceberg_catalog(catalog).load_table("labels.by_day")
         assert [f.name for f in table.spec().fields] == ["day"]
         assert table.scan(row_filter="day = '2026-11-02'").to_arrow().num_rows == 3
     output = OutputConfig(**out, partition_by=["day"])
@@ -178,7 +179,7 @@ def test_a_crash_before_the_commit_leaves_nothing_visible(tmp_path, catalog, fmt
     out = ({"format": "delta", "path": str(tmp_path / "labels")} if fmt == "delta"
            else {"format": "iceberg", "table": "labels.crash", "catalog": catalog})
     cfg = job({"path": str(tmp_path / "in.parquet")}, {**out, "commit_every": 0})
-    sink_class = lake.DeltaSink if fmt == "delta" else lake.IcebergSink
+    sink_class = delta.DeltaSink if fmt == "delta" else iceberg.IcebergSink
     real_commit = sink_class._commit_added
 
     def die_after_moving(self, paths, mode, key):
@@ -189,12 +190,12 @@ def test_a_crash_before_the_commit_leaves_nothing_visible(tmp_path, catalog, fmt
         vb_batch.annotate(cfg)
     monkeypatch.setattr(sink_class, "_commit_added", real_commit)
     if fmt == "delta":
-        assert lake.delta_table(out["path"], None) is None  # no table version at all
+        assert delta.delta_table(out["path"], None) is None  # no table version at all
         moved = [p for p in os.listdir(out["path"]) if p.startswith("part-")]
     else:
-        table = lake.iceberg_catalog(catalog).load_table("labels.crash")
+        table = iceberg.iceberg_catalog(catalog).load_table("labels.crash")
         assert table.current_snapshot() is None
-        moved = os.listdir(lake.fsspec_filesystem(table.location())[1] + "/data")
+        moved = os.listdir(fsspec_filesystem(table.location())[1] + "/data")
     assert len(moved) == 3  # moved into the table, never committed: invisible
 
     summary = vb_batch.annotate(cfg)  # resume: the orphans go, every row is done once
@@ -239,7 +240,7 @@ def test_lake_tables_in_and_out_of_s3(s3, tmp_path):
     catalog = {"type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db", "warehouse": s3.url("warehouse")}
     iceberg_out = {"format": "iceberg", "table": "labels.images", "catalog": catalog, "storage": s3.storage}
     vb_batch.annotate(job(source, iceberg_out))
-    table = lake.iceberg_catalog(catalog, StorageOptions(**s3.storage)).load_table("labels.images")
+    table = iceberg.iceberg_catalog(catalog, StorageOptions(**s3.storage)).load_table("labels.images")
     assert table.location().startswith(s3.url("warehouse"))
     assert sorted(table.scan().to_arrow().column("id").to_pylist()) == ["img-0", "img-2", "img-4", "img-6"]
     assert_depths(OutputConfig(**iceberg_out), ["img-0", "img-2", "img-4", "img-6"])
@@ -273,7 +274,7 @@ def test_incremental_delta_job_processes_only_new_rows(tmp_path):
 
 
 def test_incremental_iceberg_job_processes_only_new_rows(tmp_path, catalog):
-    source = lake.iceberg_catalog(catalog)
+    source = iceberg.iceberg_catalog(catalog)
     source.create_namespace("raw")
     images = source.create_table("raw.images", schema=first_rows(1).schema)
     images.append(first_rows(6))
@@ -285,11 +286,11 @@ def test_incremental_iceberg_job_processes_only_new_rows(tmp_path, catalog):
     assert model.images == 6
 
     images.append(first_rows(4, start=6))
-    before = len(lake.iceberg_catalog(catalog).load_table("labels.images").snapshots())
+    before = len(iceberg.iceberg_catalog(catalog).load_table("labels.images").snapshots())
     model = CountingBackend()
     summary = vb_batch.annotate(cfg, backend=model)
     assert model.images == 4 and summary.rows_skipped == 6
-    assert len(lake.iceberg_catalog(catalog).load_table("labels.images").snapshots()) == before + 1
+    assert len(iceberg.iceberg_catalog(catalog).load_table("labels.images").snapshots()) == before + 1
     assert_depths(OutputConfig(**out), [f"img-{i}" for i in range(10)])
 
 
@@ -307,9 +308,9 @@ def test_filter_points_a_scheduled_job_at_one_partition(tmp_path, catalog):
     parquet_source = open_source(load_config({"input": {"path": str(tmp_path / "in.parquet"),
                                                         "filter": "day = '2026-11-01' and id != 'img-0'"}}).input)
     assert parquet_source.count_rows() == 3
-    iceberg = lake.iceberg_catalog(catalog)
-    iceberg.create_namespace("raw")
-    iceberg.create_table("raw.images", schema=first_rows(1).schema).append(first_rows(8))
+    catalog_ = iceberg.iceberg_catalog(catalog)
+    catalog_.create_namespace("raw")
+    catalog_.create_table("raw.images", schema=first_rows(1).schema).append(first_rows(8))
     iceberg_source = open_source(load_config({"input": {"format": "iceberg", "table": "raw.images", "catalog": catalog,
                                                         "filter": "id in ('img-1', 'img-2')"}}).input)
     assert sorted(b["id"] for batch in iceberg_source.batches(10) for b in batch.to_pylist()) == ["img-1", "img-2"]

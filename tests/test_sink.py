@@ -17,7 +17,7 @@ from conftest import png_bytes
 
 import vb_batch
 from vb_batch.codecs import depth
-from vb_batch.config import OutputConfig
+from vb_batch.config import ConfigError, OutputConfig
 from vb_batch.errors import OutputExistsError
 from vb_batch.io.outputs import read_output
 from vb_batch.io.sinks import ParquetSink
@@ -158,7 +158,7 @@ def test_new_rows_only_on_rerun(tmp_path):
     assert sorted(read_output(str(tmp_path / "out")).column("id").to_pylist()) == list(range(9))
 
 
-def test_interrupted_commit_is_rolled_forward_and_orphans_removed(tmp_path):
+def test_interrupted_commit_is_rolled_forward_and_foreign_files_are_never_touched(tmp_path):
     schema = pa.schema([pa.field("id", pa.int64())])
     out = OutputConfig(path=str(tmp_path / "out"), rows_per_file=2, commit_every=0)
     sink = ParquetSink(out, "run1", schema)
@@ -170,13 +170,16 @@ def test_interrupted_commit_is_rolled_forward_and_orphans_removed(tmp_path):
     record = {"run_id": "run1", "files": staged, "rows": 4, "time": 0}
     (tmp_path / "out" / "_vb" / "commits").mkdir(parents=True)
     (tmp_path / "out" / "_vb" / "commits" / "run1-00000.json").write_text(json.dumps(record))
-    # And a stray part file from a run that never committed.
+    # And a part file vb_batch did not write (another dataset's, or a user's).
     pq.write_table(pa.table({"id": [99]}), tmp_path / "out" / "part-dead-00000.parquet")
-    assert read_output(str(tmp_path / "out")).num_rows == 1  # before recovery: only the stray
+    assert read_output(str(tmp_path / "out")).num_rows == 0  # the commit in flight is not visible yet
 
-    resumed = ParquetSink(out.model_copy(update={"mode": "resume"}), "run2", schema)
-    assert resumed.open() == {1, 2, 3, 4}
-    assert visible_files(tmp_path) == sorted(staged)
+    resume = out.model_copy(update={"mode": "resume"})
+    with pytest.raises(ConfigError, match="did not write.*part-dead-00000.parquet.*allow_foreign_files"):
+        ParquetSink(resume, "run2", schema).open()
+    resumed = ParquetSink(resume.model_copy(update={"allow_foreign_files": True}), "run2", schema)
+    assert sorted(resumed.open().to_pylist()) == [1, 2, 3, 4]
+    assert visible_files(tmp_path) == sorted([*staged, "part-dead-00000.parquet"])  # rolled forward, stray kept
     assert sorted(read_output(str(tmp_path / "out")).column("id").to_pylist()) == [1, 2, 3, 4]
 
 

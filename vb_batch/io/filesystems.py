@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import posixpath
 from typing import Any
 
 import fsspec
@@ -38,6 +40,21 @@ def split_scheme(url: str) -> tuple[str, str]:
 
 def is_local(url: str) -> bool:
     return split_scheme(url)[0] in ("file", "local")
+
+
+def canonical_location(url: str, storage: StorageOptions | None = None) -> str:
+    """One spelling per place: local paths made absolute with symlinks resolved, `s3a://` as `s3://`,
+    `.`/`..`/`//` collapsed, no trailing slash, and an object store's endpoint in front (the same
+    bucket name on two endpoints is two places). For comparing locations, never for opening them.
+    """
+    scheme, rest = split_scheme(url)
+    if scheme in ("file", "local"):
+        return os.path.realpath(rest[2:] if rest.startswith("//") else rest)
+    if scheme in S3_SCHEMES:
+        scheme = "s3"
+    endpoint = ((storage.endpoint_url if storage else None) or "").rstrip("/").lower()
+    path = posixpath.normpath("/" + rest).lstrip("/")
+    return f"{scheme}://{endpoint}|{path}".rstrip("/")
 
 
 def fsspec_options(scheme: str, storage: StorageOptions | None) -> dict[str, Any]:

@@ -5,6 +5,10 @@ table's location; the format is detected) or an `OutputConfig`;
 `OutputView` reads the schema metadata (which column holds depth, normals,
 masks, the id, the image). The report, the readers and `load_arrays` all
 start here; writing lives in `vb_batch.io.sinks` and the lake modules.
+
+An output's stored job config is data, not instructions: input pictures
+given by URI are fetched under `OutputView.uri_rules`, which the stored
+config may narrow but never widen beyond the defaults.
 """
 
 from __future__ import annotations
@@ -22,8 +26,11 @@ import pyarrow.dataset as pads
 from vb_batch.config import InputConfig, OutputConfig, StorageOptions
 from vb_batch.io.encodings import ColumnMeta
 from vb_batch.io.fetch import read_uri
-from vb_batch.io.filesystems import arrow_filesystem, fsspec_filesystem
+from vb_batch.io.filesystems import arrow_filesystem, fsspec_filesystem, split_scheme
+from vb_batch.io.formats import detect_format
 from vb_batch.io.images import decode_image
+from vb_batch.io.sinks import META_DIR, commit_records, replay
+from vb_batch.masking import scrub, url_secrets
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +43,6 @@ class Output:
     location: str  # URL of the dataset or table root: where `_vb/` and the report live
     format: str
     storage: StorageOptions | None = None
-
-
-def output_format(path: str, storage: StorageOptions | None = None) -> str:
-    """"delta", "iceberg" or "parquet": what the output at `path` is (a Delta log, Iceberg metadata, neither)."""
-    fs, root = fsspec_filesystem(path, storage)
-    if fs.exists(posixpath.join(root, "_delta_log")):
-        return "delta"
-    if fs.glob(posixpath.join(root, "metadata", "*.metadata.json")):
-        return "iceberg"
-    return "parquet"
 
 
 def open_output(output: str | OutputConfig, storage: StorageOptions | None = None) -> Output:
@@ -61,34 +58,45 @@ def open_output(output: str | OutputConfig, storage: StorageOptions | None = Non
         path = str(output)
         if not path:
             raise ValueError("open_output: no path; give an output's path, or its OutputConfig for an Iceberg table")
-        fmt = output_format(path, storage)
-    if fmt == "parquet":
-        fs, root = arrow_filesystem(path, storage)
-        dataset = pads.dataset(root, format="parquet", filesystem=fs, ignore_prefixes=[".", "_"])
-        return Output(dataset, path, fmt, storage)
-    from vb_batch.io import lake
-
+        fmt = detect_format(path, storage)
     if fmt == "delta":
-        return Output(lake.open_delta(path, storage), path, fmt, storage)
-    if isinstance(output, OutputConfig):
-        table = lake.iceberg_table(lake.iceberg_catalog(output.catalog, storage), output.table)
-        if table is None:
-            raise FileNotFoundError(f"output.table {output.table!r}: no such Iceberg table")
+        from vb_batch.io.delta import open_delta
+
+        return Output(open_delta(path, storage), path, fmt, storage)
+    if fmt == "iceberg":
+        from vb_batch.io import iceberg
+
+        if isinstance(output, OutputConfig):
+            table = iceberg.iceberg_table(iceberg.iceberg_catalog(output.catalog, storage), output.table)
+            if table is None:
+                raise FileNotFoundError(f"output.table {output.table!r}: no such Iceberg table")
+        else:
+            table = iceberg.open_iceberg_path(path, storage)
+        return Output(iceberg.open_iceberg(table, storage), iceberg.iceberg_location(table), fmt, storage)
+    fs, root = fsspec_filesystem(path, storage)
+    arrow_fs, _ = arrow_filesystem(path, storage)
+    records = commit_records(fs, posixpath.join(root, META_DIR))
+    if records:
+        # Only the files vb_batch committed (not whatever else lies in the folder), and of a commit in
+        # flight (record written, files still moving) only those already in place.
+        present = {posixpath.basename(p) for p in fs.ls(root, detail=False)}
+        files = [posixpath.join(root, name) for name in replay(records) if name in present]
+        dataset = pads.dataset(files, format="parquet", filesystem=arrow_fs)
     else:
-        table = lake.open_iceberg_path(path, storage)
-    return Output(lake.open_iceberg(table, storage), lake.iceberg_location(table), fmt, storage)
+        dataset = pads.dataset(root, format="parquet", filesystem=arrow_fs, ignore_prefixes=[".", "_"])
+    return Output(dataset, path, "parquet", storage)
 
 
 def output_location(cfg: OutputConfig) -> str:
     """Where an output lives (its `_vb/` run records, `_report.html`): `output.path`, or an Iceberg table's location."""
     if cfg.format != "iceberg":
         return cfg.path
-    from vb_batch.io import lake
+    from vb_batch.io import iceberg
 
-    table = lake.iceberg_table(lake.iceberg_catalog(cfg.catalog, cfg.storage), cfg.table)
+    table = iceberg.iceberg_table(iceberg.iceberg_catalog(cfg.catalog, cfg.storage), cfg.table)
     if table is None:
         raise FileNotFoundError(f"output.table {cfg.table!r}: no such Iceberg table")
-    return lake.iceberg_location(table)
+    return iceberg.iceberg_location(table)
 
 
 def read_output(
@@ -132,18 +140,54 @@ class OutputView:
         scanner = self.dataset.scanner(columns=columns, filter=filter)
         return scanner.head(limit) if limit is not None else scanner.to_table()
 
-    def input_image(self, row: dict[str, Any]) -> np.ndarray | None:
-        """The row's input image as RGB, from kept bytes or its URI; None if unavailable."""
+    def uri_rules(self, allowed_prefixes: list[str] | None = None, allow_private_addresses: bool = False) -> InputConfig:
+        """Where this output's URI inputs may be fetched from when it is read back (report, show, readers).
+
+        The stored job config is data written by whoever wrote the output, not an instruction:
+        it may narrow the default rules (its `allowed_prefixes`, when all of them lie in the
+        stored input's own scheme, the default) but never widen them. Its
+        `allow_private_addresses`, its storage endpoint and its size limits are ignored. The
+        arguments are the caller's own word (the command line's `--allow-uri-prefix`,
+        `--allow-private-addresses`): they replace the stored prefixes and may widen.
+        """
+        stored = self.job.get("input") if isinstance(self.job, dict) else None
+        stored = stored if isinstance(stored, dict) else {}
+        path = stored.get("path") if isinstance(stored.get("path"), str) and stored.get("path") else self.path
+        if allowed_prefixes is None:
+            kept = stored.get("allowed_prefixes")
+            scheme = split_scheme(path)[0]
+            narrower = (
+                isinstance(kept, list) and kept
+                and all(isinstance(p, str) and p and split_scheme(p)[0] == scheme for p in kept)
+            )
+            allowed_prefixes = list(kept) if narrower else None
+        return InputConfig(
+            path=path, allowed_prefixes=allowed_prefixes, allow_private_addresses=allow_private_addresses,
+            storage=self.storage or StorageOptions(),
+        )
+
+    def input_image(self, row: dict[str, Any], rules: InputConfig | None = None) -> np.ndarray | None:
+        """The row's input image as RGB, from kept bytes or its URI; None if unavailable.
+
+        `rules`: the URI fetch rules and size limits to apply (the live job's `cfg.input` when
+        vb_batch reports its own run); None: `uri_rules()`, the stored config never wider than
+        the defaults.
+        """
+        rules = rules or self.uri_rules()
+        uri = row.get(self.uri_column) if self.uri_column else None
         try:
             if self.image_column and row.get(self.image_column) is not None:
                 cell = row[self.image_column]
-                data = cell["bytes"] if isinstance(cell, dict) else cell
-            elif self.uri_column and row.get(self.uri_column):
-                # The job's own URI rules (allowed prefixes, no internal addresses) apply here too.
-                data = read_uri(row[self.uri_column], InputConfig.model_validate(self.job.get("input", {})))
+                data = cell.get("bytes") if isinstance(cell, dict) else cell
+            elif isinstance(uri, str) and uri:
+                data = read_uri(uri, rules)
             else:
                 return None
-            return decode_image(data, max_pixels=10**9)
+            if not isinstance(data, bytes):
+                return None
+            return decode_image(data, rules.max_pixels, formats=rules.image_formats, max_bytes=rules.max_bytes)
         except Exception as exc:  # noqa: BLE001 - a missing picture must not stop the report
-            log.warning("report: no input image for row %s: %s", row.get(self.id_column), exc)
+            # The URI's query string may be a signature: masked like every URL that is shown.
+            shown = scrub(str(exc), url_secrets(uri)) if isinstance(uri, str) else str(exc)
+            log.warning("no input image for row %s: %s", row.get(self.id_column), shown)
             return None

@@ -31,6 +31,8 @@ import pyarrow.parquet as pq
 
 from vb_batch.config import ConfigError, InputConfig
 from vb_batch.io.filesystems import arrow_filesystem, fsspec_filesystem, split_scheme
+from vb_batch.io.filters import filter_expression
+from vb_batch.io.formats import detect_format
 
 IMAGE_COLUMN_GUESSES = ("image", "image_bytes", "bytes", "img")
 URI_COLUMN_GUESSES = ("uri", "url", "path", "image_uri", "image_url", "image_path")
@@ -133,17 +135,8 @@ def read_unit(unit: dict[str, Any], cfg: InputConfig, schema: pa.Schema, rows: i
     else:
         table = pa.Table.from_pylist(unit["rows"], schema=schema)
     if cfg.filter:
-        table = table.filter(row_filter(cfg.filter, schema))
+        table = table.filter(filter_expression(cfg.filter, schema))
     yield from table.to_batches(max_chunksize=rows)
-
-
-def row_filter(text: str, schema: pa.Schema) -> pc.Expression:
-    """`input.filter` as a pyarrow expression over `schema` (the syntax is pyiceberg's: see the module docstring)."""
-    try:
-        from vb_batch.io.lake import row_filter_expression
-    except ImportError as exc:
-        raise ConfigError(f"input.filter: needs the lake extra (pip install 'vb_batch[lake]'): {exc}") from None
-    return row_filter_expression(text, schema)
 
 
 def _image_files_table(cfg: InputConfig) -> pa.Table:
@@ -162,15 +155,10 @@ def _image_files_table(cfg: InputConfig) -> pa.Table:
 def _detect_format(cfg: InputConfig) -> str:
     if cfg.format != "auto":
         return cfg.format
-    fs, path = fsspec_filesystem(cfg.path, cfg.storage)
-    if not fs.exists(path):
-        raise ConfigError(f"input.path: {cfg.path!r} does not exist")
-    if fs.exists(f"{path.rstrip('/')}/_delta_log"):
-        return "delta"
-    if fs.isfile(path):
-        return "parquet" if path.endswith((".parquet", ".pq")) else "images"
-    has_parquet = any(p.endswith((".parquet", ".pq")) for p in fs.find(path))
-    return "parquet" if has_parquet else "images"
+    try:
+        return detect_format(cfg.path, cfg.storage)
+    except FileNotFoundError:
+        raise ConfigError(f"input.path: {cfg.path!r} does not exist") from None
 
 
 def open_source(cfg: InputConfig) -> Source:
@@ -178,25 +166,28 @@ def open_source(cfg: InputConfig) -> Source:
     fmt = _detect_format(cfg)
     if fmt == "images":
         dataset = pads.dataset(_image_files_table(cfg))
-        expr = row_filter(cfg.filter, dataset.schema) if cfg.filter else None
+        expr = filter_expression(cfg.filter, dataset.schema) if cfg.filter else None
         return Source(dataset, cfg.id_column, None, "uri", has_id=True, filter=expr)
 
     location = cfg.path
     if fmt == "delta":
-        from vb_batch.io import lake
+        from vb_batch.io.delta import open_delta
 
         try:
-            dataset = lake.open_delta(cfg.path, cfg.storage, vb_metadata=False)
+            dataset = open_delta(cfg.path, cfg.storage, vb_metadata=False)
         except FileNotFoundError:
             raise ConfigError(f"input.path: no Delta table at {cfg.path!r}") from None
     elif fmt == "iceberg":
-        from vb_batch.io import lake
+        from vb_batch.io import iceberg
 
-        table = lake.iceberg_table(lake.iceberg_catalog(cfg.catalog, cfg.storage), cfg.table)
-        if table is None:
-            raise ConfigError(f"input.table: no Iceberg table {cfg.table!r} in input.catalog")
-        dataset = lake.open_iceberg(table, cfg.storage, row_filter=cfg.filter)
-        location = lake.iceberg_location(table)
+        if cfg.table:
+            table = iceberg.iceberg_table(iceberg.iceberg_catalog(cfg.catalog, cfg.storage), cfg.table)
+            if table is None:
+                raise ConfigError(f"input.table: no Iceberg table {cfg.table!r} in input.catalog")
+        else:  # a table's location: read its newest metadata file
+            table = iceberg.open_iceberg_path(cfg.path, cfg.storage)
+        dataset = iceberg.open_iceberg(table, cfg.storage, row_filter=cfg.filter)
+        location = iceberg.iceberg_location(table)
     else:
         fs, path = arrow_filesystem(cfg.path, cfg.storage)
         try:
@@ -222,6 +213,11 @@ def open_source(cfg: InputConfig) -> Source:
         )
         if not ok:
             raise ConfigError(f"input.image_column: column {image_col!r} has type {typ}, not binary image bytes")
-    expr = row_filter(cfg.filter, dataset.schema) if cfg.filter else None
     has_id = cfg.id_column in names
+    if not has_id and "id_column" in cfg.model_fields_set:
+        raise ConfigError(
+            f"input.id_column: column {cfg.id_column!r} not in the input; columns: {names} "
+            "(leave input.id_column out to use each row's URI or the SHA-256 of its image as its id)"
+        )
+    expr = filter_expression(cfg.filter, dataset.schema) if cfg.filter else None
     return Source(dataset, cfg.id_column, image_col, uri_col, has_id=has_id, filter=expr, location=location)

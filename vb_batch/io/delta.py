@@ -1,0 +1,180 @@
+"""Delta Lake tables in and out (`deltalake`): a table as a pyarrow dataset, and the Delta sink.
+
+See `vb_batch.io.lake` for how commits land in the table's log.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from vb_batch.config import ConfigError, StorageOptions
+from vb_batch.io.filesystems import arrow_filesystem, delta_storage_options, fsspec_filesystem
+from vb_batch.io.lake import JOB_KEYS, TableSink, file_dataset, job_metadata, local_uri, with_metadata
+
+DELTA_APP = "vb_batch:"
+
+
+def delta_table(uri: str, storage: StorageOptions | None):
+    """The `DeltaTable` at `uri`, or None when there is none."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    # Not `DeltaTable.is_deltatable` / `.history()`: they hold the GIL through their requests,
+    # which stalls every other thread of the process (an S3 server in the same process deadlocks).
+    try:
+        return DeltaTable(local_uri(uri), storage_options=delta_storage_options(uri, storage))
+    except TableNotFoundError:
+        return None
+
+
+def delta_job_metadata(uri: str, storage: StorageOptions | None, version: int) -> dict[str, str]:
+    """The job-level `vb.*` keys of the newest vb_batch commit, from the commit infos in `_delta_log/`."""
+    fs, root = fsspec_filesystem(uri, storage)
+    for v in range(version, -1, -1):
+        try:
+            with fs.open(posixpath.join(root, "_delta_log", f"{v:020d}.json"), "rb") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:  # expired by log retention: nothing older is left either
+            break
+        for line in lines:
+            info = json.loads(line).get("commitInfo") or {}
+            if "vb.job" in info:
+                return {k: str(info[k]) for k in JOB_KEYS if k in info}
+    return {}
+
+
+def open_delta(uri: str, storage: StorageOptions | None = None, vb_metadata: bool = True) -> pads.Dataset:
+    """The current version of a Delta table as a pyarrow dataset, read through vb_batch's filesystem.
+
+    Fragments are the table's Parquet files (absolute paths in
+    `arrow_filesystem(uri)`), with partition values as partition expressions;
+    the schema carries field metadata and (`vb_metadata`: a vb_batch output)
+    the job-level `vb.*` keys of the latest vb_batch commit in the history.
+    """
+    table = delta_table(uri, storage)
+    if table is None:
+        raise FileNotFoundError(f"no Delta table at {uri!r}")
+    fs, root = arrow_filesystem(uri, storage)
+    scan = table.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(root, fs))
+    files = [(posixpath.join(root, f.path), f.partition_expression) for f in scan.get_fragments()]
+    job = delta_job_metadata(uri, storage, table.version()) if vb_metadata else {}
+    return file_dataset(files, with_metadata(scan.schema, {}, job), fs)
+
+
+def _delta_stats(meta: pq.FileMetaData) -> str:
+    """Delta `add.stats` from a Parquet footer: row count, nulls and min/max of top-level plain columns."""
+    stats: dict[str, Any] = {"numRecords": meta.num_rows, "minValues": {}, "maxValues": {}, "nullCount": {}}
+    for i in range(meta.num_columns):
+        columns = [meta.row_group(g).column(i) for g in range(meta.num_row_groups)]
+        name = columns[0].path_in_schema if columns else ""
+        if not columns or "." in name or not all(c.statistics for c in columns):
+            continue
+        stats["nullCount"][name] = sum(c.statistics.null_count for c in columns)
+        if not all(c.statistics.has_min_max for c in columns):
+            continue
+        lows, highs = [c.statistics.min for c in columns], [c.statistics.max for c in columns]
+        plain = all(isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in lows + highs)
+        finite = plain and all(v == v and abs(v) != float("inf") for v in lows + highs if isinstance(v, float))
+        if finite and all(len(v) <= 64 for v in lows + highs if isinstance(v, str)):
+            stats["minValues"][name], stats["maxValues"][name] = min(lows), max(highs)
+    return json.dumps(stats)
+
+
+class DeltaSink(TableSink):
+    """A Delta table at `output.path` (local or object storage), one table version per commit.
+
+    >>> cfg = {"input": {"path": "images/"}, "output": {"format": "delta", "path": "s3://lake/labels", "mode": "resume"}}
+    >>> vb_batch.annotate(cfg)   # doctest: +SKIP
+    """
+
+    format = "delta"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.uri = local_uri(self.cfg.path)
+        self.storage_options = delta_storage_options(self.cfg.path, self.cfg.storage)
+        self.app_id = DELTA_APP + self.run_id
+
+    def describe(self) -> str:
+        return f"output.path {self.cfg.path!r} (delta)"
+
+    def _table(self):
+        return delta_table(self.cfg.path, self.cfg.storage)
+
+    def _exists(self) -> bool:
+        return self._table() is not None
+
+    def _has_rows(self) -> bool:
+        table = self._table()
+        return table is not None and bool(table.file_uris())
+
+    def _written_by_vb_batch(self) -> bool:
+        table = self._table()
+        return bool(delta_job_metadata(self.cfg.path, self.cfg.storage, table.version()))
+
+    def _check_table(self) -> None:
+        table = self._table()
+        if list(table.metadata().partition_columns) != list(self.cfg.partition_by):
+            raise ConfigError(
+                f"output.partition_by: the Delta table is partitioned by {table.metadata().partition_columns}, "
+                f"not {self.cfg.partition_by}"
+            )
+
+    def _committed_ids(self) -> pa.Array:
+        if not self._exists():
+            return pa.array([], self.schema.field(self.id_column).type)
+        table = open_delta(self.cfg.path, self.cfg.storage).to_table(columns=[self.id_column])
+        return table.column(self.id_column).combine_chunks()
+
+    def _retire_failed(self) -> None:
+        """`run.retry_failed`: delete the failed rows in one table version (the run then redoes them)."""
+        table = self._table()
+        if table is not None and table.file_uris():
+            table.delete("vb_error IS NOT NULL", commit_properties=self._commit_properties(f"{self.run_id}-retire"))
+
+    def _is_committed(self, key: str) -> bool:
+        run_id, seq = key.rsplit("-", 1)
+        table = self._table()
+        done = table.transaction_version(DELTA_APP + run_id) if table is not None else None
+        return done is not None and done >= int(seq)
+
+    def _commit_properties(self, key: str):
+        from deltalake.transaction import CommitProperties, Transaction
+
+        seq = key.rsplit("-", 1)[1]
+        transactions = [Transaction(self.app_id, int(seq))] if seq.isdigit() else []
+        return CommitProperties(custom_metadata=job_metadata(self.schema), app_transactions=transactions)
+
+    def _commit_added(self, paths: list[str], mode: str, key: str) -> None:
+        from deltalake import Schema
+        from deltalake.transaction import AddAction, create_table_with_add_actions
+
+        actions = []
+        for path in paths:
+            info = self.arrow_fs.get_file_info(path)
+            meta = pq.read_metadata(path, filesystem=self.arrow_fs)
+            actions.append(AddAction(posixpath.relpath(path, self.root), info.size, {}, int(time.time() * 1000), True,
+                                     _delta_stats(meta)))
+        table = self._table()
+        props = self._commit_properties(key)
+        if table is None:
+            create_table_with_add_actions(self.uri, Schema.from_arrow(self.schema), actions, mode="error",
+                                          storage_options=self.storage_options, commit_properties=props)
+        else:
+            table.create_write_transaction(actions, mode=mode, schema=self.schema, commit_properties=props)
+
+    def _commit_rewritten(self, paths: list[str], mode: str, key: str) -> None:
+        from deltalake import write_deltalake
+
+        reader = pads.dataset(paths, schema=self.schema, format="parquet", filesystem=self.arrow_fs).scanner().to_reader()
+        write_deltalake(self.uri, reader, partition_by=self.cfg.partition_by, mode=mode,
+                        schema_mode="overwrite" if mode == "overwrite" else None,
+                        storage_options=self.storage_options, commit_properties=self._commit_properties(key))
