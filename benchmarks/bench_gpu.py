@@ -20,7 +20,7 @@ pixels, so neither side resizes them):
                PIL images, which its pipeline requires), one pipeline call per `--batch-size`
                images with the same steps / resolution as vb_batch, `output_type="np"`, one
                synchronize at the end; one warm-up batch not timed
-    vb_batch   `vb_batch.engines.local.run_local(cfg, backend)` on the same images as PNG bytes in
+    vb_batch   `vb_batch.job.run_job(cfg, backend)` (local engine) on the same images as PNG bytes in
                Parquet (read, decode, model, codecs, encode, commit), with the backend created once
                by `create_backend(cfg.model)` and a one-batch warm-up job before: model loading
                excluded, as for bare. ratio = vb_batch images/s / bare images/s (GPU target >= 0.9)
@@ -114,7 +114,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import vb_batch
 from vb_batch.config import load_config
-from vb_batch.engines.local import io_thread_count, run_local
+from vb_batch.engines.local import io_thread_count
+from vb_batch.job import run_job
 from vb_batch.models.base import create_backend
 from vb_batch.models.identity import IdentityBackend
 from vb_batch.models.loading import quiet_loading
@@ -459,7 +460,7 @@ def time_bare(call, batches, images: int, device: str) -> dict[str, float]:
 def time_vb(cfg, backend, device: str) -> dict[str, Any]:
     synchronize(device)
     started = time.perf_counter()
-    summary = run_local(cfg, backend)
+    summary = run_job(cfg, backend)
     synchronize(device)
     seconds = time.perf_counter() - started
     if not summary.success:
@@ -569,7 +570,7 @@ def bench_model(model: str, args, root: Path, peak: float) -> dict[str, Any]:
     call = bare_call(model, pipe, args, steps, args.device)
     batches = bare_inputs(model, images, args.batch_size, args.device)
 
-    run_local(load_config(cfg_of(warm_path, f"out-{model}-warm")), backend)  # vb_batch's warm-up: one batch
+    run_job(load_config(cfg_of(warm_path, f"out-{model}-warm")), backend)  # vb_batch's warm-up: one batch
     bare_runs, vb_runs = [], []
     for _ in range(args.repeats):  # alternate, so that drift on a shared machine hits both sides
         bare_runs.append(time_bare(call, batches, len(images), args.device))

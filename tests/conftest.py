@@ -68,3 +68,77 @@ def painted_table(tmp_path, legend):
         paths[task] = tmp_path / f"{task}.parquet"
         pq.write_table(table, paths[task])
     return paths, truth
+
+
+# ---------------------------------------------------------------------------- engines: real Ray and Spark
+
+
+@pytest.fixture(scope="session")
+def worker_env():
+    """What Ray and Spark workers inherit: fake AWS credentials, no usage stats, the tests' modules importable."""
+    import os
+    import sys
+    from pathlib import Path
+
+    from s3_server import CREDENTIALS
+
+    tests = str(Path(__file__).resolve().parent)
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(name, raising=False)
+        for name, value in CREDENTIALS.items():
+            mp.setenv(name, value)
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        # Workers import test backends (worker_backends, this suite's own modules) from here.
+        mp.setenv("PYTHONPATH", os.pathsep.join([tests, *sys.path]))
+        yield
+        import ray
+
+        ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(worker_env):
+    """A local Ray of 2 CPUs, started once and shared by the tests that ask for it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield
+
+
+@pytest.fixture(scope="session")
+def spark(worker_env):
+    """A Spark session on real executor processes (`local-cluster[2,1,1024]`), shared by the session."""
+    import os
+
+    from s3_server import CREDENTIALS
+
+    from vb_batch.config import EngineConfig
+    from vb_batch.engines.spark import spark_session
+
+    engine = EngineConfig(
+        kind="spark",
+        master="local-cluster[2,1,1024]",
+        spark_conf={
+            "spark.executorEnv.PYTHONPATH": os.environ["PYTHONPATH"],
+            # Executors find S3 credentials in their own environment, as on a real cluster.
+            **{f"spark.executorEnv.{k}": v for k, v in CREDENTIALS.items()},
+            "spark.executor.memory": "1g",
+            "spark.sql.shuffle.partitions": "4",
+        },
+    )
+    session = spark_session(engine, "vb-batch tests")
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+@pytest.fixture(params=["local", "ray", "spark"])
+def engine(request):
+    """Each engine in turn, with what it needs running: the contract suite runs once per engine."""
+    if request.param == "ray":
+        request.getfixturevalue("ray_local")
+    elif request.param == "spark":
+        request.getfixturevalue("spark")
+    return request.param

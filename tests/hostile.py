@@ -16,7 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from hostile_images import ALLOWED_CODES, HOSTILE_IMAGES
+from hostile_uris import hostile_uri_input, hostile_uri_rows
+
 from vb_batch.codecs import depth
+from vb_batch.config import InputConfig
 
 RAMP = depth.encode(np.linspace(1, 30, 24 * 32, dtype=np.float32).reshape(24, 32))
 
@@ -86,10 +90,12 @@ BROKEN_FILES = {
 }
 
 
-def write_hostile_table(folder: Path) -> tuple[Path, dict[str, str | None]]:
+def write_hostile_table(folder: Path, server=None) -> tuple[Path, dict[str, str | None]]:
     """Files under `folder/images`, and `folder/hostile.parquet` with a URI column naming them.
 
-    Returns the table's path and {id: expected error code or None}.
+    With a `hostile_uris.HostileServer`, the table also holds its rows: malformed URIs,
+    redirects out of the allowed places, bodies over `input.max_bytes`, a stalling server,
+    a FIFO, /dev/zero. Returns the table's path and {id: expected error code or None}.
     """
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -100,11 +106,12 @@ def write_hostile_table(folder: Path) -> tuple[Path, dict[str, str | None]]:
         path.write_bytes(make())
         rows.append((row_id, str(path)))
         expected[row_id] = None
-    for row_id, (make, code) in BROKEN_FILES.items():
+    for row_id, (make, code) in {**BROKEN_FILES, **HOSTILE_IMAGES}.items():
         path = images / f"{row_id}.img"
         path.write_bytes(make())
         rows.append((row_id, str(path)))
-        expected[row_id] = code
+        # The job allows the formats whose Pillow decoders raise odd exceptions, to prove the row guard.
+        expected[row_id] = ALLOWED_CODES[row_id][1] if row_id in ALLOWED_CODES else code
     (images / "a-directory.jpg").mkdir(exist_ok=True)
     outside = folder / "outside.png"
     outside.write_bytes(_encode(Image.fromarray(RAMP), "PNG"))
@@ -118,6 +125,8 @@ def write_hostile_table(folder: Path) -> tuple[Path, dict[str, str | None]]:
         "bad-metadata-service": ("http://169.254.169.254/latest/meta-data/iam", "uri_not_allowed"),
         "bad-other-scheme": ("s3://somebody-elses-bucket/x.png", "uri_not_allowed"),
     }
+    if server is not None:
+        uri_faults.update(hostile_uri_rows(images, server))
     for row_id, (uri, code) in uri_faults.items():
         rows.append((row_id, uri))
         expected[row_id] = code
@@ -128,18 +137,27 @@ def write_hostile_table(folder: Path) -> tuple[Path, dict[str, str | None]]:
     return path, expected
 
 
-def hostile_job(table: Path, out: Path, engine: str) -> dict:
+# Formats allowed beyond the defaults: their Pillow decoders raise IndexError / NotImplementedError on
+# some bytes, or decode on open (ICO): the rows must still end as row errors.
+EXTRA_FORMATS = sorted({fmt for formats, _ in ALLOWED_CODES.values() for fmt in formats})
+
+
+def hostile_job(table: Path, out: Path, engine: str, server=None) -> dict:
+    inputs = {
+        "path": str(table),
+        "uri_column": "uri",
+        "max_pixels": 10_000_000,
+        "min_side": 8,
+        "allowed_prefixes": [str(table.parent / "images")],
+        "image_formats": [*InputConfig.model_fields["image_formats"].default_factory(), *EXTRA_FORMATS],
+    }
+    if server is not None:
+        inputs.update(hostile_uri_input(table.parent / "images", server))
     return {
-        "input": {
-            "path": str(table),
-            "uri_column": "uri",
-            "max_pixels": 10_000_000,
-            "min_side": 8,
-            "allowed_prefixes": [str(table.parent / "images")],
-        },
+        "input": inputs,
         "output": {"path": str(out), "mode": "overwrite", "rows_per_file": 8},
         "tasks": ["depth"],
-        "model": {"batch_size": 4},
+        "model": {"backend": "identity", "batch_size": 4},
         "engine": {"kind": engine},
         "run": {"progress": False, "max_error_fraction": 1.0},
     }

@@ -24,7 +24,6 @@ from s3_server import CREDENTIALS, SECRET, s3_server
 import vb_batch
 from vb_batch.codecs import depth
 from vb_batch.config import ConfigError, StorageOptions, load_config
-from vb_batch.errors import OutputExistsError
 from vb_batch.io.outputs import read_output
 from vb_batch.models.identity import IdentityBackend
 
@@ -32,27 +31,6 @@ from vb_batch.models.identity import IdentityBackend
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def worker_env():
-    """What Ray workers inherit when Ray starts: fake AWS credentials, no usage stats, no network."""
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(name, raising=False)
-        for name, value in CREDENTIALS.items():
-            mp.setenv(name, value)
-        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        yield
-        ray.shutdown()
-
-
-@pytest.fixture
-def ray_local(worker_env):
-    """A local Ray of 2 CPUs, started once and shared by the tests that ask for it."""
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False)
-    yield
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -151,47 +129,6 @@ def test_ray_engine_refuses_what_workers_cannot_reach(tmp_path):
 
 
 # ---------------------------------------------------------------------------- Ray
-
-
-@pytest.mark.slow
-def test_identity_job_gives_the_local_output(ray_local, tmp_path):
-    inputs = write_inputs(tmp_path / "in", 30)
-    local = vb_batch.annotate(job(inputs, tmp_path / "local"))
-    summary = vb_batch.annotate(job(inputs, tmp_path / "ray", "ray"))
-    assert summary.success and summary.engine == "ray"
-    assert (summary.rows_ok, summary.rows_failed, summary.errors_by_code) == (
-        local.rows_ok, local.rows_failed, local.errors_by_code
-    )
-    assert_same_output(sorted_output(tmp_path / "local"), sorted_output(tmp_path / "ray"))
-    # Committed through the sink: commit records name every part file, staging is gone, _SUCCESS last.
-    out = tmp_path / "ray"
-    committed = [f for r in sorted((out / "_vb" / "commits").glob("*.json")) for f in json.loads(r.read_text())["files"]]
-    assert sorted(committed) == sorted(p.name for p in out.glob("part-*.parquet")) and len(committed) >= 6
-    assert all(pq.read_metadata(out / f).num_rows <= 5 for f in committed)
-    assert (out / "_SUCCESS").exists() and not (out / "_vb" / "staging").exists()
-    assert sum(run_record(out, summary.run_id)["model_nodes"].values()) == 30
-    # The actors' time in the model, summed from the manifests into the summary and the run record.
-    assert 0 < summary.model_seconds == run_record(out, summary.run_id)["model_seconds"]
-    assert "model: " in summary.render() and summary.model_input_wait_seconds is None
-
-
-@pytest.mark.slow
-def test_resume_on_ray_skips_committed_ids(ray_local, tmp_path):
-    inputs = write_inputs(tmp_path / "in", 24, files=3, bad=False)
-    vb_batch.annotate(job(inputs, tmp_path / "full"))
-    # A first (local) run got through the first file only; the Ray run resumes it.
-    first = tmp_path / "first"
-    first.mkdir()
-    (first / "images-0.parquet").symlink_to(inputs / "images-0.parquet")
-    vb_batch.annotate(job(first, tmp_path / "out"))
-    with pytest.raises(OutputExistsError, match="output.mode"):
-        vb_batch.annotate(job(inputs, tmp_path / "out", "ray", output={"mode": "error"}))
-    summary = vb_batch.annotate(job(inputs, tmp_path / "out", "ray", output={"mode": "resume"}))
-    assert summary.success and summary.rows_skipped == 8 and summary.rows_processed == 16
-    assert_same_output(sorted_output(tmp_path / "full"), sorted_output(tmp_path / "out"))
-    again = vb_batch.annotate(job(inputs, tmp_path / "out", "ray", output={"mode": "resume"}))
-    assert again.rows_skipped == 24 and again.rows_processed == 0
-    assert sorted_output(tmp_path / "out").num_rows == 24
 
 
 @pytest.mark.slow
@@ -336,15 +273,6 @@ def test_two_nodes_model_actors_run_on_the_gpu_node(worker_env, tiny_marigold, t
         cluster.shutdown()
 
 
-def test_hostile_input_on_ray(ray_local, tmp_path):
-    from hostile import check_hostile_output, hostile_job, write_hostile_table
-
-    table, expected = write_hostile_table(tmp_path)
-    summary = vb_batch.annotate(hostile_job(table, tmp_path / "out", "ray"))
-    assert summary.success
-    check_hostile_output(read_output(str(tmp_path / "out")), expected)
-
-
 def test_killed_model_actor_is_restarted_and_nothing_duplicated(worker_env, tmp_path):
     """A model actor dies mid-batch: Ray restarts it, retries the batch, and every id comes out once."""
     tests = str(Path(__file__).resolve().parent)
@@ -416,17 +344,3 @@ def test_kill_9_of_the_ray_driver_then_resume(worker_env, tmp_path, monkeypatch)
     finally:
         ray.shutdown()
         cluster.shutdown()
-
-
-def test_report_on_a_ray_output(ray_local, tmp_path):
-    from vb_batch.cli import main
-    from vb_batch.report import REPORT_NAME
-
-    inputs = write_inputs(tmp_path / "in", 10, files=2, bad=True)
-    cfg = job(inputs, tmp_path / "out", "ray")
-    cfg["output"]["report"] = True
-    assert vb_batch.annotate(cfg).report.endswith(REPORT_NAME)
-    (tmp_path / "out" / REPORT_NAME).unlink()
-    assert main(["report", str(tmp_path / "out")]) == 0
-    text = (tmp_path / "out" / REPORT_NAME).read_text()
-    assert ">ray<" in text and text.count("<img") >= 4

@@ -15,7 +15,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import png_bytes
-from hostile import check_hostile_output, hostile_job, write_hostile_table
 from s3_server import FaultyProxy, s3_server, use_fake_credentials
 
 import vb_batch
@@ -25,17 +24,6 @@ from vb_batch.errors import RowError
 from vb_batch.io.fetch import check_uri
 from vb_batch.io.outputs import read_output
 from vb_batch.models.identity import IdentityBackend
-
-
-def test_hostile_input_on_the_local_engine(tmp_path):
-    table, expected = write_hostile_table(tmp_path)
-    assert len([c for c in expected.values() if c]) >= 15  # kinds of bad rows
-    summary = vb_batch.annotate(hostile_job(table, tmp_path / "out", "local"))
-    assert summary.success
-    check_hostile_output(read_output(str(tmp_path / "out")), expected)
-    failed = {c for c in expected.values() if c}
-    assert set(summary.errors_by_code) == failed
-    assert summary.rows_ok == sum(1 for c in expected.values() if c is None)
 
 
 class OutOfMemoryAbove(IdentityBackend):

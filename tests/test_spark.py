@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import known_maps, png_bytes
-from s3_server import CREDENTIALS, SECRET, s3_server, use_fake_credentials
+from s3_server import SECRET, s3_server, use_fake_credentials
 
 import vb_batch
 from vb_batch.codecs import depth, normals, segmentation
@@ -21,28 +19,6 @@ from vb_batch.io.outputs import read_output
 pytestmark = pytest.mark.slow
 
 TESTS = str(Path(__file__).resolve().parent)
-
-
-@pytest.fixture(scope="module")
-def spark():
-    from vb_batch.config import EngineConfig
-    from vb_batch.engines.spark import spark_session
-
-    engine = EngineConfig(
-        kind="spark",
-        master="local-cluster[2,1,1024]",
-        spark_conf={
-            "spark.executorEnv.PYTHONPATH": os.pathsep.join([TESTS, *sys.path]),
-            # Executors find S3 credentials in their own environment, as on a real cluster.
-            **{f"spark.executorEnv.{k}": v for k, v in CREDENTIALS.items()},
-            "spark.executor.memory": "1g",
-            "spark.sql.shuffle.partitions": "4",
-        },
-    )
-    session = spark_session(engine, "vb-batch tests")
-    session.sparkContext.setLogLevel("ERROR")
-    yield session
-    session.stop()
 
 
 def mixed_input(path: Path, legend) -> None:
@@ -81,25 +57,6 @@ def comparable(path: str) -> pa.Table:
     return table.drop_columns(["vb_run_id"])
 
 
-def test_spark_output_equals_local(spark, tmp_path):
-    cfg, legend = job(tmp_path, "local", "local")
-    mixed_input(tmp_path / "in.parquet", legend)
-    local = vb_batch.annotate(cfg)
-    cfg, _ = job(tmp_path, "spark", "spark")
-    remote = vb_batch.annotate(cfg)
-    assert remote.success and remote.engine == "spark"
-    assert remote.model_seconds > 0 and "model: " in remote.render()  # summed over the executors' units
-    assert (remote.rows_ok, remote.rows_failed) == (local.rows_ok, local.rows_failed) == (10, 2)
-    assert remote.errors_by_code == local.errors_by_code
-    a, b = comparable(str(tmp_path / "local")), comparable(str(tmp_path / "spark"))
-    assert a.schema.equals(b.schema, check_metadata=False)
-    for name in a.schema.names:
-        assert a.schema.field(name).metadata == b.schema.field(name).metadata, name
-    assert a.equals(b)
-    assert (tmp_path / "spark" / "_SUCCESS").exists()
-    assert not (tmp_path / "spark" / "_vb" / "staging").exists()
-
-
 def test_model_loads_once_per_python_worker(spark, tmp_path):
     loads, batches = tmp_path / "loads.log", tmp_path / "batches.log"
     cfg, legend = job(
@@ -114,21 +71,6 @@ def test_model_loads_once_per_python_worker(spark, tmp_path):
     assert len(load_pids) == len(set(load_pids)), "a worker loaded the model twice"
     assert set(batch_pids) <= set(load_pids)
     assert len(batch_pids) >= 3 * len(load_pids)  # many batches per load
-
-
-def test_resume_on_spark_processes_only_new_rows(spark, tmp_path):
-    legend = segmentation.Legend.from_names(["road", "car", "sky"])
-    mixed_input(tmp_path / "in.parquet", legend)
-    cfg, _ = job(tmp_path, "out", "local")
-    table = pq.read_table(tmp_path / "in.parquet")
-    pq.write_table(table.slice(0, 5), tmp_path / "first.parquet")
-    cfg["input"]["path"] = str(tmp_path / "first.parquet")
-    vb_batch.annotate(cfg)
-    cfg, _ = job(tmp_path, "out", "spark", output__mode="resume")
-    summary = vb_batch.annotate(cfg)
-    assert summary.rows_skipped == 5 and summary.rows_processed == 7
-    ids = read_output(str(tmp_path / "out")).column("id").to_pylist()
-    assert sorted(ids) == sorted(table.column("id").to_pylist())
 
 
 def test_annotate_a_users_dataframe(spark, tmp_path):
@@ -178,26 +120,3 @@ def test_gpu_resource_profile(spark):
     profile = gpu_profile(EngineConfig(kind="spark", gpus_per_task=0.5))
     assert profile.taskResources["gpu"].amount == 0.5
     assert profile.taskResources["cpus"].amount == 1
-
-
-def test_hostile_input_on_spark(spark, tmp_path):
-    from hostile import check_hostile_output, hostile_job, write_hostile_table
-
-    table, expected = write_hostile_table(tmp_path)
-    summary = vb_batch.annotate(hostile_job(table, tmp_path / "out", "spark"))
-    assert summary.success
-    check_hostile_output(read_output(str(tmp_path / "out")), expected)
-
-
-def test_report_on_a_spark_output(spark, tmp_path):
-    from vb_batch.cli import main
-    from vb_batch.report import REPORT_NAME
-
-    cfg, legend = job(tmp_path, "out", "spark")
-    mixed_input(tmp_path / "in.parquet", legend)
-    summary = vb_batch.annotate(cfg)
-    assert summary.report.endswith(REPORT_NAME)
-    (tmp_path / "out" / REPORT_NAME).unlink()
-    assert main(["report", str(tmp_path / "out")]) == 0
-    text = (tmp_path / "out" / REPORT_NAME).read_text()
-    assert "spark" in text and "not_image" in text and text.count("<img") >= 4 * 4

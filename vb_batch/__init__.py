@@ -8,6 +8,7 @@
 __version__ = "0.1.0"
 
 from vb_batch.io.encodings import load_arrays  # noqa: E402
-from vb_batch.job import RunSummary, annotate  # noqa: E402
+from vb_batch.engines.base import RunSummary  # noqa: E402
+from vb_batch.job import annotate  # noqa: E402
 
 __all__ = ["__version__", "annotate", "load_arrays", "RunSummary"]

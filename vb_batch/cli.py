@@ -7,6 +7,7 @@
     vb-batch scenes PATH --count N                procedural scenes with exact ground truth, as a table
     vb-batch report OUTPUT                        (re)write OUTPUT/_report.html
     vb-batch show OUTPUT --id ID                  previews of one row as PNG files
+      (both: --allow-uri-prefix PREFIX, --allow-private-addresses to fetch inputs given by URI)
     vb-batch tiny-model PATH --task depth         build a tiny random Marigold checkpoint
 
 Exit codes: 0 success, 1 the job failed (or exceeded run.max_error_fraction),
@@ -23,6 +24,7 @@ import sys
 from vb_batch import __version__
 from vb_batch.config import ConfigError, load_config, redacted
 from vb_batch.errors import OutputExistsError
+from vb_batch.masking import mask_url, scrub, secret_values
 
 CONFIG_HELP = """\
 Config keys (YAML sections; any key can be overridden as key.path=value):
@@ -44,7 +46,7 @@ Config keys (YAML sections; any key can be overridden as key.path=value):
   model.backend         identity | marigold | diffusers | http | demo | package.module:Class
   model.path            checkpoint dir or hub id (marigold: {depth: ..., normals: ...})
   model.profile         vision-banana | open-vision-banana | marigold
-  model.batch_size, model.device (auto|cpu|cuda), model.dtype, model.seed, model.options
+  model.batch_size, model.device (auto|cpu|cuda|cuda:N|mps|xpu), model.dtype, model.seed, model.options
   engine.kind           local | ray (engine.address, actors, gpus_per_actor) | spark (engine.master, gpus_per_task)
   run.max_error_fraction  fail the run (exit 1) above this fraction of failed rows (default 0.5)
 Example:
@@ -61,19 +63,29 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if summary.success else 1
 
 
+def _open_input(cfg):
+    from vb_batch.io.sources import open_source
+
+    try:
+        return open_source(cfg.input)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - storage faults (credentials, network) are named, not traced
+        shown = mask_url(cfg.input.path or cfg.input.table or "")
+        raise ConfigError(f"input.path: cannot open {shown!r}: {type(exc).__name__}: {exc}") from None
+
+
 def _validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from vb_batch.io.sources import open_source
     from vb_batch.stages import Plan
 
     # Resolve the input, backend, profile and legend: faults show up here, not mid-run.
     try:
-        source = open_source(cfg.input)
-    except ConfigError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - storage faults (credentials, network) are named, not traced
-        raise ConfigError(f"input.path: cannot open {cfg.input.path or cfg.input.table!r}: {type(exc).__name__}: {exc}") from None
-    Plan.build(cfg, source.schema, source.image_column, source.uri_column).output_schema()
+        source = _open_input(cfg)
+        Plan.build(cfg, source.schema, source.image_column, source.uri_column).output_schema()
+    except ConfigError as exc:
+        # A message may quote a URL or a storage client's words: masked like the config itself.
+        raise ConfigError(scrub(str(exc), secret_values(cfg.model_dump(mode="json")))) from None
     print(json.dumps(redacted(cfg), indent=2))
     return 0
 
@@ -113,7 +125,8 @@ def _scenes(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from vb_batch.report import write_report
 
-    print(write_report(args.output, samples=args.samples))
+    print(write_report(args.output, samples=args.samples, allow_uri_prefixes=args.allow_uri_prefix,
+                       allow_private_addresses=args.allow_private_addresses))
     return 0
 
 
@@ -121,7 +134,8 @@ def _show(args: argparse.Namespace) -> int:
     from vb_batch.report import show_row
 
     try:
-        files = show_row(args.output, args.id, args.dir)
+        files = show_row(args.output, args.id, args.dir, allow_uri_prefixes=args.allow_uri_prefix,
+                         allow_private_addresses=args.allow_private_addresses)
     except KeyError as exc:
         print(f"vb-batch: {exc.args[0]}", file=sys.stderr)
         return 1
@@ -135,6 +149,26 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
     print(build_tiny_marigold(args.path, task=args.task, seed=args.seed))
     return 0
+
+
+URI_RULES_HELP = """\
+Inputs given by URI are fetched for their pictures under the default rules (URIs in the
+scheme of the output's stored input path; never loopback, private or link-local http
+hosts), narrowed by the stored input.allowed_prefixes. The output's stored config cannot
+widen them: whoever wrote the output wrote it. Widen them yourself, knowingly, with
+--allow-uri-prefix (replaces the prefixes) and --allow-private-addresses.
+"""
+
+
+def _uri_rule_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-uri-prefix", action="append", metavar="PREFIX",
+        help="fetch input pictures given by URI only under PREFIX (repeatable), e.g. s3://bucket/images/",
+    )
+    parser.add_argument(
+        "--allow-private-addresses", action="store_true",
+        help="also fetch http(s) URIs on loopback, private or link-local hosts",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,16 +239,24 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="(re)write the HTML run report of an output dataset",
         description="Write OUTPUT/_report.html: sample grid (input, depth, normals, masks), histograms, "
-        "errors, config and provenance. Opens from disk; no server needed.",
+        "errors, config and provenance. Opens from disk; no server needed; runs no script.",
+        epilog=URI_RULES_HELP,
     )
     p.add_argument("output", help="output dataset path or URL")
     p.add_argument("--samples", type=int, default=12, help="rows in the sample grid (default: 12)")
+    _uri_rule_flags(p)
     p.set_defaults(func=_report)
 
-    p = sub.add_parser("show", help="write the input and preview PNGs of one row")
+    p = sub.add_parser(
+        "show",
+        help="write the input and preview PNGs of one row",
+        description="Write OUTPUT's row ID as PNG files: its input picture and a preview of each map.",
+        epilog=URI_RULES_HELP,
+    )
     p.add_argument("output", help="output dataset path or URL")
     p.add_argument("--id", required=True, help="the row's id")
     p.add_argument("--dir", default="previews", help="where to write the PNGs (default: previews)")
+    _uri_rule_flags(p)
     p.set_defaults(func=_show)
 
     p = sub.add_parser("tiny-model", help="build a tiny random Marigold checkpoint (for tests and demos)")

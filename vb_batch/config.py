@@ -7,15 +7,15 @@ bad value fails before any image is read, with the field's dotted name.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A job config that cannot run; the message names the offending field."""
+from vb_batch.errors import ConfigError  # noqa: F401 - the config's own error, importable from here
 
 
 class _Section(BaseModel):
@@ -35,23 +35,28 @@ class StorageOptions(_Section):
     timeout_s: float = Field(default=60.0, gt=0)
     options: dict[str, Any] = Field(default_factory=dict)
 
-
-def _check_row_filter(text: str | None, field: str) -> str | None:
-    """A row filter is a pyiceberg row-filter string; reject bad syntax now (when pyiceberg is installed)."""
-    if text is None:
-        return None
-    try:
-        from pyiceberg.expressions.parser import parse
-    except ImportError:  # the lake extra is missing: `open_source` says so when the job runs
-        return text
-    try:
-        parse(text)
-    except Exception as exc:  # noqa: BLE001 - the parser's errors (pyparsing's) list whole grammars: keep the position
-        where = f" at character {exc.loc + 1}" if isinstance(getattr(exc, "loc", None), int) else ""
-        raise ValueError(
-            f"{field}: cannot parse {text!r}{where}; write e.g. \"day = '2026-11-01' and camera in ('a', 'b')\""
-        ) from None
-    return text
+    @field_validator("endpoint_url")
+    @classmethod
+    def _plain_endpoint(cls, url):
+        # The config is stored with the output and printed by `validate`: nothing secret may ride
+        # in the URL, and the messages never echo it.
+        if url is None:
+            return url
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname
+        except ValueError:
+            raise ValueError("is not a URL; give the endpoint as http(s)://host[:port]") from None
+        if parts.scheme not in ("http", "https") or not host:
+            raise ValueError("must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:9000")
+        if "@" in parts.netloc:
+            raise ValueError(
+                "must not carry credentials (user:password@): use storage.profile, the AWS_* environment "
+                "or storage.options key/secret"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError("must not carry a query string or fragment: an object-store endpoint takes none")
+        return url
 
 
 def _check_catalog(catalog: dict[str, Any], field: str) -> dict[str, Any]:
@@ -79,8 +84,16 @@ class InputConfig(_Section):
     image_column: str | None = None
     uri_column: str | None = None
     id_column: str = "id"
-    # Hard limit per image; larger images are a per-row error (decompression bombs).
+    # Hard limit per image; larger images are a per-row error (decompression bombs), checked on
+    # the image header before any pixel is decoded.
     max_pixels: int = Field(default=64_000_000, gt=0)
+    # Hard limit on the encoded bytes of one image (an image cell, or a URI fetch, enforced while
+    # streaming); larger is a per-row `too_large`. The default fits a 64 MP uncompressed RGB TIFF.
+    max_bytes: int = Field(default=200_000_000, gt=0)
+    # Image formats (Pillow's names) that may be decoded; anything else is a per-row error.
+    image_formats: list[str] = Field(
+        default_factory=lambda: ["JPEG", "MPO", "PNG", "WEBP", "TIFF", "BMP", "GIF"]
+    )
     min_side: int = Field(default=8, gt=0)
     extensions: list[str] = Field(
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"]
@@ -104,7 +117,10 @@ class InputConfig(_Section):
         if self.format != "iceberg" and (self.table or self.catalog):
             raise ValueError("input.table and input.catalog: only for input.format: iceberg")
         _check_catalog(self.catalog, "input.catalog")
-        _check_row_filter(self.filter, "input.filter")
+        if self.filter is not None:
+            from vb_batch.io.filters import parse_filter  # pyiceberg's parser: bad syntax fails here, not mid-run
+
+            parse_filter(self.filter, "input.filter")
         return self
 
 
@@ -130,6 +146,13 @@ class OutputConfig(_Section):
     report: bool = True
     report_samples: int = Field(default=12, ge=0)
     storage: StorageOptions = Field(default_factory=StorageOptions)
+    # overwrite / append / resume refuse a folder that holds files vb_batch did not write for this
+    # output (another dataset's part files, anything else); set to true to write next to them anyway.
+    # vb_batch then still deletes or moves only files its own records name.
+    allow_foreign_files: bool = False
+    # One writer per output: a lease under `_vb/`, renewed every lease_seconds / 3 while the run
+    # lives; a lease not renewed for lease_seconds is stale (its holder died) and is taken over.
+    lease_seconds: float = Field(default=120.0, gt=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -192,6 +215,22 @@ class ReferringConfig(_Section):
     phrase_column: str | None = None
 
 
+# torch device strings: a type and an optional index (cuda:1).
+_TORCH_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|hpu|npu|xla|mtia|meta)(?::(\d+))?")
+_TORCH_DEVICE_TYPO = re.compile(r"(cpu|cuda|mps|xpu|gpu)\s*[:_-]?\s*(\d*)")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_CREDENTIAL_HEADER_WORDS = ("auth", "token", "key", "secret", "password", "cookie", "credential")
+
+
+def _device_hint(device: str) -> str:
+    """ "did you mean 'cuda:1'? " for near misses such as gpu, GPU:1, cuda1; else ""."""
+    near = _TORCH_DEVICE_TYPO.fullmatch(device.strip().lower())
+    if not near:
+        return ""
+    kind = "cuda" if near[1] == "gpu" else near[1]
+    return f"did you mean {kind + (':' + near[2] if near[2] else '')!r}? "
+
+
 class ModelConfig(_Section):
     backend: str = "identity"
     # A checkpoint (local directory or hub id), or one per task: {depth: ..., normals: ...}.
@@ -236,12 +275,29 @@ class ModelConfig(_Section):
     # Extra keyword arguments for the pipeline call (diffusers) or extra JSON fields (http).
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("device")
+    @classmethod
+    def _torch_device(cls, device):
+        # Syntax only: whether the device exists is known where the model loads (a Ray or Spark
+        # driver may have no GPU while its workers do); `models.loading.resolve_device` checks that.
+        if device == "auto" or _TORCH_DEVICE.fullmatch(device):
+            return device
+        raise ValueError(f"{device!r} is not a torch device; {_device_hint(device)}use auto, cpu, cuda, cuda:N, mps or xpu")
+
     @field_validator("endpoint")
     @classmethod
     def _http_url(cls, endpoint):
-        if endpoint is not None and not endpoint.startswith(("http://", "https://")):
-            raise ValueError(f"must be an http:// or https:// URL, got {endpoint!r}")
-        if endpoint is not None and "@" in endpoint.split("/")[2]:
+        # Messages name the field but never echo the URL: its query string may hold a key.
+        if endpoint is None:
+            return endpoint
+        try:
+            parts = urlsplit(endpoint)
+            host = parts.hostname
+        except ValueError:
+            raise ValueError("is not a URL; give it as http(s)://host[:port]/path") from None
+        if parts.scheme not in ("http", "https") or not host:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if "@" in parts.netloc:
             raise ValueError("must not carry credentials (user:password@): put the token in model.token_env")
         return endpoint
 
@@ -249,16 +305,26 @@ class ModelConfig(_Section):
     @classmethod
     def _no_credentials_in_headers(cls, headers):
         # The job config is stored in the output's metadata: secrets must stay in the environment.
-        for name in headers:
-            if name.lower() in ("authorization", "proxy-authorization", "x-api-key", "api-key", "cookie"):
+        # Every header value is masked wherever the config is shown; a credential still does not
+        # belong here. Values are never echoed.
+        for name, value in headers.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)")
+            if any(ch in value for ch in "\r\n\0"):
+                raise ValueError(f"the value of {name!r} holds a line break or NUL: one line of text per header")
+            if any(ord(ch) > 255 for ch in value):
+                raise ValueError(f"the value of {name!r} is not Latin-1 text, which is all an HTTP header carries")
+            if any(word in name.lower() for word in _CREDENTIAL_HEADER_WORDS):
                 raise ValueError(
-                    f"{name!r} carries a credential: put it in the environment variable named by model.token_env"
+                    f"{name!r} carries a credential: put it in the environment variable named by model.token_env "
+                    f"(and set model.token_header: {name}, model.token_scheme: null if it takes the bare token)"
                 )
         return headers
 
 
 class EngineConfig(_Section):
-    kind: Literal["local", "ray", "spark"] = "local"
+    # local | ray | spark, or any engine registered with `vb_batch.engines.register_engine`.
+    kind: str = "local"
     # Threads that fetch + decode images and encode outputs around the model.
     io_threads: int | None = Field(default=None, gt=0)  # None: one per CPU less one, at most 4
     # Model batches prepared ahead of the model so it never waits for decode.
@@ -283,6 +349,15 @@ class EngineConfig(_Section):
     partitions: int | None = Field(default=None, gt=0)
     gpus_per_task: float = Field(default=0, ge=0)
 
+    @field_validator("kind")
+    @classmethod
+    def _known_engine(cls, kind):
+        from vb_batch.engines import ENGINES, known_engine  # the registry: names users registered count too
+
+        if not known_engine(kind):
+            raise ValueError(f"unknown engine {kind!r}; known: {ENGINES.names()} or package.module:Class")
+        return kind
+
     @field_validator("actors")
     @classmethod
     def _actor_range(cls, actors):
@@ -298,9 +373,9 @@ class RunConfig(_Section):
     progress: bool = True
     # Above this fraction of failed rows the run fails (exit 1), after committing every row.
     max_error_fraction: float = Field(default=0.5, ge=0, le=1)
-
-
-TASK_NAMES = ("depth", "normals", "segmentation", "referring")
+    # With output.mode: resume, also re-run the rows whose vb_error is set; each result replaces
+    # the row's previous one, so every id stays exactly once.
+    retry_failed: bool = False
 
 
 class JobConfig(_Section):
@@ -318,9 +393,11 @@ class JobConfig(_Section):
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, tasks: list[str]) -> list[str]:
-        unknown = [t for t in tasks if t not in TASK_NAMES]
+        from vb_batch.tasks import TASKS  # the task registry is the one list of names
+
+        unknown = [t for t in tasks if t not in TASKS]
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; known: {list(TASK_NAMES)}")
+            raise ValueError(f"unknown task(s) {unknown}; known: {TASKS.names()}")
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"task listed twice in {tasks}")
         return tasks
@@ -396,17 +473,12 @@ def load_config(source: str | Path | dict[str, Any] | None = None, overrides: li
 
 
 def redacted(cfg: JobConfig) -> dict[str, Any]:
-    """The config as a plain dict with anything that looks like a secret masked (for logs and metadata)."""
-    secret_words = ("secret", "token", "password", "key", "credential")
+    """The config as a plain dict with its secrets masked: what logs, `validate`, `vb.job` and run records show.
 
-    def scrub(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {
-                k: ("***" if any(w in str(k).lower() for w in secret_words) and v else scrub(v))
-                for k, v in node.items()
-            }
-        if isinstance(node, list):
-            return [scrub(v) for v in node]
-        return node
+    Masked (see `vb_batch.masking.redact`): values of secret-looking keys (secret, token,
+    password, key, credential), every `model.headers` value, and the userinfo, query string
+    and fragment of every URL (model.endpoint, storage endpoints, catalog URIs, paths, prefixes).
+    """
+    from vb_batch.masking import redact
 
-    return scrub(cfg.model_dump(mode="json"))
+    return redact(cfg.model_dump(mode="json"))

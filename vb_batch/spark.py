@@ -26,8 +26,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from vb_batch.config import JobConfig, load_config
-from vb_batch.engines.spark import cached_backend
+from vb_batch.config import ConfigError, JobConfig, load_config
+from vb_batch.engines.base import cached_backend
 from vb_batch.io.sources import with_ids
 from vb_batch.stages import Plan, decode_encode, fetch_decode, run_model
 
@@ -59,7 +59,7 @@ def annotate(df, config: str | Path | dict[str, Any] | JobConfig, overrides: lis
     image_column = cfg.input.image_column
     uri_column = cfg.input.uri_column
     if not image_column and not uri_column:
-        raise ValueError("input.image_column: set input.image_column or input.uri_column for the DataFrame")
+        raise ConfigError("input.image_column: set input.image_column or input.uri_column for the DataFrame")
     if cfg.input.id_column not in input_schema.names:
         input_schema = input_schema.insert(0, pa.field(cfg.input.id_column, pa.string()))
     plan = Plan.build(cfg, input_schema, image_column=image_column, uri_column=uri_column)

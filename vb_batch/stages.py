@@ -20,7 +20,7 @@ import logging
 import sys
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -41,6 +41,7 @@ from vb_batch.io.sources import image_bytes
 from vb_batch.models.base import ModelBackend, backend_class, model_id
 from vb_batch.models.loading import to_device
 from vb_batch.models.profiles import get_profile
+from vb_batch.registry import added_entries
 from vb_batch.tasks import Task, TaskContext, build_legend, get_task
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ class Plan:
     input_schema: pa.Schema
     image_column: str | None = None
     uri_column: str | None = None
+    # Backends, presets, profiles registered at run time in this process: workers replay them.
+    registrations: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -121,6 +124,7 @@ class Plan:
             input_schema=input_schema,
             image_column=image_column,
             uri_column=uri_column,
+            registrations=added_entries(),
         )
 
     def decodes_on_device(self, task: Task) -> bool:
@@ -151,7 +155,10 @@ class Plan:
         fields = self.kept_input_fields()
         clash = {f.name for f in fields} & {f.name for f in self.output_fields()}
         if clash:
-            raise ValueError(f"output.prefix: output columns {sorted(clash)} already exist in the input; set a prefix")
+            raise ConfigError(
+                f"output.prefix: output columns {sorted(clash)} already exist in the input; set output.prefix "
+                "(e.g. output.prefix=vb_) or drop those columns from the input"
+            )
         metadata = {
             b"vb.version": __version__.encode(),
             b"vb.run_id": self.run_id.encode(),
@@ -208,9 +215,9 @@ def fetch_decode(batch: pa.RecordBatch, plan: Plan) -> pa.RecordBatch:
         if errors[i] is None:
             try:
                 data = cell if plan.image_column else read_uri(cell, cfg)
-                image = decode_image(data, cfg.max_pixels, cfg.min_side)
-            except RowError as err:
-                errors[i] = err.as_cell()
+                image = decode_image(data, cfg.max_pixels, cfg.min_side, cfg.image_formats, cfg.max_bytes)
+            except Exception as exc:  # noqa: BLE001 - the row guard: whatever one row raises is its own error
+                errors[i] = row_error(exc, "internal_error", "fetch and decode: ")
         images.append(image)
     batch = _set_column(batch, IMAGE_COLUMN, arrays_to_column(images))
     return _set_column(batch, ERROR_COLUMN, pa.array(errors, ERROR_TYPE))
@@ -273,8 +280,20 @@ def _predict_rows(backend: ModelBackend, images, prompts, task: str, seeds) -> l
         return out
 
 
+def row_error(exc: BaseException, code: str, context: str = "") -> dict[str, str]:
+    """The `vb_error` cell of one row whose step raised `exc`: its own code for a `RowError`, else `code`.
+
+    Every per-row step (fetch, decode, model answer, codec decode, resize, encode)
+    ends in this guard, so no exception of one row can stop a job; only faults of
+    the job itself (config, output, model load) do.
+    """
+    if isinstance(exc, RowError):
+        return exc.as_cell()
+    return {"code": code, "message": f"{context}{type(exc).__name__}: {exc}"}
+
+
 def _output_error(task: Task, exc: Exception) -> dict[str, str]:
-    return {"code": "output_error", "message": f"{task.name}: {type(exc).__name__}: {exc}"}
+    return row_error(exc, "output_error", f"{task.name}: ")
 
 
 def decode_on_device(
@@ -311,6 +330,17 @@ def decode_on_device(
     return confidences
 
 
+def model_answer(result: Any) -> np.ndarray:
+    """A backend's answer for one row as an array (H, W) or (H, W, C) of numbers; its RowError raised."""
+    if isinstance(result, RowError):
+        raise result
+    answer = np.asarray(result)
+    if answer.dtype.kind not in "uif" or answer.ndim not in (2, 3) or 0 in answer.shape[:2]:
+        raise RowError("model_bad_answer", f"the model answered a {answer.dtype} array of shape {answer.shape}, "
+                       "not an image or a map")
+    return answer
+
+
 def run_model(batch: pa.RecordBatch, plan: Plan, backend: ModelBackend) -> pa.RecordBatch:
     """Stage 2 (GPU): one answer per valid row, task and ensemble pass (decoded here with `decode_on_device`)."""
     images = _images(batch)
@@ -329,10 +359,10 @@ def run_model(batch: pa.RecordBatch, plan: Plan, backend: ModelBackend) -> pa.Re
                 prompts = task.prompts(plan.ctx, len(rows), p, phrases)
                 results = _predict_rows(backend, [images[i] for i in rows], prompts, task.name, seeds)
                 for i, result in zip(rows, results):
-                    if isinstance(result, RowError):
-                        errors[i] = errors[i] or result.as_cell()
-                    else:
-                        answers[i] = np.asarray(result)
+                    try:
+                        answers[i] = model_answer(result)
+                    except Exception as exc:  # noqa: BLE001 - the row guard: a bad answer is this row's error
+                        errors[i] = errors[i] or row_error(exc, "model_bad_answer", f"{task.name}: ")
             if plan.decodes_on_device(task):
                 confidences = decode_on_device(task, plan.ctx, p, answers, errors, backend.device)
                 batch = _set_column(batch, confidence_column(task.name, p), arrays_to_column(confidences))

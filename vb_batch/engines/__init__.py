@@ -1,1 +1,56 @@
-"""Engines: where the stages run (in-process threads, Ray, Spark). They wire stages; they hold no logic of their own."""
+"""Engines: where the stages run (in-process threads, Ray, Spark). They wire stages; they hold no logic of their own.
+
+`ENGINES` maps `engine.kind` to an `Engine` class ("module:Class", imported
+only when a job picks it); `register_engine` adds your own. The run core that
+every engine shares is `vb_batch.engines.base`.
+
+>>> from vb_batch.engines import ENGINES
+>>> sorted(ENGINES)
+['local', 'ray', 'spark']
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vb_batch.errors import ConfigError
+from vb_batch.registry import Registry, is_target
+
+if TYPE_CHECKING:
+    from vb_batch.engines.base import Engine
+
+
+def _check_engine(found, name: str) -> None:
+    from vb_batch.engines.base import Engine
+
+    if not (isinstance(found, type) and issubclass(found, Engine)):
+        raise ConfigError(f"engine.kind: {name!r} is not a vb_batch Engine")
+
+
+ENGINES: "Registry[type[Engine]]" = Registry(
+    "engine",
+    field="engine.kind",
+    entries={
+        "local": "vb_batch.engines.local:LocalEngine",
+        "ray": "vb_batch.engines.ray:RayEngine",
+        "spark": "vb_batch.engines.spark:SparkEngine",
+    },
+    hints={"ray": "pip install 'vb_batch[ray]'", "spark": "pip install 'vb_batch[spark]'"},
+    check=_check_engine,
+    any_target=True,
+)
+
+
+def known_engine(name: str) -> bool:
+    """Whether `engine.kind: name` names a registered engine or a "package.module:Class"."""
+    return name in ENGINES or is_target(name)
+
+
+def register_engine(name: str, target: "str | type[Engine]", *, replace: bool = False) -> None:
+    """Make an engine available as `engine.kind: <name>`; `target` is "package.module:Class" or the class."""
+    ENGINES.register(name, target, replace=replace)
+
+
+def get_engine(name: str) -> "Engine":
+    """An instance of the engine registered as `name` (a `ConfigError` naming `engine.kind` otherwise)."""
+    return ENGINES[name]()

@@ -3,8 +3,8 @@
     driver:    list the input as units (row groups / listing slices) -> a DataFrame, one row a unit
     executors: mapInArrow: read the unit (pyarrow, any fsspec URL) -> fetch_decode -> run_model
                (the model cached once per Python worker) -> decode_encode -> write a staged
-               Parquet file into the sink's staging dir -> yield (file, rows, error codes)
-    driver:    stage each file in the ParquetSink and commit (records, then moves; `_SUCCESS` last)
+               Parquet file into the sink's staging dir -> yield part reports (PART_SCHEMA)
+    driver:    run.apply(part report): stage each file in the sink and commit (the run core)
 
 Reading and writing happen on the Python side on purpose: the pyspark wheel
 has no s3a connector (and no JARs can be fetched), and Spark's own Parquet
@@ -17,41 +17,22 @@ rows. Users' own DataFrames go through `vb_batch.spark.annotate` instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Iterator
+
 import pyarrow as pa
 
-from vb_batch.config import EngineConfig, JobConfig, redacted
-from vb_batch.engines.local import rebatch
-from vb_batch.io.sinks import open_sink, write_part
-from vb_batch.io.sources import open_source, read_unit, with_ids
-from vb_batch.job import RunSummary, tracked_run
-from vb_batch.models.base import ModelBackend, create_backend
-from vb_batch.stages import ERROR_COLUMN, Plan, check_backend, decode_encode, fetch_decode, run_model
+from vb_batch.config import EngineConfig, InputConfig
+from vb_batch.engines.base import PART_SCHEMA, Engine, ResumeFilter, Run, cached_backend, rebatch, stage_parts
+from vb_batch.io.sources import read_unit, with_ids
+from vb_batch.stages import Plan, decode_encode, fetch_decode, run_model
 
 log = logging.getLogger(__name__)
-
-RESULT_SCHEMA = "file string, rows long, skipped long, error_codes string, model_seconds double"
-RESULT = pa.schema(
-    [("file", pa.string()), ("rows", pa.int64()), ("skipped", pa.int64()), ("error_codes", pa.string()),
-     ("model_seconds", pa.float64())]
-)
-
-# One model per Python worker process, kept across tasks (Spark reuses Python workers).
-_MODELS: dict[str, ModelBackend] = {}
-
-
-def cached_backend(plan: Plan) -> ModelBackend:
-    key = plan.cfg.model.model_dump_json()
-    if key not in _MODELS:
-        backend = create_backend(plan.cfg.model)
-        check_backend(plan, backend)
-        _MODELS[key] = backend
-    return _MODELS[key]
 
 
 def spark_session(engine: EngineConfig, app_name: str):
@@ -90,82 +71,63 @@ def gpu_profile(engine: EngineConfig):
     return ResourceProfileBuilder().require(requests).build
 
 
-def annotate_units(
-    units: Iterator[pa.RecordBatch], plan: Plan, input_schema: pa.Schema, staging: str, done: frozenset
-) -> Iterator[pa.RecordBatch]:
-    """Executor side: annotate every unit in the stream and write it as staged Parquet files."""
-    cfg = plan.cfg
+def annotate_unit(unit: dict, index: int, plan: Plan, input_schema: pa.Schema, staging: str,
+                  resume: ResumeFilter) -> list[dict]:
+    """Executor side: read one unit, drop committed ids, run the stages, write its staged part files."""
+    cfg: InputConfig = plan.cfg.input
     backend = cached_backend(plan)
-    for batch in units:
-        for unit_index, unit_json in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-            unit = json.loads(unit_json)
-            batches = [
-                with_ids(b, cfg.input.id_column, plan.image_column, plan.uri_column)
-                for b in read_unit(unit, cfg.input, input_schema, cfg.input.read_batch_rows)
-            ]
-            read = sum(b.num_rows for b in batches)
-            if done:
-                batches = [b.filter(pa.array([i not in done for i in b.column(0).to_pylist()])) for b in batches]
-            outputs, model_seconds = [], 0.0
-            for b in rebatch((b for b in batches if b.num_rows), cfg.model.batch_size):
-                decoded = fetch_decode(b, plan)
-                started = time.perf_counter()
-                answered = run_model(decoded, plan, backend)
-                model_seconds += time.perf_counter() - started
-                outputs.append(decode_encode(answered, plan))
-            table = pa.Table.from_batches(outputs, schema=plan.output_schema())
-            skipped = read - table.num_rows
-            if table.num_rows == 0:
-                yield pa.RecordBatch.from_pydict(
-                    {"file": [None], "rows": [0], "skipped": [skipped], "error_codes": ["[]"],
-                     "model_seconds": [model_seconds]},
-                    schema=RESULT,
-                )
-            for part, start in enumerate(range(0, table.num_rows, cfg.output.rows_per_file)):
-                piece = table.slice(start, cfg.output.rows_per_file)
-                name = f"part-{plan.run_id}-u{unit_index:06d}-{part:03d}.parquet"
-                write_part(cfg.output, f"{staging}/{name}", piece)
-                codes = [e and e["code"] for e in piece.column(ERROR_COLUMN).to_pylist()]
-                yield pa.RecordBatch.from_pydict(
-                    {"file": [name], "rows": [piece.num_rows], "skipped": [skipped if part == 0 else 0],
-                     "error_codes": [json.dumps(codes)], "model_seconds": [model_seconds if part == 0 else 0.0]},
-                    schema=RESULT,
-                )
+    skipped = 0
+
+    def pending() -> Iterator[pa.RecordBatch]:
+        nonlocal skipped
+        for batch in read_unit(unit, cfg, input_schema, cfg.read_batch_rows):
+            batch, dropped = resume.apply(with_ids(batch, cfg.id_column, plan.image_column, plan.uri_column))
+            skipped += dropped
+            yield batch
+
+    outputs, model_seconds = [], 0.0
+    for batch in rebatch(pending(), plan.cfg.model.batch_size):
+        decoded = fetch_decode(batch, plan)
+        started = time.perf_counter()
+        answered = run_model(decoded, plan, backend)
+        model_seconds += time.perf_counter() - started
+        outputs.append(decode_encode(answered, plan))
+    table = pa.Table.from_batches(outputs, schema=plan.output_schema())
+    # A fixed tag per unit: a retried or speculative attempt rewrites the same files.
+    return stage_parts(plan, staging, table, f"u{index:06d}", model_seconds, skipped=skipped)
 
 
-def run_spark(cfg: JobConfig, backend: ModelBackend | None = None) -> RunSummary:
-    if backend is not None:
-        raise ValueError("engine.kind: spark loads the model in each executor; pass a backend only to the local engine")
-    started = time.perf_counter()
-    source = open_source(cfg.input)
-    plan = Plan.build(cfg, source.schema, image_column=source.image_column, uri_column=source.uri_column)
-    sink = open_sink(cfg.output, plan.run_id, plan.output_schema(), source.id_column)
-    summary = RunSummary(run_id=plan.run_id, output=cfg.output.name, engine="spark")
-    sink.check_mode()
-    done = frozenset(sink.open())
-    units = source.units()
-    log.info("run %s on spark: %d units; %s", plan.run_id, len(units), redacted(cfg))
-    spark = spark_session(cfg.engine, f"vb-batch {plan.run_id}")
-    # Rows as units finish on the executors (Spark's own stage bar shows tasks).
-    summary.model_seconds = 0.0  # summed over the executors' units
-    with tracked_run(cfg, sink, summary, started, source.count_rows()) as advance:
+class SparkEngine(Engine):
+    """Spark: one task per unit of the input on the executors (`mapInArrow`); the driver commits."""
+
+    name = "spark"
+
+    @contextlib.contextmanager
+    def session(self, run: Run, backend) -> Iterator[object]:
+        yield spark_session(run.cfg.engine, f"vb-batch {run.plan.run_id}")
+
+    def execute(self, run: Run, spark) -> None:
+        cfg, plan = run.cfg, run.plan
+        units = run.source.units()
+        log.info("run %s on spark: %d units", plan.run_id, len(units))
+        run.summary.model_seconds = 0.0  # summed over the executors' units
         frame = spark.createDataFrame(
             [(i, json.dumps(u)) for i, u in enumerate(units)], "unit long, spec string"
         ).repartition(cfg.engine.partitions or max(1, len(units)))
-        done_ids = spark.sparkContext.broadcast(done) if done else None
-        input_schema = source.dataset.schema
+        # Plain values only in the closure: the plan, the schema, the staging URL, the committed ids.
+        resume = spark.sparkContext.broadcast(run.resume)
+        input_schema, staging = run.source.dataset.schema, run.sink.staging
 
         def work(batches):
-            return annotate_units(batches, plan, input_schema, sink.staging, done_ids.value if done_ids else frozenset())
+            for batch in batches:
+                for index, spec in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                    reports = annotate_unit(json.loads(spec), index, plan, input_schema, staging, resume.value)
+                    if reports:
+                        yield pa.RecordBatch.from_pylist(reports, schema=PART_SCHEMA)
 
         profile = gpu_profile(cfg.engine)
-        mapped = frame.mapInArrow(work, RESULT_SCHEMA, **({"profile": profile} if profile else {}))
+        from pyspark.sql.pandas.types import from_arrow_schema
+
+        mapped = frame.mapInArrow(work, from_arrow_schema(PART_SCHEMA), **({"profile": profile} if profile else {}))
         for row in mapped.toLocalIterator():
-            summary.count_errors(json.loads(row["error_codes"]))
-            summary.rows_skipped += row["skipped"]
-            summary.rows_read += row["rows"] + row["skipped"]
-            summary.model_seconds += row["model_seconds"]
-            if row["file"]:
-                sink.stage(row["file"], row["rows"])
-            advance(row["rows"] + row["skipped"])
-    return summary
+            run.apply(row.asDict(recursive=True))

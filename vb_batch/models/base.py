@@ -12,14 +12,13 @@ a `vb_batch.errors.RowError` in that row's place: the row gets that
 `vb_error` and the others keep their answers. A backend that raises instead
 fails its batch, whose rows the model stage then retries one by one.
 
-Backends are looked up by name in `BACKENDS`, which maps a name to
-"module:Class" so that heavy imports (torch, diffusers) happen only when a
-job uses that backend.
+Backends are looked up by name in `BACKENDS` (a `vb_batch.registry.Registry`),
+which maps a name to "module:Class" so that heavy imports (torch, diffusers)
+happen only when a job uses that backend.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -27,17 +26,10 @@ import numpy as np
 
 from vb_batch.config import ConfigError
 from vb_batch.errors import RowError
+from vb_batch.registry import Registry
 
 if TYPE_CHECKING:
     from vb_batch.config import ModelConfig
-
-BACKENDS: dict[str, str] = {
-    "identity": "vb_batch.models.identity:IdentityBackend",
-    "marigold": "vb_batch.models.marigold:MarigoldBackend",
-    "diffusers": "vb_batch.models.diffusers_edit:DiffusersEditBackend",
-    "http": "vb_batch.models.http:HttpBackend",
-    "demo": "vb_batch.models.demo_generalist:DemoBackend",
-}
 
 
 class ModelBackend:
@@ -69,17 +61,20 @@ def model_id(cfg: "ModelConfig") -> str:
     """Provenance: what produced the labels (backend, checkpoint path or hub id, revision).
 
     A fine-tuned transformer over a base checkpoint adds `+transformer=<path>[/<subfolder>][@<revision>]`;
-    the http backend's endpoint is shown without its query string and credentials.
+    the http backend's endpoint, and any checkpoint given as a URL, is shown by `public_url` (no
+    credentials, query string or fragment): `vb_model` is written into every row.
     """
     path = cfg.path
     if isinstance(path, dict):
-        path = ",".join(f"{task}={p}" for task, p in sorted(path.items()))
+        path = ",".join(f"{task}={public_url(p)}" for task, p in sorted(path.items()))
+    elif path:
+        path = public_url(path)
     if cfg.backend == "http" and cfg.endpoint:
         path = public_url(cfg.endpoint)
     ident = f"{cfg.backend}:{path}" if path else cfg.backend
     ident = f"{ident}@{cfg.revision}" if cfg.revision else ident
     if cfg.transformer_path or cfg.transformer_subfolder:
-        transformer = (cfg.transformer_path or path).rstrip("/")
+        transformer = public_url(cfg.transformer_path or path).rstrip("/")
         if cfg.transformer_subfolder:
             transformer += "/" + cfg.transformer_subfolder.strip("/")
         ident += f"+transformer={transformer}" + (f"@{cfg.transformer_revision}" if cfg.transformer_revision else "")
@@ -87,36 +82,57 @@ def model_id(cfg: "ModelConfig") -> str:
 
 
 def public_url(url: str) -> str:
-    """`url` without user info, query and fragment: safe for logs, errors and provenance."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    """`url` without user info, query and fragment: safe for logs, errors and provenance; not a URL: as given.
+
+    >>> public_url("https://user:pw@Painter.example.com:8443/v1/edit?key=abc#x")
+    'https://painter.example.com:8443/v1/edit'
+    >>> public_url("prs-eth/marigold-depth-v1-1")
+    'prs-eth/marigold-depth-v1-1'
+    """
+    if "://" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:  # a malformed host or port: nothing in it is known to be safe to show
+        return f"{url.partition('://')[0]}://?"
+    if ":" in host:  # IPv6 keeps its brackets
+        host = f"[{host}]"
+    if port:
+        host = f"{host}:{port}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def register_backend(name: str, target: str) -> None:
-    """Make a backend available by name; `target` is "package.module:ClassName"."""
-    BACKENDS[name] = target
+def _check_backend_class(found, name: str) -> None:
+    if not (isinstance(found, type) and issubclass(found, ModelBackend)):
+        raise ConfigError(f"model.backend: {name!r} is not a vb_batch ModelBackend")
+
+
+# Backends by name; "package.module:Class" also works unregistered (a user's own backend,
+# which then reaches Spark executors and Ray workers that never ran `register_backend`).
+BACKENDS: Registry[type[ModelBackend]] = Registry(
+    "backend",
+    field="model.backend",
+    entries={
+        "identity": "vb_batch.models.identity:IdentityBackend",
+        "marigold": "vb_batch.models.marigold:MarigoldBackend",
+        "diffusers": "vb_batch.models.diffusers_edit:DiffusersEditBackend",
+        "http": "vb_batch.models.http:HttpBackend",
+        "demo": "vb_batch.models.demo_generalist:DemoBackend",
+    },
+    check=_check_backend_class,
+    any_target=True,
+)
+
+
+def register_backend(name: str, target: str | type[ModelBackend], *, replace: bool = False) -> None:
+    """Make a backend available by name; `target` is "package.module:ClassName" (or the class)."""
+    BACKENDS.register(name, target, replace=replace)
 
 
 def backend_class(name: str) -> type[ModelBackend]:
-    """The class of a registered backend, or of "package.module:Class" (a user's own backend).
-
-    The import-path form also reaches processes that never ran `register_backend`
-    (Spark executors, Ray workers).
-    """
-    target = BACKENDS.get(name, name if ":" in name else None)
-    if target is None:
-        raise ConfigError(f"model.backend: unknown backend {name!r}; known: {sorted(BACKENDS)} or package.module:Class")
-    module, _, cls = target.partition(":")
-    try:
-        found = getattr(importlib.import_module(module), cls)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"model.backend: cannot import {target!r}: {exc}") from None
-    if not (isinstance(found, type) and issubclass(found, ModelBackend)):
-        raise ConfigError(f"model.backend: {target!r} is not a vb_batch ModelBackend")
-    return found
+    """The class of a registered backend, or of "package.module:Class" (a user's own backend)."""
+    return BACKENDS[name]
 
 
 def create_backend(cfg: "ModelConfig") -> ModelBackend:

@@ -1,0 +1,191 @@
+"""The engine contract: what every engine (local, Ray, Spark) must do, one suite run once per engine.
+
+The same input, the same checks: the output equals the stages run in one batch
+(every column but the run id, field metadata included), resume finds the id
+column by name wherever it sits, hostile rows each end as their own error,
+the report works, a backend registered at run time reaches the workers, and
+a second writer is refused while one holds the output.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
+import pyarrow.parquet as pq
+import pytest
+from conftest import known_maps, png_bytes
+from hostile import check_hostile_output, hostile_job, write_hostile_table
+from hostile_uris import HostileServer
+
+import vb_batch
+from vb_batch.codecs import depth, normals, segmentation
+from vb_batch.config import load_config
+from vb_batch.io.images import decode_image
+from vb_batch.io.lease import Lease, LeaseHeldError
+from vb_batch.io.outputs import read_output
+from vb_batch.io.sources import open_source
+from vb_batch.models.base import BACKENDS, register_backend
+from vb_batch.models.identity import IdentityBackend
+from vb_batch.stages import Plan, annotate_batch
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")]
+
+LEGEND = segmentation.Legend.from_names(["road", "car", "sky"])
+ROWS = 12
+
+
+def write_input(path: Path, id_position: str = "first", rows: int = ROWS) -> list[str]:
+    """Paintings for every task and two broken rows, in row groups of 3 (several units per engine)."""
+    ids, images = [], []
+    for i in range(rows - 2):
+        maps = known_maps(i, 16 + 8 * (i % 3), 24, LEGEND)
+        painting = [depth.encode(maps["depth"]), normals.encode(maps["normals"]),
+                    segmentation.encode(maps["segmentation"], LEGEND)][i % 3]
+        ids.append(f"row-{i:02d}")
+        images.append(png_bytes(painting))
+    ids += ["bad-empty", "bad-junk"]
+    images += [b"", b"junk"]
+    columns = {"image": pa.array(images, pa.binary()), "k": list(range(rows)), "note": [f"n{i}" for i in range(rows)]}
+    order = {"first": ["id", "image", "k", "note"], "middle": ["image", "k", "id", "note"],
+             "last": ["image", "k", "note", "id"]}[id_position]
+    table = pa.table({name: ids if name == "id" else columns[name] for name in order})
+    pq.write_table(table, path, row_group_size=3)
+    return ids
+
+
+def job(inp: Path, out: Path, engine: str, **sections) -> dict:
+    cfg = {
+        "input": {"path": str(inp)},
+        "output": {"path": str(out), "mode": "overwrite", "rows_per_file": 4, "commit_every": 4, "report": False},
+        "tasks": ["depth", "normals", "segmentation"],
+        "segmentation": {"classes": list(LEGEND.names)},
+        "model": {"backend": "identity", "batch_size": 2},
+        "engine": {"kind": engine, "cpu_batch_rows": 4},
+        "run": {"progress": False},
+    }
+    for section, values in sections.items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    return cfg
+
+
+def stages_in_one_batch(cfg: dict) -> pa.Table:
+    """What the engine-free stages give for the whole input in one batch: what every engine must write."""
+    config = load_config(cfg)
+    source = open_source(config.input)
+    batch = pa.Table.from_batches(list(source.batches(10**6))).combine_chunks().to_batches()[0]
+    plan = Plan.build(config, source.schema, source.image_column, source.uri_column)
+    return pa.Table.from_batches([annotate_batch(batch, plan, IdentityBackend(config.model))])
+
+
+def comparable(table: pa.Table) -> pa.Table:
+    return table.sort_by("id").drop_columns(["vb_run_id"])
+
+
+def test_output_equals_the_stages_in_one_batch(engine, tmp_path):
+    write_input(tmp_path / "in.parquet")
+    cfg = job(tmp_path / "in.parquet", tmp_path / "out", engine)
+    summary = vb_batch.annotate(cfg)
+    expected = stages_in_one_batch(cfg)
+    out = read_output(str(tmp_path / "out"))
+    assert summary.success and summary.engine == engine
+    assert (summary.rows_ok, summary.rows_failed) == (ROWS - 2, 2)
+    assert summary.errors_by_code == {"empty": 1, "not_image": 1}
+    for ours, theirs in zip(out.schema, expected.schema):
+        assert ours.name == theirs.name and ours.type == theirs.type and ours.metadata == theirs.metadata
+    assert out.schema.names == expected.schema.names
+    assert comparable(out).equals(comparable(expected))
+    # Committed through the sink: records name every part file, none over rows_per_file, staging gone.
+    root = tmp_path / "out"
+    records = [json.loads(p.read_text()) for p in sorted((root / "_vb" / "commits").glob("*.json"))]
+    committed = [name for record in records for name in record["files"]]
+    assert sorted(committed) == sorted(p.name for p in root.glob("part-*.parquet"))
+    assert all(pq.read_metadata(root / name).num_rows <= 4 for name in committed)
+    assert (root / "_SUCCESS").exists() and not (root / "_vb" / "staging").exists()
+    assert not (root / "_vb" / "lease.json").exists()  # released
+    record = json.loads((root / "_vb" / "runs" / f"{summary.run_id}.json").read_text())
+    assert record["rows_ok"] == ROWS - 2 and record["model_seconds"] > 0 and record["engine"] == engine
+
+
+@pytest.mark.parametrize("position", ["first", "middle", "last"])
+def test_resume_finds_the_id_column_wherever_it_sits(engine, tmp_path, position):
+    ids = write_input(tmp_path / "in.parquet", position)
+    first = pq.read_table(tmp_path / "in.parquet").slice(0, 5)
+    pq.write_table(first, tmp_path / "first.parquet")
+    before = vb_batch.annotate(job(tmp_path / "first.parquet", tmp_path / "out", "local"))
+    summary = vb_batch.annotate(job(tmp_path / "in.parquet", tmp_path / "out", engine, output={"mode": "resume"}))
+    assert summary.success and (summary.rows_skipped, summary.rows_processed) == (5, ROWS - 5)
+    out = read_output(str(tmp_path / "out"))
+    assert sorted(out.column("id").to_pylist()) == sorted(ids)
+    assert out.schema.names.index("id") == pq.read_schema(tmp_path / "in.parquet").names.index("id")
+    run_of = dict(zip(out.column("id").to_pylist(), out.column("vb_run_id").to_pylist()))
+    assert {run_of[i] for i in ids[:5]} == {before.run_id}  # not annotated again
+    assert {run_of[i] for i in ids[5:]} == {summary.run_id}
+    if position == "middle":
+        again = vb_batch.annotate(job(tmp_path / "in.parquet", tmp_path / "out", engine, output={"mode": "resume"}))
+        assert (again.rows_skipped, again.rows_processed) == (ROWS, 0)
+        assert read_output(str(tmp_path / "out")).num_rows == ROWS
+
+
+def test_hostile_rows_each_end_as_their_own_error(engine, tmp_path):
+    with HostileServer() as server:
+        table, expected = write_hostile_table(tmp_path, server)
+        summary = vb_batch.annotate(hostile_job(table, tmp_path / "out", engine, server))
+    assert summary.success
+    check_hostile_output(read_output(str(tmp_path / "out")), expected)
+    assert set(summary.errors_by_code) == {code for code in expected.values() if code}
+    assert summary.rows_ok == sum(code is None for code in expected.values())
+
+
+def test_report_of_the_run_and_again_from_the_cli(engine, tmp_path):
+    from vb_batch.cli import main
+    from vb_batch.report import REPORT_NAME
+
+    write_input(tmp_path / "in.parquet")
+    summary = vb_batch.annotate(job(tmp_path / "in.parquet", tmp_path / "out", engine, output={"report": True}))
+    assert summary.report.endswith(REPORT_NAME)
+    (tmp_path / "out" / REPORT_NAME).unlink()
+    assert main(["report", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / REPORT_NAME).read_text()
+    assert f">{engine}<" in text and "not_image" in text and text.count("<img") >= 4 * 4
+
+
+class Negative(IdentityBackend):
+    """Paints the negative of each image: a backend no worker knows unless the driver's registration reaches it."""
+
+    def predict(self, images, prompts, task, seeds):
+        return [255 - image for image in images]
+
+
+def test_a_backend_registered_at_run_time_reaches_the_workers(engine, tmp_path):
+    write_input(tmp_path / "in.parquet")
+    register_backend("contract-negative", Negative)
+    try:
+        cfg = job(tmp_path / "in.parquet", tmp_path / "out", engine, model={"backend": "contract-negative"})
+        cfg["tasks"] = ["depth"]
+        summary = vb_batch.annotate(cfg)
+    finally:
+        BACKENDS.unregister("contract-negative")
+    assert summary.success and summary.rows_ok == ROWS - 2
+    out = read_output(str(tmp_path / "out")).sort_by("id")
+    assert set(out.column("vb_model").to_pylist()) == {"contract-negative"}
+    good = out.filter(pa.compute.is_null(out.column("vb_error"))).slice(0, 1)
+    painted = vb_batch.load_arrays(good, "depth")[0]
+    negative = depth.decode(255 - decode_image(good.column("image")[0].as_py(), 10**8)).values
+    np.testing.assert_allclose(painted, negative, rtol=1e-2)
+
+
+def test_a_second_writer_is_refused_while_one_holds_the_output(engine, tmp_path):
+    write_input(tmp_path / "in.parquet")
+    out = tmp_path / "out"
+    (out / "_vb").mkdir(parents=True)
+    import fsspec
+
+    holder = Lease(fsspec.filesystem("file"), str(out / "_vb"), str(out), run_id="the-first-run", seconds=60)
+    with holder, pytest.raises(LeaseHeldError, match="the-first-run"):
+        vb_batch.annotate(job(tmp_path / "in.parquet", out, engine, output={"mode": "append"}))
+    assert not list(out.glob("part-*.parquet"))
+    assert vb_batch.annotate(job(tmp_path / "in.parquet", out, engine, output={"mode": "append"})).success

@@ -1,0 +1,515 @@
+"""The run core every engine shares, and the small protocol an engine implements.
+
+A run, whatever executes it:
+
+    engine.check(cfg, backend)           refuse what this engine cannot do (fast, nothing opened)
+    run = start_run(cfg, engine.name)    source, plan, sink; input/output overlap, ids, the output's
+                                         ownership and fingerprint checked before anything is changed
+    with run.sink.lease_held():          one writer per output
+        with engine.session(run, backend) as session:    load the model / join the cluster
+            done = run.sink.open()       recover, apply the mode; committed ids -> run.resume
+            with tracked_run(run):       progress, error budget, commit + run record + _SUCCESS
+                engine.execute(run, session)
+
+An engine only decides where the stages run. Whatever it runs, it reports
+each written part with `run.apply(report)` (one schema, `PART_SCHEMA`: file,
+rows, skipped, error codes, model seconds, model nodes), so the summary, the
+commits and the progress bar work the same everywhere. What a worker process
+needs (the resume filter, the cached backend, part-file naming, rebatching)
+lives here too, so every engine filters, names and counts the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from queue import Full, Queue
+from typing import Any, ClassVar, TypeVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm.auto import tqdm
+
+from vb_batch.config import ConfigError, JobConfig, redacted
+from vb_batch.io.filesystems import canonical_location
+from vb_batch.io.formats import open_sink
+from vb_batch.io.sinks import Sink, part_file_name, schema_fingerprint, write_part
+from vb_batch.io.sources import Source, open_source
+from vb_batch.models.base import ModelBackend, create_backend
+from vb_batch.registry import replay
+from vb_batch.stages import ERROR_COLUMN, Plan, check_backend
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------- the summary
+
+
+@dataclass
+class RunSummary:
+    """What a run did; printed at the end and written to `<output>/_vb/runs/<run_id>.json`."""
+
+    run_id: str
+    output: str
+    engine: str
+    rows_read: int = 0
+    rows_skipped: int = 0
+    rows_ok: int = 0
+    rows_failed: int = 0
+    errors_by_code: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    success: bool = False
+    message: str = ""
+    report: str = ""
+    # Where the model's time went, from engines that measure it (None elsewhere): seconds in the
+    # model stage, summed over model workers; seconds to load the model (local); seconds the model
+    # thread waited for decoded input and for the writer (local: a fed model waits near zero).
+    model_seconds: float | None = None
+    model_load_seconds: float | None = None
+    model_input_wait_seconds: float | None = None
+    model_output_wait_seconds: float | None = None
+    model_nodes: dict[str, int] = field(default_factory=dict)  # rows per node that ran the model (Ray)
+
+    @property
+    def rows_processed(self) -> int:
+        return self.rows_ok + self.rows_failed
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_processed / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def error_fraction(self) -> float:
+        return self.rows_failed / self.rows_processed if self.rows_processed else 0.0
+
+    def within_error_budget(self, max_fraction: float) -> bool:
+        """False (with a message) when more than `max_fraction` of the processed rows failed."""
+        if self.error_fraction <= max_fraction:
+            return True
+        self.message = (
+            f"error fraction {self.error_fraction:.3f} exceeds run.max_error_fraction={max_fraction}; "
+            "rows that succeeded are committed"
+        )
+        return False
+
+    def count_errors(self, rows: int, codes: list[str]) -> None:
+        """Count `rows` processed rows, of which those in `codes` (one code per failed row) failed."""
+        self.rows_failed += len(codes)
+        self.rows_ok += rows - len(codes)
+        for code, n in Counter(codes).items():
+            self.errors_by_code[code] = self.errors_by_code.get(code, 0) + n
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "rows_per_second": round(self.rows_per_second, 3)}
+
+    def model_line(self) -> str:
+        """e.g. "1.92 s, 80% of the run; waited 0.04 s for input, 0.00 s for the writer; loaded in 0.38 s"."""
+        parts = [f"{self.model_seconds:.2f} s"]
+        if self.model_input_wait_seconds is not None:  # one model thread (local)
+            if self.seconds > 0:
+                parts[0] += f", {self.model_seconds / self.seconds:.0%} of the run"
+            parts.append(
+                f"waited {self.model_input_wait_seconds:.2f} s for input, "
+                f"{self.model_output_wait_seconds or 0.0:.2f} s for the writer"
+            )
+        else:
+            parts[0] += " summed over the model workers"
+        if self.model_load_seconds is not None:
+            parts.append(f"loaded in {self.model_load_seconds:.2f} s")
+        return "; ".join(parts)
+
+    def render(self) -> str:
+        status = "finished" if self.success else "FAILED"
+        lines = [
+            f"vb-batch run {self.run_id} {status} ({self.engine} engine) in {self.seconds:.1f} s",
+            f"  rows: {self.rows_ok} ok, {self.rows_failed} failed, {self.rows_skipped} skipped (already done)"
+            f" of {self.rows_read} read; {self.rows_per_second:.2f} rows/s",
+        ]
+        for code, n in sorted(self.errors_by_code.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  error {code}: {n} row(s)")
+        if self.model_seconds is not None:
+            lines.append(f"  model: {self.model_line()}")
+        lines.append(f"  output: {self.output}")
+        if self.report:
+            lines.append(f"  report: {self.report}")
+        if self.message:
+            lines.append(f"  {self.message}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- part reports
+
+
+# What an engine reports for each part of the output it wrote: a staged file (or None when the
+# sink wrote the rows itself), its rows, input rows skipped as already done, one error code per
+# failed row, the seconds the model spent on these rows, and on which nodes it ran.
+PART_SCHEMA = pa.schema(
+    [
+        pa.field("file", pa.string()),
+        pa.field("rows", pa.int64()),
+        pa.field("skipped", pa.int64()),
+        pa.field("error_codes", pa.list_(pa.string())),
+        pa.field("model_seconds", pa.float64()),
+        pa.field("model_nodes", pa.list_(pa.struct([pa.field("node", pa.string()), pa.field("rows", pa.int64())]))),
+    ]
+)
+
+
+def part_report(
+    rows: int, errors: pa.Array | pa.ChunkedArray | None = None, file: str | None = None, skipped: int = 0,
+    model_seconds: float = 0.0, model_nodes: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """One row of `PART_SCHEMA`; `errors` is the part's `vb_error` column."""
+    codes = [] if errors is None else pc.struct_field(errors, "code").drop_null().to_pylist()
+    return {
+        "file": file, "rows": rows, "skipped": skipped, "error_codes": codes, "model_seconds": model_seconds,
+        "model_nodes": [{"node": node, "rows": n} for node, n in sorted((model_nodes or {}).items())],
+    }
+
+
+def stage_parts(plan: Plan, staging: str, table: pa.Table, tag: str, model_seconds: float = 0.0,
+                model_nodes: dict[str, int] | None = None, skipped: int = 0) -> list[dict[str, Any]]:
+    """Write `table` into `staging` as part files of at most `output.rows_per_file` rows; their reports.
+
+    Any process may call this (Ray tasks, Spark executors); names are
+    `part-<run>-<tag>-<n>`, so a retried task that reuses its tag rewrites the
+    same files instead of adding rows. Model time and skipped rows go to the
+    first part's report.
+    """
+    reports = []
+    per_file = plan.cfg.output.rows_per_file
+    for n, start in enumerate(range(0, table.num_rows, per_file)):
+        piece = table.slice(start, per_file)
+        name = part_file_name(plan.run_id, f"{tag}-{n:03d}")
+        write_part(plan.cfg.output, f"{staging}/{name}", piece)
+        first = n == 0
+        reports.append(part_report(piece.num_rows, piece.column(ERROR_COLUMN), name, skipped if first else 0,
+                                   model_seconds if first else 0.0, model_nodes if first else None))
+    if not reports and (skipped or model_seconds):
+        reports.append(part_report(0, skipped=skipped, model_seconds=model_seconds))
+    return reports
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+class ResumeFilter:
+    """The ids already committed, dropped from batches by the id column's name (never its position).
+
+    Ships cheaply to workers (one Arrow array); each process builds its set
+    once, on first use, so a batch costs a lookup per row whatever the number
+    of committed ids.
+    """
+
+    def __init__(self, done: pa.Array | None, id_column: str):
+        self.done = done if done is not None else pa.array([], pa.string())
+        self.id_column = id_column
+        self._lookup: frozenset | None = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.done)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"done": self.done, "id_column": self.id_column}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["done"], state["id_column"])
+
+    def _ids(self) -> frozenset:
+        with self._lock:
+            if self._lookup is None:
+                self._lookup = frozenset(self.done.to_pylist())
+            return self._lookup
+
+    def apply(self, batch: pa.RecordBatch) -> tuple[pa.RecordBatch, int]:
+        """(the batch without committed rows, how many were dropped)."""
+        if not len(self.done) or batch.num_rows == 0:
+            return batch, 0
+        index = batch.schema.get_field_index(self.id_column)
+        if index < 0:
+            raise ConfigError(f"input.id_column: {self.id_column!r} is not a column of the batch {batch.schema.names}")
+        done = self._ids()
+        keep = pa.array([i not in done for i in batch.column(index).to_pylist()], pa.bool_())
+        kept = batch.filter(keep)
+        return kept, batch.num_rows - kept.num_rows
+
+
+# ---------------------------------------------------------------------------- worker side
+
+
+_BACKENDS: dict[str, ModelBackend] = {}
+_BACKENDS_LOCK = threading.Lock()
+
+
+def cached_backend(plan: Plan) -> ModelBackend:
+    """The model for `plan`, built once per worker process and kept across tasks (Spark, Ray, helpers).
+
+    Backends, profiles and presets that the driver registered at run time are
+    registered here first, so a worker knows them too.
+    """
+    key = plan.cfg.model.model_dump_json()
+    with _BACKENDS_LOCK:
+        if key not in _BACKENDS:
+            replay(plan.registrations)
+            backend = create_backend(plan.cfg.model)
+            check_backend(plan, backend)
+            _BACKENDS[key] = backend
+        return _BACKENDS[key]
+
+
+def rebatch(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
+    """Regroup batches into batches of exactly `rows` rows (the last may be shorter)."""
+    pending: list[pa.RecordBatch] = []
+    count = 0
+    for batch in batches:
+        if not batch.num_rows:
+            continue
+        pending.append(batch)
+        count += batch.num_rows
+        while count >= rows:
+            table = pa.Table.from_batches(pending).combine_chunks()
+            yield table.slice(0, rows).to_batches()[0]
+            rest = table.slice(rows)
+            pending = rest.to_batches() if rest.num_rows else []
+            count = rest.num_rows
+    if count:
+        yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
+
+
+def read_ahead(items: Iterator[T], depth: int) -> Iterator[T]:
+    """`items`, produced on a background thread at most `depth` ahead of the consumer.
+
+    The producer's exception is raised in the consumer, after the items before it.
+    Closing the consumer early stops the producer after the item it is reading.
+    """
+    queue: Queue = Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(entry: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(entry, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            put((end, exc))
+            return
+        put((end, None))
+
+    thread = threading.Thread(target=produce, name="vb-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = queue.get()
+            if item is end:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Run:
+    """One job run as the engines see it: config, source, plan, sink, summary, the committed ids."""
+
+    cfg: JobConfig
+    source: Source
+    plan: Plan
+    sink: Sink
+    summary: RunSummary
+    started: float
+    resume: ResumeFilter | None = None
+    advance: Callable[[int], None] = lambda rows: None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def apply(self, report: dict[str, Any]) -> None:
+        """Count one part report (see `PART_SCHEMA`); a reported file is staged for the next commit."""
+        with self._lock:
+            if report["file"]:
+                self.sink.stage(report["file"], report["rows"])
+            summary = self.summary
+            summary.count_errors(report["rows"], report["error_codes"])
+            summary.rows_skipped += report["skipped"]
+            if report["model_seconds"]:
+                summary.model_seconds = (summary.model_seconds or 0.0) + report["model_seconds"]
+            for entry in report["model_nodes"]:
+                summary.model_nodes[entry["node"]] = summary.model_nodes.get(entry["node"], 0) + entry["rows"]
+            self.advance(report["rows"] + report["skipped"])
+
+    def pending_batches(self, rows: int) -> Iterator[pa.RecordBatch]:
+        """The source's rows, minus those already committed, in batches of at most `rows` (one process)."""
+        for batch in self.source.batches(rows):
+            batch, skipped = self.resume.apply(batch) if self.resume else (batch, 0)
+            if skipped:
+                self.apply(part_report(0, skipped=skipped))
+            if batch.num_rows:
+                yield batch
+
+
+def start_run(cfg: JobConfig, engine: str) -> Run:
+    """Open the source, plan the output and check everything that must hold before the output is touched."""
+    started = time.perf_counter()
+    source = open_source(cfg.input)
+    check_paths(cfg, source)
+    check_ids(source)
+    plan = Plan.build(cfg, source.schema, image_column=source.image_column, uri_column=source.uri_column)
+    schema = plan.output_schema()
+    sink = open_sink(cfg.output, plan.run_id, schema, source.id_column,
+                     fingerprint=schema_fingerprint(schema, plan.model, plan.profile),
+                     retry_failed=cfg.run.retry_failed)
+    sink.check()
+    summary = RunSummary(run_id=plan.run_id, output=cfg.output.name, engine=engine)
+    return Run(cfg, source, plan, sink, summary, started)
+
+
+def check_paths(cfg: JobConfig, source: Source) -> None:
+    """Refuse an output that is, contains or sits inside the input (symlinks and URL spellings resolved)."""
+    output = cfg.output.path if cfg.output.format != "iceberg" else None
+    if not output:
+        return  # an Iceberg output lives where its catalog puts it: checked against the input's table below
+    inputs = {cfg.input.path or "", source.location or ""} - {""}
+    out = canonical_location(output, cfg.output.storage)
+    for path in inputs:
+        inp = canonical_location(path, cfg.input.storage)
+        if out == inp or out.startswith(inp.rstrip("/") + "/") or inp.startswith(out.rstrip("/") + "/"):
+            relation = "is" if out == inp else ("sits inside" if out.startswith(inp) else "contains")
+            raise ConfigError(
+                f"output.path: {output!r} {relation} the input {path!r}; vb_batch never writes where it reads, "
+                "choose an output outside the input"
+            )
+
+
+# Ids to show when refusing an input.
+SHOWN_IDS = 5
+
+
+def check_ids(source: Source) -> None:
+    """Refuse null, NaN or duplicate ids before any row is processed (they would break exactly-once).
+
+    Only an id column of the input (or the URI column its ids come from) is
+    read; content-hash ids of images without an id are computed as rows are
+    processed (identical images share one id: give such inputs an id column).
+    """
+    column = source.id_column if source.has_id else source.uri_column
+    if column is None:
+        return
+    ids = source.dataset.to_table(columns=[column], filter=source.filter).column(column).combine_chunks()
+    field_name = "input.id_column" if source.has_id else "input.uri_column"
+    problems = []
+    if ids.null_count:
+        problems.append(f"{ids.null_count} null id(s)")
+    if pa.types.is_floating(ids.type):
+        nans = pc.sum(pc.is_nan(ids.drop_null())).as_py() or 0
+        if nans:
+            problems.append(f"{nans} NaN id(s)")
+    counts = pc.value_counts(ids.drop_null())
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        examples = [f"{v!r} x{n}" for v, n in zip(repeated.field("values").to_pylist()[:SHOWN_IDS],
+                                                     repeated.field("counts").to_pylist()[:SHOWN_IDS])]
+        extra = int(pc.sum(repeated.field("counts")).as_py()) - len(repeated)
+        problems.append(f"{len(repeated)} id(s) repeated ({extra} extra rows), e.g. {', '.join(examples)}")
+    if problems:
+        raise ConfigError(
+            f"{field_name}: column {column!r} must identify each row exactly once: {'; '.join(problems)}. "
+            "Fix the input, filter those rows out (input.filter), or pick another id column"
+        )
+
+
+@contextlib.contextmanager
+def tracked_run(run: Run, record: Callable[[], dict[str, Any]] = dict) -> Iterator[None]:
+    """What every engine does around its loop: progress, the error budget, and closing the sink.
+
+    On the way out the sink commits what was written (also after a failure)
+    and writes `_SUCCESS` only when the run succeeded; the run record gets the
+    summary, the redacted config and `record()`.
+    """
+    cfg, summary = run.cfg, run.summary
+    bar = tqdm(total=summary.rows_read or None, unit="img", desc="vb-batch", disable=not cfg.run.progress, smoothing=0.1)
+
+    def advance(rows: int) -> None:
+        bar.update(rows)
+        bar.set_postfix(ok=summary.rows_ok, failed=summary.rows_failed, refresh=False)
+
+    run.advance = advance
+    try:
+        yield
+        # Every row read was processed, or dropped before the model as already committed.
+        summary.rows_skipped = max(summary.rows_skipped, summary.rows_read - summary.rows_processed)
+        summary.success = summary.within_error_budget(cfg.run.max_error_fraction)
+    except BaseException as exc:
+        summary.message = f"stopped by {type(exc).__name__}: {exc}"
+        raise
+    finally:
+        bar.close()
+        summary.seconds = time.perf_counter() - run.started
+        run.sink.close(success=summary.success, summary={**summary.as_dict(), "config": redacted(cfg), **record()})
+
+
+# ---------------------------------------------------------------------------- engines
+
+
+class Engine:
+    """What an engine implements: see the module docstring. Engines are registered in `vb_batch.engines.ENGINES`."""
+
+    name: ClassVar[str]
+    # Whether a backend *instance* can be used (only where the model runs in this process).
+    accepts_backend_instance: ClassVar[bool] = False
+
+    def check(self, cfg: JobConfig, backend: ModelBackend | None) -> None:
+        """Refuse a job this engine cannot run, before anything is opened."""
+        if backend is not None and not self.accepts_backend_instance:
+            raise ConfigError(
+                f"engine.kind: the {self.name} engine builds the model in each worker from model.*; a backend "
+                "instance works only with the local engine; name your own as model.backend: package.module:Class"
+            )
+
+    @contextlib.contextmanager
+    def session(self, run: Run, backend: ModelBackend | None) -> Iterator[Any]:
+        """Set up what `execute` needs (a loaded model, a cluster connection) and tear it down after."""
+        yield backend
+
+    def execute(self, run: Run, session: Any) -> None:
+        raise NotImplementedError
+
+
+def execute_run(engine: Engine, cfg: JobConfig, backend: ModelBackend | None = None) -> RunSummary:
+    """Run `cfg` on `engine`: the run core every engine shares (see the module docstring)."""
+    engine.check(cfg, backend)
+    run = start_run(cfg, engine.name)
+    with run.sink.lease_held(), engine.session(run, backend) as session:
+        run.resume = ResumeFilter(run.sink.open(), run.source.id_column)
+        run.summary.rows_read = run.source.count_rows()
+        log.info("run %s on %s: %s", run.plan.run_id, engine.name, redacted(cfg))
+        with tracked_run(run):
+            engine.execute(run, session)
+    return run.summary
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
