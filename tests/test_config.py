@@ -16,7 +16,7 @@ def write(tmp_path, text):
 
 def test_overrides_are_parsed_as_yaml(tmp_path):
     cfg = load_config(
-        write(tmp_path, "input: {path: imgs}\n"),
+        write(tmp_path, "input: {path: imgs}\nmodel: {backend: identity}\n"),
         ["model.batch_size=4", "tasks=[depth, normals]", "output.mode=resume", "segmentation.classes=[a, b]"],
     )
     assert cfg.model.batch_size == 4
@@ -37,7 +37,7 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
     ],
 )
 def test_bad_config_exits_2_and_names_the_field(tmp_path, capsys, override, field):
-    path = write(tmp_path, "input: {path: imgs}\n")
+    path = write(tmp_path, "input: {path: imgs}\nmodel: {backend: identity}\n")
     assert main(["run", str(path), override]) == 2
     err = capsys.readouterr().err
     assert field in err
@@ -70,7 +70,8 @@ def test_help_lists_commands_and_keys(capsys):
 
 def test_secrets_are_redacted():
     cfg = load_config(
-        {"input": {"path": "s3://b/x", "storage": {"options": {"key": "AKIA123", "secret": "shh", "token": "t0k"}}}}
+        {"input": {"path": "s3://b/x", "storage": {"options": {"key": "AKIA123", "secret": "shh", "token": "t0k"}}},
+         "model": {"backend": "identity"}}
     )
     text = str(redacted(cfg))
     for secret in ("AKIA123", "shh", "t0k"):
@@ -81,3 +82,9 @@ def test_secrets_are_redacted():
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_job_without_a_model_is_refused(tmp_path, capsys):
+    """No silent identity default: a config without model.backend would write photo colours as metres."""
+    assert main(["validate", str(write(tmp_path, "input: {path: imgs}\n"))]) == 2
+    assert "model.backend: required" in capsys.readouterr().err

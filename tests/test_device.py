@@ -42,7 +42,7 @@ def test_validate_names_the_field_of_a_misspelt_device(painted_table, tmp_path, 
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps", "xpu:0", "cpu:0"])
 def test_every_torch_device_spelling_passes_the_config(device):
     # Checked for spelling only: a CPU-only driver may validate a job whose workers have GPUs.
-    assert load_config({"input": {"path": "x"}, "model": {"device": device}}).model.device == device
+    assert load_config({"input": {"path": "x"}, "model": {"backend": "identity", "device": device}}).model.device == device
 
 
 @pytest.mark.slow  # the demo backend imports diffusers (~9 s on its own; shared with the other model tests)

@@ -305,24 +305,24 @@ def test_filter_points_a_scheduled_job_at_one_partition(tmp_path, catalog):
 
     # The same syntax filters rows of Parquet and Iceberg inputs.
     pq.write_table(first_rows(8), tmp_path / "in.parquet")
-    parquet_source = open_source(load_config({"input": {"path": str(tmp_path / "in.parquet"),
+    parquet_source = open_source(load_config({"model": {"backend": "identity"}, "input": {"path": str(tmp_path / "in.parquet"),
                                                         "filter": "day = '2026-11-01' and id != 'img-0'"}}).input)
     assert parquet_source.count_rows() == 3
     catalog_ = iceberg.iceberg_catalog(catalog)
     catalog_.create_namespace("raw")
     catalog_.create_table("raw.images", schema=first_rows(1).schema).append(first_rows(8))
-    iceberg_source = open_source(load_config({"input": {"format": "iceberg", "table": "raw.images", "catalog": catalog,
+    iceberg_source = open_source(load_config({"model": {"backend": "identity"}, "input": {"format": "iceberg", "table": "raw.images", "catalog": catalog,
                                                         "filter": "id in ('img-1', 'img-2')"}}).input)
     assert sorted(b["id"] for batch in iceberg_source.batches(10) for b in batch.to_pylist()) == ["img-1", "img-2"]
     with pytest.raises(ConfigError, match="input.filter"):
-        open_source(load_config({"input": {"path": source, "filter": "camera = 'a'"}}).input)
+        open_source(load_config({"model": {"backend": "identity"}, "input": {"path": source, "filter": "camera = 'a'"}}).input)
 
 
 def test_units_of_a_partitioned_delta_table_carry_partition_values(tmp_path):
     """What distributed engines read: one unit per row group, partitions pruned by the filter, values put back."""
     source = str(tmp_path / "images")
     write_deltalake(source, first_rows(8), partition_by=["day"])
-    cfg = load_config({"input": {"path": source, "filter": "day = '2026-11-01' and id != 'img-2'"}}).input
+    cfg = load_config({"model": {"backend": "identity"}, "input": {"path": source, "filter": "day = '2026-11-01' and id != 'img-2'"}}).input
     opened = open_source(cfg)
     units = json.loads(json.dumps(opened.units()))  # JSON-ready, as Spark ships them
     assert len(units) == 1 and units[0]["partition"] == {"day": "2026-11-01"}

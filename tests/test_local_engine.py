@@ -56,7 +56,7 @@ def test_decode_overlaps_model_and_in_flight_batches_are_bounded(tmp_path, monke
     cfg = {
         "input": {"path": str(tmp_path / "in.parquet")},
         "output": {"path": str(tmp_path / "out")},
-        "model": {"batch_size": 4},
+        "model": {"backend": "identity", "batch_size": 4},
         "engine": {"io_threads": 2, "prefetch_batches": 2},
         "run": {"progress": False},
     }
@@ -80,6 +80,7 @@ def test_fsspec_urls_in_and_out():
     cfg = {
         "input": {"path": "memory://bucket/in/images.parquet", "min_side": 4},
         "output": {"path": "memory://bucket/out", "mode": "overwrite", "encoding": "array"},
+        "model": {"backend": "identity"},
         "run": {"progress": False},
     }
     assert vb_batch.annotate(cfg).success
@@ -140,7 +141,7 @@ def test_the_model_thread_neither_reads_nor_decodes_and_the_summary_says_where_i
         cfg = {
             "input": {"path": str(tmp_path / "in.parquet"), "read_batch_rows": 4},
             "output": {"path": str(tmp_path / name)},
-            "model": {"batch_size": 4},
+            "model": {"backend": "identity", "batch_size": 4},
             "engine": {"io_threads": 1, "prefetch_batches": 2},
             "run": {"progress": False},
         }

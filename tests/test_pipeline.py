@@ -203,7 +203,7 @@ def test_segmentation_ensemble_votes_over_permuted_legends(painted_table, tmp_pa
         "output": {"path": str(tmp_path / "out"), "encoding": "array"},
         "tasks": ["segmentation"],
         "segmentation": {"legend": {n: list(c) for n, c in legend.to_pairs()}, "ensemble": 3},
-        "model": {"decode_on_device": decode_on_device},
+        "model": {"backend": "identity", "decode_on_device": decode_on_device},
         "run": {"progress": False},
     }
     assert vb_batch.annotate(config, backend=backend).success
@@ -285,7 +285,7 @@ def test_a_malformed_painting_fails_only_its_row(painted_table, tmp_path, decode
         "input": {"path": str(paths["depth"])},
         "output": {"path": str(tmp_path / "out")},
         "tasks": ["depth"],
-        "model": {"batch_size": 8, "decode_on_device": decode_on_device},
+        "model": {"backend": "identity", "batch_size": 8, "decode_on_device": decode_on_device},
         "run": {"progress": False},
     }
     summary = vb_batch.annotate(config, backend=OneBadPaintingBackend(None))

@@ -105,7 +105,7 @@ def run_record(output: Path, run_id: str) -> dict:
 
 
 def test_engine_config_names_the_field():
-    base = {"input": {"path": "x"}}
+    base = {"input": {"path": "x"}, "model": {"backend": "identity"}}
     assert load_config(base, ["engine.kind=ray", "engine.actors=[1, 4]"]).engine.actors == (1, 4)
     for override, field in [
         ("engine.actors=[3, 1]", "engine.actors"),

@@ -60,7 +60,7 @@ def painted_rows(tmp_path, n, black=()):
     return {
         "input": {"path": str(tmp_path / "in.parquet")},
         "output": {"path": str(tmp_path / "out"), "mode": "overwrite"},
-        "model": {"batch_size": 8},
+        "model": {"backend": "identity", "batch_size": 8},
         "run": {"progress": False},
     }
 
@@ -116,6 +116,7 @@ def test_internal_addresses_are_never_fetched(tmp_path, web_server):
     cfg = {
         "input": {"path": str(tmp_path / "in.parquet"), "uri_column": "uri", "allowed_prefixes": ["http://", "https://"]},
         "output": {"path": str(tmp_path / "out")},
+        "model": {"backend": "identity"},
         "run": {"progress": False, "max_error_fraction": 1.0},
     }
     vb_batch.annotate(cfg)
@@ -165,7 +166,7 @@ def test_transient_s3_faults_are_retried(tmp_path, monkeypatch):
         cfg = {
             "input": {"path": s3.url("in/images.parquet"), "storage": storage},
             "output": {"path": s3.url("out"), "storage": storage, "rows_per_file": 8, "commit_every": 8},
-            "model": {"batch_size": 8},
+            "model": {"backend": "identity", "batch_size": 8},
             "run": {"progress": False},
         }
         summary = vb_batch.annotate(cfg)

@@ -92,6 +92,7 @@ def annotated(tmp_path):
         "output": {"path": str(tmp_path / "out"), "report_samples": 4},
         "tasks": ["depth", "normals", "segmentation"],
         "segmentation": {"classes": legend.names},
+        "model": {"backend": "identity"},
         "run": {"progress": False},
     }
     summary = vb_batch.annotate(cfg)

@@ -130,7 +130,8 @@ def test_credentials_in_urls_are_refused_without_being_echoed(tmp_path, capfd, s
 
 def test_validate_masks_the_url_in_what_the_storage_layer_says(tmp_path, capfd):
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump({"input": {"path": f"http://127.0.0.1:9/in.parquet?sig={ENDPOINT_QUERY}"}}))
+    path.write_text(yaml.safe_dump({"input": {"path": f"http://127.0.0.1:9/in.parquet?sig={ENDPOINT_QUERY}"},
+                                   "model": {"backend": "identity"}}))
     assert main(["validate", str(path)]) == 2
     err = capfd.readouterr().err
     assert "input.path: 'http://127.0.0.1:9/in.parquet?***'" in err and not leaks(err)

@@ -42,7 +42,7 @@ def job(tmp_path, out, engine, **extra):
         "output": {"path": str(tmp_path / out), "mode": "overwrite", "rows_per_file": 4},
         "tasks": ["depth", "normals", "segmentation"],
         "segmentation": {"classes": list(legend.names)},
-        "model": {"batch_size": 2},
+        "model": {"backend": "identity", "batch_size": 2},
         "engine": {"kind": engine},
         "run": {"progress": False},
     }
@@ -82,7 +82,7 @@ def test_annotate_a_users_dataframe(spark, tmp_path):
     df = spark.read.parquet(str(tmp_path / "in.parquet"))
     import vb_batch.spark
 
-    out = vb_batch.spark.annotate(df, {"input": {"image_column": "image"}, "output": {"encoding": "array"}})
+    out = vb_batch.spark.annotate(df, {"input": {"image_column": "image"}, "output": {"encoding": "array"}, "model": {"backend": "identity"}})
     assert out.schema["depth"].metadata["vb.unit"] == "m"
     rows = out.select("id", "depth", "depth_median_m", "vb_error").orderBy("id").collect()
     assert [r["id"] for r in rows] == [1, 2] and rows[0]["vb_error"] is None

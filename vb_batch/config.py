@@ -232,7 +232,9 @@ def _device_hint(device: str) -> str:
 
 
 class ModelConfig(_Section):
-    backend: str = "identity"
+    # Required: identity (codec debugging: the input image is the "painting"), marigold, diffusers,
+    # http, demo, or package.module:Class. No default: a job without a model must not write labels.
+    backend: str | None = None
     # A checkpoint (local directory or hub id), or one per task: {depth: ..., normals: ...}.
     path: str | dict[str, str] | None = None
     revision: str | None = None
@@ -404,6 +406,11 @@ class JobConfig(_Section):
 
     @model_validator(mode="after")
     def _task_inputs(self) -> "JobConfig":
+        if not self.model.backend:
+            raise ValueError(
+                "model.backend: required, e.g. marigold (with model.path), diffusers, http, demo, or identity to "
+                "decode the input images themselves as paintings (codec debugging)"
+            )
         if "segmentation" in self.tasks and not (self.segmentation.classes or self.segmentation.legend):
             raise ValueError("task 'segmentation' needs segmentation.classes or segmentation.legend")
         if "referring" in self.tasks and not (self.referring.phrase or self.referring.phrase_column):
@@ -436,8 +443,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def _describe(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(config)"
+        field = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
+        if not field:  # a check across sections names its own fields
+            lines.append(f"  {msg}")
+            continue
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see `vb-batch run --help`)"
         lines.append(f"  {field}: {msg}")
