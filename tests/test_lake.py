@@ -339,7 +339,8 @@ def test_label_dataset_and_report_on_a_delta_output(tmp_path):
     from torch.utils.data import DataLoader
 
     from vb_batch.readers import LabelDataset
-    from vb_batch.report import OutputView, build_report
+    from vb_batch.io.outputs import OutputView
+    from vb_batch.report import build_report
 
     pq.write_table(first_rows(6), tmp_path / "in.parquet")
     out = str(tmp_path / "labels")

@@ -143,12 +143,12 @@ def test_depth_preview_colours_near_warm_and_far_black():
 def test_report_fetches_uris_under_the_jobs_own_rules(tmp_path):
     """Inputs given by URI appear in the report, read through the job's URI safety checks."""
     from vb_batch.demo import make_sample_images
-    from vb_batch.report import OutputView
+    from vb_batch.io.outputs import OutputView
 
     make_sample_images(tmp_path / "imgs", 3)
     job_input = {"path": str(tmp_path / "imgs"), "allowed_prefixes": [str(tmp_path / "imgs")]}
     summary = vb_batch.annotate({"input": job_input, "output": {"path": str(tmp_path / "out")},
-                                 "run": {"progress": False}})
+                                 "model": {"backend": "identity"}, "run": {"progress": False}})
     assert (tmp_path / "out" / REPORT_NAME).read_text().count("alt='input'") == 3
     view = OutputView(summary.output)
     outside = tmp_path / "outside.png"

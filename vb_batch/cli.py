@@ -20,11 +20,12 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 
 from vb_batch import __version__
 from vb_batch.config import ConfigError, load_config, redacted
 from vb_batch.errors import OutputExistsError
-from vb_batch.masking import mask_url, scrub, secret_values
+from vb_batch.masking import mask_text, mask_url, scrub, secret_values
 
 CONFIG_HELP = """\
 Config keys (YAML sections; any key can be overridden as key.path=value):
@@ -58,6 +59,7 @@ def _run(args: argparse.Namespace) -> int:
     from vb_batch.job import run_job
 
     cfg = load_config(args.config, args.overrides)
+    args.secrets = secret_values(cfg.model_dump(mode="json"))  # scrubbed from any failure shown
     summary = run_job(cfg)
     print(summary.render())
     return 0 if summary.success else 1
@@ -274,16 +276,41 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"vb-batch: {exc}", file=sys.stderr)
-        return 2
-    except OutputExistsError as exc:
-        print(f"vb-batch: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("vb-batch: interrupted; committed rows are kept, re-run with output.mode=resume", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - every failure ends in one clear line (the traceback with -v)
+        code, text = failure(exc)
+        if args.verbose:
+            traceback.print_exc()
+        print(f"vb-batch: {mask_text(text, getattr(args, 'secrets', ()))}", file=sys.stderr)
+        return code
 
+
+def failure(exc: BaseException) -> tuple[int, str]:
+    """(exit code, one line) for a failure: 2 when the config must change, 1 when the run failed."""
+    from vb_batch.io.lease import LeaseHeldError, LeaseLostError
+
+    if isinstance(exc, ConfigError):
+        return 2, str(exc)
+    if isinstance(exc, (OutputExistsError, LeaseHeldError, LeaseLostError)):
+        return 1, str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return 1, f"not found: {exc}"
+    if isinstance(exc, PermissionError):
+        return 1, (f"permission denied: {exc}; check that the output is writable and the storage credentials "
+                   "(AWS_* environment, storage.profile) are allowed to read the input and write the output")
+    reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if _is_connection_failure(exc):
+        return 1, (f"cannot reach storage: {reason}; check input.storage / output.storage endpoint_url and the "
+                   "network (committed rows are kept; re-run with output.mode=resume)")
+    return 1, f"the job failed: {reason} (run with -v for the traceback; committed rows are kept)"
+
+
+def _is_connection_failure(exc: BaseException) -> bool:
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(names & {"ConnectionError", "EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
+                         "TimeoutError", "ReadTimeoutError"})
 
 if __name__ == "__main__":
     sys.exit(main())

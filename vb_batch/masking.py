@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, quote, quote_plus, unquote
@@ -167,3 +168,16 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
     for form in sorted(forms, key=len, reverse=True):
         text = text.replace(form, MASK)
     return text
+
+
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def mask_text(text: str, secrets: Iterable[str] = ()) -> str:
+    """Free text (an exception's message) with `secrets` scrubbed and every URL in it masked like `mask_url`.
+
+    >>> mask_text("cannot open 'https://h/x.parquet?sig=abc': 403")
+    "cannot open 'https://h/x.parquet?***': 403"
+    """
+    return _URL_IN_TEXT.sub(lambda m: mask_url(m.group(0)), scrub(text, secrets))
+

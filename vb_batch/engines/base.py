@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from vb_batch.config import ConfigError, JobConfig, redacted
-from vb_batch.io.filesystems import canonical_location
+from vb_batch.io.filesystems import canonical_location, check_bucket
 from vb_batch.io.formats import open_sink
 from vb_batch.io.sinks import Sink, part_file_name, schema_fingerprint, write_part
 from vb_batch.io.sources import Source, open_source
@@ -375,6 +375,8 @@ def start_run(cfg: JobConfig, engine: str) -> Run:
     started = time.perf_counter()
     source = open_source(cfg.input)
     check_paths(cfg, source)
+    if cfg.output.format != "iceberg":
+        check_bucket(cfg.output.path, cfg.output.storage, "output.path")
     check_ids(source)
     plan = Plan.build(cfg, source.schema, image_column=source.image_column, uri_column=source.uri_column)
     schema = plan.output_schema()

@@ -57,6 +57,18 @@ def canonical_location(url: str, storage: StorageOptions | None = None) -> str:
     return f"{scheme}://{endpoint}|{path}".rstrip("/")
 
 
+def check_bucket(url: str, storage: StorageOptions | None, field: str) -> None:
+    """Refuse an object-store URL whose bucket does not exist: vb_batch never creates buckets (s3fs would)."""
+    scheme, rest = split_scheme(url)
+    if scheme not in S3_SCHEMES:
+        return
+    bucket = rest.split("/", 1)[0]
+    fs, _ = fsspec_filesystem(url, storage)
+    if not bucket or not fs.exists(bucket):
+        raise ConfigError(f"{field}: bucket {bucket!r} does not exist; vb_batch never creates buckets: create it "
+                          f"(or check {field} and its storage.endpoint_url)")
+
+
 def fsspec_options(scheme: str, storage: StorageOptions | None) -> dict[str, Any]:
     storage = storage or StorageOptions()
     opts = dict(storage.options)
