@@ -98,7 +98,7 @@ def with_predictions(table: pa.Table, shuffle_legend: bool = False) -> pa.Table:
                                    legend=legend_pairs, unlabelled=255),
     }
     from vb_batch.codecs import normals as normals_codec
-    from vb_batch.io.encodings import load_arrays
+    from vb_batch.io.outputs import load_arrays
 
     values = {
         "depth": load_arrays(table, "gt_depth"),

@@ -5,9 +5,9 @@
 >>> depths = vb_batch.load_arrays(summary.output, "depth")                            # doctest: +SKIP
 """
 
-__version__ = "0.1.0"
+from vb_batch._version import __version__  # noqa: E402
 
-from vb_batch.io.encodings import load_arrays  # noqa: E402
+from vb_batch.io.outputs import load_arrays  # noqa: E402
 from vb_batch.engines.base import RunSummary  # noqa: E402
 from vb_batch.job import annotate  # noqa: E402
 

@@ -22,7 +22,7 @@ import logging
 import sys
 import traceback
 
-from vb_batch import __version__
+from vb_batch._version import __version__
 from vb_batch.config import ConfigError, load_config, redacted
 from vb_batch.errors import OutputExistsError
 from vb_batch.masking import mask_text, mask_url, scrub, secret_values

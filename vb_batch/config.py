@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vb_batch.errors import ConfigError  # noqa: F401 - the config's own error, importable from here
+from vb_batch.registry import check_name
 
 
 class _Section(BaseModel):
@@ -354,10 +355,7 @@ class EngineConfig(_Section):
     @field_validator("kind")
     @classmethod
     def _known_engine(cls, kind):
-        from vb_batch.engines import ENGINES, known_engine  # the registry: names users registered count too
-
-        if not known_engine(kind):
-            raise ValueError(f"unknown engine {kind!r}; known: {ENGINES.names()} or package.module:Class")
+        check_name("engine.kind", kind)  # the engine registry: engines users registered count too
         return kind
 
     @field_validator("actors")
@@ -395,11 +393,8 @@ class JobConfig(_Section):
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, tasks: list[str]) -> list[str]:
-        from vb_batch.tasks import TASKS  # the task registry is the one list of names
-
-        unknown = [t for t in tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; known: {TASKS.names()}")
+        for task in tasks:
+            check_name("tasks", task)  # the task registry is the one list of names
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"task listed twice in {tasks}")
         return tasks

@@ -37,7 +37,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vb_batch.codecs import normals as normals_codec
-from vb_batch.io.encodings import ColumnMeta, load_arrays
+from vb_batch.io.encodings import ColumnMeta
+from vb_batch.io.outputs import load_arrays
 from vb_batch.metrics import DEFAULT_MAX_DEPTH_M, DepthAccumulator, NormalsAccumulator, SegmentationAccumulator
 from vb_batch.stages import resize_values
 

@@ -125,6 +125,10 @@ class Registry(Generic[T]):
         self._resolved[name] = value
         return value
 
+    def accepts(self, name: str) -> bool:
+        """Whether `name` would resolve: registered, or a "module:attr" target where any is allowed."""
+        return name in self._entries or (self._any_target and is_target(name))
+
     def get(self, name: str, default: T | None = None) -> T | None:
         return self[name] if name in self else default
 
@@ -159,3 +163,16 @@ def replay(entries: Mapping[str, Mapping[str, Any]]) -> None:
     for field, added in entries.items():
         if field in REGISTRIES:
             REGISTRIES[field].update(added)
+
+
+def check_name(field: str, name: str) -> None:
+    """Raise `ValueError` when the registry serving config `field` does not know `name` (config validators).
+
+    Looked up by field, so that the config imports no module that defines a registry;
+    a registry not imported yet accepts every name (its own lookup refuses later).
+    """
+    registry = REGISTRIES.get(field)
+    if registry is not None and not registry.accepts(name):
+        extra = " or package.module:Class" if registry._any_target else ""
+        raise ValueError(f"unknown {registry.kind} {name!r}; known: {registry.names()}{extra}")
+

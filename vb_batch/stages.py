@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from vb_batch import __version__
+from vb_batch._version import __version__
 from vb_batch.codecs import Decoded
 from vb_batch.codecs import normals as normals_codec
 from vb_batch.config import ConfigError, JobConfig, redacted

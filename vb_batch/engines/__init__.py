@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vb_batch.errors import ConfigError
-from vb_batch.registry import Registry, is_target
+from vb_batch.registry import Registry
 
 if TYPE_CHECKING:
     from vb_batch.engines.base import Engine
@@ -39,11 +39,6 @@ ENGINES: "Registry[type[Engine]]" = Registry(
     check=_check_engine,
     any_target=True,
 )
-
-
-def known_engine(name: str) -> bool:
-    """Whether `engine.kind: name` names a registered engine or a "package.module:Class"."""
-    return name in ENGINES or is_target(name)
 
 
 def register_engine(name: str, target: "str | type[Engine]", *, replace: bool = False) -> None:

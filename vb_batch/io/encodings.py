@@ -1,4 +1,4 @@
-"""Storage encodings for decoded maps, and the reader that turns them back into arrays.
+"""Storage encodings for decoded maps (numpy <-> png or array cells); `vb_batch.io.outputs.load_arrays` reads them back.
 
 Two encodings, both plain Parquet types that Delta, Iceberg, Spark, DuckDB and
 Hugging Face datasets read (Arrow extension tensor types break several of them):
@@ -18,7 +18,7 @@ Hugging Face datasets read (Arrow extension tensor types break several of them):
   the raw little-endian values (float32 metres / unit vectors, integer ids).
 
 What a stored number means (unit, scale, offset, frame, legend) is written in
-the column's field metadata under ``vb.*`` keys, and `load_arrays` reads it
+the column's field metadata under ``vb.*`` keys, and `load_arrays` (io.outputs) reads it
 from there, so a reader never needs the job config.
 """
 
@@ -255,45 +255,3 @@ def decode_map(cell: Any, meta: ColumnMeta) -> np.ndarray:
 
 def storage_type(encoding: str) -> pa.DataType:
     return ARRAY_TYPE if encoding == "array" else pa.binary()
-
-
-# ---------------------------------------------------------------------------- read
-
-
-def _read_column(source: Any, column: str) -> tuple[pa.ChunkedArray, pa.Field]:
-    if isinstance(source, (pa.Table, pa.RecordBatch)):
-        table = source if isinstance(source, pa.Table) else pa.Table.from_batches([source])
-    else:
-        from vb_batch.config import OutputConfig
-        from vb_batch.io.outputs import read_output  # local import: outputs depend on this module
-
-        table = read_output(source if isinstance(source, OutputConfig) else str(source), columns=[column])
-    if column not in table.column_names:
-        raise KeyError(f"column {column!r} not in the table; columns: {table.column_names}")
-    return table.column(column), table.schema.field(column)
-
-
-def load_arrays(table_or_path: Any, column: str) -> list[np.ndarray | None]:
-    """Decode a vb_batch output column back into numpy arrays in real units, one per row.
-
-    `table_or_path`: an Arrow table read from an output; the path of a
-    Parquet output, a Delta table or an Iceberg table's location; or an
-    `OutputConfig` (how an Iceberg table is named in its catalog).
-
-    Depth comes back as float32 metres (or relative units, see the field's
-    ``vb.unit``) with NaN = invalid and +inf = far; normals as float32 unit
-    vectors (H, W, 3) in the frame named by ``vb.frame``; class ids and masks
-    as integers. Rows that failed (null cells) give ``None``.
-
-    >>> import vb_batch
-    >>> depths = vb_batch.load_arrays("out/", "depth")     # doctest: +SKIP
-    >>> depths[0].shape, depths[0].dtype                   # doctest: +SKIP
-    ((480, 640), dtype('float32'))
-    >>> from vb_batch.config import OutputConfig
-    >>> lake = OutputConfig(format="iceberg", table="labels.images",
-    ...                     catalog={"type": "sql", "uri": "sqlite:///lake.db", "warehouse": "file:///lake"})
-    >>> normals = vb_batch.load_arrays(lake, "normals")    # doctest: +SKIP
-    """
-    values, fld = _read_column(table_or_path, column)
-    meta = ColumnMeta.from_metadata(fld.metadata)
-    return [None if cell is None else decode_map(cell, meta) for cell in values.to_pylist()]

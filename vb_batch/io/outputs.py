@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from vb_batch.config import InputConfig, OutputConfig, StorageOptions
-from vb_batch.io.encodings import ColumnMeta
+from vb_batch.io.encodings import ColumnMeta, decode_map
 from vb_batch.io.fetch import read_uri
 from vb_batch.io.filesystems import arrow_filesystem, fsspec_filesystem, split_scheme
 from vb_batch.io.formats import detect_format
@@ -104,6 +104,45 @@ def read_output(
 ) -> pa.Table:
     """Read a vb_batch output (committed rows only, any format), keeping field metadata."""
     return open_output(output, storage).dataset.to_table(columns=columns)
+
+
+# ---------------------------------------------------------------------------- maps back to numpy
+
+
+def _read_column(source: Any, column: str) -> tuple[pa.ChunkedArray, pa.Field]:
+    if isinstance(source, (pa.Table, pa.RecordBatch)):
+        table = source if isinstance(source, pa.Table) else pa.Table.from_batches([source])
+    else:
+        table = read_output(source if isinstance(source, OutputConfig) else str(source), columns=[column])
+    if column not in table.column_names:
+        raise KeyError(f"column {column!r} not in the table; columns: {table.column_names}")
+    return table.column(column), table.schema.field(column)
+
+
+def load_arrays(table_or_path: Any, column: str) -> list[np.ndarray | None]:
+    """Decode a vb_batch output column back into numpy arrays in real units, one per row.
+
+    `table_or_path`: an Arrow table read from an output; the path of a
+    Parquet output, a Delta table or an Iceberg table's location; or an
+    `OutputConfig` (how an Iceberg table is named in its catalog).
+
+    Depth comes back as float32 metres (or relative units, see the field's
+    ``vb.unit``) with NaN = invalid and +inf = far; normals as float32 unit
+    vectors (H, W, 3) in the frame named by ``vb.frame``; class ids and masks
+    as integers. Rows that failed (null cells) give ``None``.
+
+    >>> import vb_batch
+    >>> depths = vb_batch.load_arrays("out/", "depth")     # doctest: +SKIP
+    >>> depths[0].shape, depths[0].dtype                   # doctest: +SKIP
+    ((480, 640), dtype('float32'))
+    >>> from vb_batch.config import OutputConfig
+    >>> lake = OutputConfig(format="iceberg", table="labels.images",
+    ...                     catalog={"type": "sql", "uri": "sqlite:///lake.db", "warehouse": "file:///lake"})
+    >>> normals = vb_batch.load_arrays(lake, "normals")    # doctest: +SKIP
+    """
+    values, fld = _read_column(table_or_path, column)
+    meta = ColumnMeta.from_metadata(fld.metadata)
+    return [None if cell is None else decode_map(cell, meta) for cell in values.to_pylist()]
 
 
 class OutputView:

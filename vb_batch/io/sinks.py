@@ -63,7 +63,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from vb_batch import __version__
+from vb_batch._version import __version__
 from vb_batch.config import ConfigError, OutputConfig
 from vb_batch.errors import OutputExistsError
 from vb_batch.io.filesystems import arrow_filesystem, fsspec_filesystem
