@@ -20,7 +20,7 @@ from hostile_images import ALLOWED_CODES, HOSTILE_IMAGES
 from hostile_uris import hostile_uri_input, hostile_uri_rows
 
 from vb_batch.codecs import depth
-from vb_batch.config import InputConfig
+from vb_batch.config import DEFAULT_IMAGE_FORMATS
 
 RAMP = depth.encode(np.linspace(1, 30, 24 * 32, dtype=np.float32).reshape(24, 32))
 
@@ -149,7 +149,7 @@ def hostile_job(table: Path, out: Path, engine: str, server=None) -> dict:
         "max_pixels": 10_000_000,
         "min_side": 8,
         "allowed_prefixes": [str(table.parent / "images")],
-        "image_formats": [*InputConfig.model_fields["image_formats"].default_factory(), *EXTRA_FORMATS],
+        "image_formats": [*DEFAULT_IMAGE_FORMATS, *EXTRA_FORMATS],
     }
     if server is not None:
         inputs.update(hostile_uri_input(table.parent / "images", server))

@@ -88,3 +88,11 @@ def test_a_job_without_a_model_is_refused(tmp_path, capsys):
     """No silent identity default: a config without model.backend would write photo colours as metres."""
     assert main(["validate", str(write(tmp_path, "input: {path: imgs}\n"))]) == 2
     assert "model.backend: required" in capsys.readouterr().err
+
+
+def test_image_formats_are_checked_against_what_can_be_decoded_safely():
+    base = {"input": {"path": "x"}, "model": {"backend": "identity"}}
+    assert load_config(base, ["input.image_formats=[png, ico]"]).input.image_formats == ["PNG", "ICO"]
+    for formats in ("[JPG]", "[ICNS]", "[EPS]"):
+        with pytest.raises(ConfigError, match="input.image_formats"):
+            load_config(base, [f"input.image_formats={formats}"])

@@ -71,6 +71,14 @@ def _check_catalog(catalog: dict[str, Any], field: str) -> dict[str, Any]:
     return catalog
 
 
+# Pillow formats vb_batch decodes by default, and those it can decode at all: formats whose pixel
+# count it checks on the header before Pillow allocates pixels (see vb_batch.io.images).
+DEFAULT_IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "TIFF", "BMP", "GIF")
+DECODABLE_IMAGE_FORMATS = frozenset(
+    {"JPEG", "MPO", "PNG", "WEBP", "TIFF", "BMP", "GIF", "ICO", "CUR", "QOI", "DDS", "PSD", "TGA", "PPM"}
+)
+
+
 class InputConfig(_Section):
     # A Parquet file or dataset, a folder / prefix of images, or a Delta table (its URI).
     path: str = ""
@@ -92,9 +100,7 @@ class InputConfig(_Section):
     # streaming); larger is a per-row `too_large`. The default fits a 64 MP uncompressed RGB TIFF.
     max_bytes: int = Field(default=200_000_000, gt=0)
     # Image formats (Pillow's names) that may be decoded; anything else is a per-row error.
-    image_formats: list[str] = Field(
-        default_factory=lambda: ["JPEG", "MPO", "PNG", "WEBP", "TIFF", "BMP", "GIF"]
-    )
+    image_formats: list[str] = Field(default_factory=lambda: list(DEFAULT_IMAGE_FORMATS))
     min_side: int = Field(default=8, gt=0)
     extensions: list[str] = Field(
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"]
@@ -105,6 +111,16 @@ class InputConfig(_Section):
     allow_private_addresses: bool = False
     storage: StorageOptions = Field(default_factory=StorageOptions)
     read_batch_rows: int = Field(default=256, gt=0)
+
+    @field_validator("image_formats")
+    @classmethod
+    def _decodable_formats(cls, formats):
+        formats = [f.upper() for f in formats]
+        unknown = [f for f in formats if f not in DECODABLE_IMAGE_FORMATS]
+        if unknown:
+            hint = " (JPEG is spelt JPEG)" if "JPG" in unknown else ""
+            raise ValueError(f"{unknown} cannot be decoded safely{hint}; choose from {sorted(DECODABLE_IMAGE_FORMATS)}")
+        return formats
 
     @model_validator(mode="after")
     def _one_image_source(self) -> "InputConfig":

@@ -37,7 +37,7 @@ from PIL import (
     UnidentifiedImageError,
 )
 
-from vb_batch.config import InputConfig
+from vb_batch.config import DECODABLE_IMAGE_FORMATS, DEFAULT_IMAGE_FORMATS
 from vb_batch.errors import RowError
 
 # We check the pixel count ourselves (per row, with a clear code) before any pixel is decoded.
@@ -45,16 +45,14 @@ Image.MAX_IMAGE_PIXELS = None
 # Register every plugin now: Pillow's lazy registration is not safe under concurrent first decodes.
 Image.init()
 
-DEFAULT_FORMATS: tuple[str, ...] = tuple(InputConfig.model_fields["image_formats"].default_factory())
+DEFAULT_FORMATS: tuple[str, ...] = DEFAULT_IMAGE_FORMATS
 
 # Formats whose pixel count is known (and checked here) before Pillow allocates a pixel buffer:
 # their plugins read only headers on open, or `_HEADER_SIZES` reads the size first (a header bomb
 # per format in tests/hostile_images.py; its peak memory is measured in tests/test_decode_fuzz.py).
 # A listed format outside this set is refused per row (ICNS: its icons decode at their own PNG's
 # size, not the one checked; EPS runs Ghostscript; the others are not measured).
-DECODABLE_FORMATS = frozenset(
-    {"JPEG", "MPO", "PNG", "WEBP", "TIFF", "BMP", "GIF", "ICO", "CUR", "QOI", "DDS", "PSD", "TGA", "PPM"}
-)
+DECODABLE_FORMATS = DECODABLE_IMAGE_FORMATS
 
 # Magic bytes -> format name (Pillow's where it has one). The first match names the format, so a
 # refused format is named in the error and never reaches a Pillow plugin, and an allowed one is
