@@ -17,12 +17,12 @@ discouraged; they are masked wherever a config is logged or stored.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import posixpath
 from typing import Any
 
 import fsspec
+from fsspec.core import url_to_fs
 import pyarrow.fs as pafs
 
 from vb_batch.config import ConfigError, StorageOptions
@@ -94,16 +94,10 @@ def fsspec_options(scheme: str, storage: StorageOptions | None) -> dict[str, Any
     return opts
 
 
-@functools.lru_cache(maxsize=32)
-def _cached_fs(scheme: str, options_json: str) -> fsspec.AbstractFileSystem:
-    return fsspec.filesystem("file" if scheme == "local" else scheme, **json.loads(options_json))
-
-
 def fsspec_filesystem(url: str, storage: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for a URL; one cached instance per scheme and options."""
+    """(filesystem, path inside it) for a URL; fsspec keeps one instance per protocol and options."""
     scheme, _ = split_scheme(url)
-    fs = _cached_fs(scheme, json.dumps(fsspec_options(scheme, storage), sort_keys=True, default=str))
-    return fs, fs._strip_protocol(url)
+    return url_to_fs(url, **fsspec_options(scheme, storage))
 
 
 def s3_credentials(storage: StorageOptions) -> dict[str, str]:
