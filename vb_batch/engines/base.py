@@ -41,6 +41,7 @@ from vb_batch.io.filesystems import canonical_location, check_bucket
 from vb_batch.io.formats import open_sink
 from vb_batch.io.sinks import Sink, part_file_name, schema_fingerprint, write_part
 from vb_batch.io.sources import Source, open_source
+from vb_batch.masking import mask_text, mask_url, secret_values
 from vb_batch.models.base import ModelBackend, create_backend
 from vb_batch.registry import replay
 from vb_batch.stages import ERROR_COLUMN, Plan, check_backend
@@ -384,7 +385,7 @@ def start_run(cfg: JobConfig, engine: str) -> Run:
                      fingerprint=schema_fingerprint(schema, plan.model, plan.profile),
                      retry_failed=cfg.run.retry_failed)
     sink.check()
-    summary = RunSummary(run_id=plan.run_id, output=cfg.output.name, engine=engine)
+    summary = RunSummary(run_id=plan.run_id, output=mask_url(cfg.output.name), engine=engine)
     return Run(cfg, source, plan, sink, summary, started)
 
 
@@ -464,7 +465,8 @@ def tracked_run(run: Run, record: Callable[[], dict[str, Any]] = dict) -> Iterat
         summary.rows_skipped = max(summary.rows_skipped, summary.rows_read - summary.rows_processed)
         summary.success = summary.within_error_budget(cfg.run.max_error_fraction)
     except BaseException as exc:
-        summary.message = f"stopped by {type(exc).__name__}: {exc}"
+        # The run record is stored with the output: what an exception says is masked like the config.
+        summary.message = mask_text(f"stopped by {type(exc).__name__}: {exc}", secret_values(cfg.model_dump(mode="json")))
         raise
     finally:
         bar.close()
