@@ -226,7 +226,7 @@ def test_max_error_fraction_fails_the_run_after_committing(tmp_path, capsys):
     job = tmp_path / "job.yaml"
     job.write_text(
         f"input: {{path: {tmp_path / 'in.parquet'}}}\noutput: {{path: {tmp_path / 'out'}}}\n"
-        "run: {max_error_fraction: 0.25, progress: false}\n"
+        "run: {max_error_fraction: 0.25, progress: false}\nmodel: {backend: identity}\n"
     )
     from vb_batch.cli import main
 
