@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from vb_batch.config import ConfigError, StorageOptions
 from vb_batch.io.filesystems import arrow_filesystem, delta_storage_options, fsspec_filesystem
 from vb_batch.io.lake import JOB_KEYS, TableSink, file_dataset, job_metadata, local_uri, with_metadata
+from vb_batch.io.sinks import ERROR_COLUMN
 
 DELTA_APP = "vb_batch:"
 
@@ -128,6 +129,9 @@ class DeltaSink(TableSink):
                 f"not {self.cfg.partition_by}"
             )
 
+    def _table_dataset(self) -> pads.Dataset:
+        return open_delta(self.cfg.path, self.cfg.storage, vb_metadata=False)
+
     def _committed_ids(self) -> pa.Array:
         if not self._exists():
             return pa.array([], self.schema.field(self.id_column).type)
@@ -138,7 +142,9 @@ class DeltaSink(TableSink):
         """`run.retry_failed`: delete the failed rows in one table version (the run then redoes them)."""
         table = self._table()
         if table is not None and table.file_uris():
-            table.delete("vb_error IS NOT NULL", commit_properties=self._commit_properties(f"{self.run_id}-retire"))
+            # A failed row's error has a code; delta-rs cannot test a whole struct column for null.
+            table.delete(f"`{ERROR_COLUMN}`.`code` IS NOT NULL",
+                         commit_properties=self._commit_properties(f"{self.run_id}-retire"))
 
     def _is_committed(self, key: str) -> bool:
         run_id, seq = key.rsplit("-", 1)

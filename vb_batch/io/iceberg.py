@@ -74,6 +74,17 @@ def iceberg_location(table) -> str:
     return table.location().rstrip("/")
 
 
+def planned_location(cfg) -> str | None:
+    """Where the Iceberg table `cfg.table` (an OutputConfig or InputConfig) lives, or will be created by its
+    catalog (`<warehouse>/<namespace>.db/<name>`); None when neither is known."""
+    table = iceberg_table(iceberg_catalog(cfg.catalog, cfg.storage), cfg.table)
+    if table is not None:
+        return iceberg_location(table)
+    warehouse = str(cfg.catalog.get("warehouse") or "").rstrip("/")
+    namespace, _, name = cfg.table.rpartition(".")
+    return f"{warehouse}/{namespace}.db/{name}" if warehouse and namespace else None
+
+
 def open_iceberg_path(location: str, storage: StorageOptions | None = None):
     """A read-only Iceberg table from its location alone (the newest `metadata/*.metadata.json`)."""
     from pyiceberg.table import StaticTable
@@ -138,6 +149,9 @@ class IcebergSink(TableSink):
                 f"not {self.cfg.partition_by}"
             )
 
+    def _table_dataset(self) -> pads.Dataset:
+        return open_iceberg(self.table, self.cfg.storage)
+
     def _partition_columns(self) -> list[str]:
         schema = self.table.schema()
         return [schema.find_column_name(f.source_id) for f in self.table.spec().fields]
@@ -193,16 +207,31 @@ class IcebergSink(TableSink):
 
             current = {f.name for f in self.table.schema().fields}
             plain = pa.schema([f.remove_metadata() for f in self.schema])
+            # Columns that go, or whose type changes (e.g. output.encoding png -> array turns binary into
+            # a struct, which Iceberg cannot evolve): dropped first, then added back with the new type.
+            gone = (current - set(plain.names)) | set(self._retyped_columns(plain))
+            if gone:
+                with tx.update_schema(allow_incompatible_changes=True) as update:
+                    for name in sorted(gone):
+                        update.delete_column(name)
             with tx.update_schema(allow_incompatible_changes=True) as update:
                 update.union_by_name(plain)
-                for name in current - set(plain.names):
-                    update.delete_column(name)
             tx.delete(AlwaysTrue(), snapshot_properties={"vb.commit": key})
             stale = [k for k in self.table.properties if k.startswith(COLUMN_PROPERTY)]
             if stale:
                 tx.remove_properties(*stale)
         tx.set_properties(self._properties())
         return tx
+
+    def _retyped_columns(self, plain: pa.Schema) -> list[str]:
+        """Columns of the table that `plain` gives another type (partition sources are kept)."""
+        from pyiceberg.io.pyarrow import _pyarrow_to_schema_without_ids, schema_to_pyarrow
+
+        # Both sides through pyiceberg's own conversion, so that equal Iceberg types compare equal.
+        old = schema_to_pyarrow(self.table.schema(), include_field_ids=False)
+        new = schema_to_pyarrow(_pyarrow_to_schema_without_ids(plain), include_field_ids=False)
+        return [f.name for f in new if f.name in old.names and f.name not in self.cfg.partition_by
+                and old.field(f.name).type != f.type]
 
     def _commit_added(self, paths: list[str], mode: str, key: str) -> None:
         scheme = split_scheme(self.location)[0]

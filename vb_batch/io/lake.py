@@ -45,7 +45,7 @@ import pyarrow.fs as pafs
 
 from vb_batch.config import ConfigError
 from vb_batch.io.filesystems import fsspec_filesystem, is_local
-from vb_batch.io.sinks import MARKER, META_DIR, Sink, read_json, write_atomic
+from vb_batch.io.sinks import MARKER, META_DIR, Sink, data_fingerprint, is_part_name, read_json, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,10 @@ class TableSink(Sink):
     def _check_table(self) -> None:
         """Raise `ConfigError` when this job's output does not fit the existing table (partitioning)."""
 
+    def _table_dataset(self) -> pads.Dataset:
+        """The existing table's current rows, its schema with vb_batch's field metadata."""
+        raise NotImplementedError
+
     def _commit_added(self, paths: list[str], mode: str, key: str) -> None:
         """Commit files already in the table's data directory (`paths` in `self.fs`), atomically."""
         raise NotImplementedError
@@ -144,8 +148,11 @@ class TableSink(Sink):
             foreign = [posixpath.relpath(p, self.root) for p in self._listing() if self._top_level(p) != META_DIR]
         if self._exists() and self.cfg.mode != "overwrite":
             self._check_table()
-        return {"foreign": foreign, "has_rows": self._has_rows(),
-                "fingerprint": marker.get("fingerprint") if marker else None}
+        fingerprint = marker.get("fingerprint") if marker else None
+        if fingerprint is None and owned and self._exists():
+            # A table of an earlier vb_batch version, or whose marker was lost: its rows say what it holds.
+            fingerprint = data_fingerprint(self._table_dataset())
+        return {"foreign": foreign, "has_rows": self._has_rows(), "fingerprint": fingerprint}
 
     def lease_held(self):
         # The lease lives under the table's location, which an Iceberg table only has once it exists.
@@ -153,16 +160,27 @@ class TableSink(Sink):
         return super().lease_held()
 
     def _recover(self) -> None:
-        """Delete files that a dead run moved into the table but never committed; clear dead staging."""
+        """Delete files that a dead run moved into the table but never committed; clear dead staging and
+        temporary files."""
         for path in sorted(self.fs.glob(posixpath.join(self.meta, "intents", "*.json"))):
-            record = read_json(self.fs, path)
-            if record is not None and not self._is_committed(record["key"]):
-                for moved in record["files"]:
+            record = read_json(self.fs, path) or {}
+            key, files = record.get("key"), record.get("files")
+            if not (isinstance(key, str) and key.rpartition("-")[2].isdigit() and isinstance(files, list)):
+                if record:
+                    log.warning("ignoring intent %s: not vb_batch's record", path)
+            elif not self._is_committed(key):
+                for moved in files:
+                    if not isinstance(moved, str) or moved != self._data_path(posixpath.basename(moved)) \
+                            or not is_part_name(posixpath.basename(moved)):
+                        # Only part files in the table's own data folder can have been moved there by vb_batch.
+                        log.warning("ignoring %s in intent %s: not vb_batch's part file of this table", moved, path)
+                        continue
                     if self.fs.exists(moved):
                         log.warning("removing %s: moved into the table by a run that died before committing it", moved)
                         self.fs.rm(moved)
             self.fs.rm(path)
         self._clear_staging()
+        self._clear_temporary_files()
 
     def _clear(self) -> None:
         """Overwrite happens in the table's log: the run's first commit replaces the table's rows."""

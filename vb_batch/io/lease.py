@@ -20,10 +20,10 @@ race for a free or stale lease cannot both win:
 * other fsspec stores: the same steps without the atomicity (a warning says
   so); `memory://` is one process, where a lock makes them atomic.
 
-Before each commit the sink calls `check()`: a run that lost its lease (its
-heartbeat failed for longer than the lease lasts, or another run took it
-over) stops with `LeaseLostError` instead of writing into an output that is
-no longer its own.
+Before each commit the sink calls `check()`, which reads the lease object: a
+run that lost its lease (its heartbeat failed for longer than the lease lasts,
+or another run took it over, even since the last heartbeat) stops with
+`LeaseLostError` instead of writing into an output that is no longer its own.
 """
 
 from __future__ import annotations
@@ -65,6 +65,14 @@ def _boot_id() -> str:
         return ""
 
 
+def _pid_namespace() -> str:
+    """This process's pid namespace (Linux): containers sharing a host name and boot see different pids."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def _process_start(pid: int) -> str:
     """The process's start time in clock ticks since boot (Linux), to tell a reused pid from the holder."""
     try:
@@ -77,6 +85,10 @@ def _process_start(pid: int) -> str:
 def holder_alive(holder: dict[str, Any]) -> bool | None:
     """Whether the holder's process still runs: True/False on this host, None when it is elsewhere."""
     if holder.get("host") != socket.gethostname() or holder.get("boot_id") != _boot_id():
+        return None
+    # A holder in another container (host networking shares the host name) has pids this process cannot
+    # see: its pid says nothing here, only its heartbeat does. Records without it predate the field.
+    if holder.get("pid_ns", _pid_namespace()) != _pid_namespace():
         return None
     pid = int(holder.get("pid") or 0)
     if pid <= 0:
@@ -134,10 +146,16 @@ class _LocalStore(_Store):
 
     def _write_temp(self, data: bytes) -> str:
         temp = f"{self.path}.{uuid.uuid4().hex}.tmp"
-        with open(temp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(temp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            # A full disk fails every heartbeat: without this, each would leave a partial file behind.
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
         return temp
 
     def read(self):
@@ -293,7 +311,8 @@ class Lease:
         pid = os.getpid()
         return json.dumps({
             "token": self.token, "run_id": self.run_id, "host": socket.gethostname(), "pid": pid,
-            "boot_id": _boot_id(), "process_start": _process_start(pid), "acquired": acquired or now,
+            "boot_id": _boot_id(), "pid_ns": _pid_namespace(), "process_start": _process_start(pid),
+            "acquired": acquired or now,
             "heartbeat": now, "seconds": self.seconds,
         }).encode()
 
@@ -386,7 +405,17 @@ class Lease:
                 self._tag, last_ok = tag, time.time()
 
     def check(self) -> None:
-        """Raise `LeaseLostError` when this run no longer holds the lease (call before every commit)."""
+        """Raise `LeaseLostError` when this run no longer holds the lease (call before every commit).
+
+        The lease object itself is read: a takeover between two heartbeats (another host judged this
+        run dead while it was paused or cut off) stops the next commit, not only the next heartbeat.
+        """
+        if self._lost is None and self._tag is not None:
+            current = self.store.read()
+            if current is None or _parse(current[0]).get("token") != self.token:
+                holder = _parse(current[0]) if current is not None else {}
+                self._lost = (f"run {holder.get('run_id', '?')} (host {holder.get('host', '?')}) took the writer lease "
+                              "over" if holder else "the writer lease was removed")
         if self._lost is not None:
             raise LeaseLostError(f"{self.describe}: {self._lost}; committed rows are kept, re-run with output.mode=resume")
         if self._tag is None:

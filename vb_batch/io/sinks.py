@@ -14,7 +14,10 @@ Every sink has one protocol, used by every engine through the run core:
         sink.close(success, summary)
 
 Ownership. A sink deletes or moves only files it can prove are its own: files
-under `_vb/`, and data files named by its own commit records. An output folder
+under `_vb/`, and data files named by its own commit records (plain
+`part-*.parquet` names: a record that names anything else, `../x` or an
+absolute path, is not vb_batch's and is ignored). An output that is a file is
+refused. An output folder
 holds `_vb/output.json` (the job fingerprint: columns, their `vb.*` meanings,
 model, profile); a folder that holds anything vb_batch did not write for this
 output is refused unless `output.allow_foreign_files` is set, and even then
@@ -25,7 +28,9 @@ Crash safety. Every metadata file is written whole or not at all (local files:
 temporary file, fsync, rename; object stores: one PUT). A commit writes its
 record first, then moves the staged files into place: a crash between the two
 is rolled forward by the next run. A record that cannot be read was never
-acted on (its files are still staged) and is dropped with a warning.
+acted on (its files are still staged) and is dropped with a warning. A run
+removes only its own staging when it ends: one that lost its lease never
+touches the new holder's work.
 
 The Parquet dataset layout::
 
@@ -46,6 +51,7 @@ it ends well: a failed run never leaves a dataset that looks complete.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -67,7 +73,7 @@ from vb_batch._version import __version__
 from vb_batch.config import ConfigError, OutputConfig
 from vb_batch.errors import OutputExistsError
 from vb_batch.io.filesystems import arrow_filesystem, fsspec_filesystem
-from vb_batch.io.lease import Lease
+from vb_batch.io.lease import LEASE_NAME, Lease
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +136,35 @@ def schema_fingerprint(schema: pa.Schema, model: str | None = None, profile: str
         meta = {k.decode(): v.decode() for k, v in (f.metadata or {}).items() if k.startswith(b"vb.")}
         if meta:
             meanings[f.name] = meta
-    return {"columns": {f.name: str(f.type) for f in schema}, "meanings": meanings, "model": model, "profile": profile}
+    return {"columns": {f.name: str(_plain_type(f.type)) for f in schema}, "meanings": meanings, "model": model,
+            "profile": profile}
+
+
+def data_fingerprint(dataset: pads.Dataset) -> dict[str, Any]:
+    """The fingerprint of rows already written, for an output without its marker (written by an earlier
+    vb_batch version, or the marker was lost): the columns and meanings of its schema, and the model
+    and profile that its first row names (`vb_model`, `vb_profile`)."""
+    names = [name for name in ("vb_model", "vb_profile") if name in dataset.schema.names]
+    rows = dataset.head(1, columns=names).to_pylist() if names else []
+    first = rows[0] if rows else {}
+    return schema_fingerprint(dataset.schema, first.get("vb_model"), first.get("vb_profile"))
+
+
+def _plain_type(typ: pa.DataType) -> pa.DataType:
+    """`typ` as vb_batch writes it, whatever a storage format made of it on the way back.
+
+    A fingerprint read back from data (an output without its marker: Parquet files name list
+    items "element", Iceberg returns large strings and binaries) must equal the job's own.
+    """
+    if pa.types.is_large_string(typ) or pa.types.is_string_view(typ):
+        return pa.string()
+    if pa.types.is_large_binary(typ) or pa.types.is_binary_view(typ):
+        return pa.binary()
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ):
+        return pa.list_(typ.value_field.with_type(_plain_type(typ.value_type)).with_name("item"))
+    if pa.types.is_struct(typ):
+        return pa.struct([f.with_type(_plain_type(f.type)) for f in typ])
+    return typ
 
 
 def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -205,6 +239,8 @@ class Sink:
     # ---------------------------------------------------------------- before the run
     def check(self) -> None:
         """Refuse an output this run must not write (read-only; called again once the lease is held)."""
+        if self.fs.isfile(self.root):
+            raise ConfigError(f"{self.describe()} is a file; an output is a folder (or prefix): choose a new path")
         state = self._state()
         if state["foreign"] and not self.cfg.allow_foreign_files:
             shown = ", ".join(sorted(state["foreign"])[:5]) + (" ..." if len(state["foreign"]) > 5 else "")
@@ -253,8 +289,10 @@ class Sink:
     def _write_marker(self) -> None:
         marker = posixpath.join(self.meta, MARKER)
         if self.cfg.mode == "overwrite" or read_json(self.fs, marker) is None:
+            # The schema too (Arrow IPC, base64): readers of an output without rows yet still get its columns.
             record = {"vb_batch": __version__, "format": self.format, "fingerprint": self.fingerprint,
-                      "run_id": self.run_id, "time": time.time()}
+                      "run_id": self.run_id, "time": time.time(),
+                      "schema": base64.b64encode(self.schema.serialize().to_pybytes()).decode()}
             write_atomic(self.fs, marker, json.dumps(record, indent=2).encode())
 
     def _marker_fingerprint(self) -> dict[str, Any] | None:
@@ -337,8 +375,13 @@ class Sink:
                 with contextlib.suppress(Exception):
                     self._writer.close()
                 self._writer = None
+            # Only this run's own staging: a run that lost its lease must not delete the new holder's.
+            staging = posixpath.join(self.meta, "staging")
             with contextlib.suppress(FileNotFoundError):
-                self._clear_staging()
+                self.fs.rm(posixpath.join(staging, self.run_id), recursive=True)
+            if isinstance(self.fs, LocalFileSystem):  # object stores have no empty folders to leave behind
+                with contextlib.suppress(OSError):  # not empty: another run's staging
+                    os.rmdir(staging)
             if summary is not None:
                 write_atomic(self.fs, posixpath.join(self.meta, "runs", f"{self.run_id}.json"),
                              json.dumps(summary, indent=2, default=str).encode())
@@ -372,6 +415,17 @@ class Sink:
         if self.fs.exists(staging):
             self.fs.rm(staging, recursive=True)
 
+    def _clear_temporary_files(self) -> None:
+        """Remove what `write_atomic` left when its process died before the rename (never read by anyone).
+
+        `_vb/output.json.<x>.tmp` and `_vb/<records>/<name>.<x>.tmp`; a lease's temporary file is
+        skipped: it may be a live contender's, about to be linked into place.
+        """
+        found = self.fs.glob(posixpath.join(self.meta, "*.tmp")) + self.fs.glob(posixpath.join(self.meta, "*", "*.tmp"))
+        for temp in found:
+            if not posixpath.basename(temp).startswith(LEASE_NAME):
+                self.fs.rm(temp)
+
 
 def part_file_name(run_id: str, tag: str) -> str:
     """`part-<run>-<tag>.parquet`: the one pattern of data files every engine writes."""
@@ -399,19 +453,23 @@ class ParquetSink(Sink):
         return replay(self._records())
 
     def _state(self) -> dict[str, Any]:
-        committed = set(self.committed_files())
+        records = self._records()
+        committed = set(replay(records))
+        # Files a record removes are ours too: a crash between a record that removes files (an overwrite's
+        # reset, retry_failed's rewrite) and their removal leaves them, and the next run removes them.
+        named = committed | {name for _, record in records if record for name in record.get("removes", [])}
         foreign = []
         for path in self._listing():
             top = self._top_level(path)
-            if top == META_DIR or top in OWN_FILES or top in committed or top.startswith("."):
+            if top == META_DIR or top in OWN_FILES or top in named or top.startswith("."):
                 continue
             foreign.append(posixpath.relpath(path, self.root))
         fingerprint = self._marker_fingerprint()
         if fingerprint is None and committed:
-            # An output of an earlier vb_batch version: its files say what it holds.
+            # An output of an earlier vb_batch version (or whose marker was lost): its files say what it holds.
             first = self._path(next(iter(committed)))
             if self.fs.exists(first):
-                fingerprint = schema_fingerprint(pq.read_schema(first, filesystem=self.arrow_fs))
+                fingerprint = data_fingerprint(pads.dataset([first], format="parquet", filesystem=self.arrow_fs))
         return {"foreign": foreign, "has_rows": bool(committed), "fingerprint": fingerprint}
 
     def _recover(self) -> None:
@@ -441,8 +499,7 @@ class ParquetSink(Sink):
                             "longer in the output, and a resume processes them again", self.describe(), gone)
                 self._write_record({"files": [], "removes": gone})
         self._clear_staging()
-        for temp in self.fs.glob(posixpath.join(self.meta, "*", "*.tmp")):
-            self.fs.rm(temp)
+        self._clear_temporary_files()
         records = self._records()
         self._next_record = 1 + max((_record_seq(p) for p, _ in records), default=-1)
 
@@ -511,7 +568,12 @@ class ParquetSink(Sink):
 
 
 def commit_records(fs, meta: str) -> list[tuple[str, dict[str, Any] | None]]:
-    """(path, record or None when damaged) of every commit record under `meta`, in commit order."""
+    """(path, record or None when damaged) of every commit record under `meta`, in commit order.
+
+    A record is vb_batch's only if every file it names is a part file of this output (a plain
+    `part-*.parquet` name) and its staging is a run id: one naming anything else (`../input`, an
+    absolute path) was not written by vb_batch, counts as damaged, and nothing it names is touched.
+    """
     paths = fs.glob(posixpath.join(meta, "commits", "*.json"))
 
     def order(path: str) -> tuple[int, str]:
@@ -519,7 +581,27 @@ def commit_records(fs, meta: str) -> list[tuple[str, dict[str, Any] | None]]:
         # Records of earlier versions (`<run>-<n>.json`) come before numbered ones (`c<seq>-<run>.json`).
         return (1, name) if name.startswith("c") else (0, name)
 
-    return [(p, read_json(fs, p)) for p in sorted(paths, key=order)]
+    records = []
+    for path in sorted(paths, key=order):
+        record = read_json(fs, path)
+        if record is not None and not _names_own_files(record):
+            log.warning("ignoring commit record %s: it names files that are not vb_batch's part files of this "
+                        "output (not vb_batch's record)", path)
+            record = None
+        records.append((path, record))
+    return records
+
+
+def is_part_name(name: Any) -> bool:
+    """A data file name vb_batch writes: `part-*.parquet`, a plain name (no folder, no `..`)."""
+    return isinstance(name, str) and bool(PART_RE.match(name)) and posixpath.basename(name) == name and "\\" not in name
+
+
+def _names_own_files(record: dict[str, Any]) -> bool:
+    files, removes = record.get("files", []), record.get("removes", [])
+    staging = record.get("staging", record.get("run_id", ""))
+    return (isinstance(files, list) and isinstance(removes, list) and all(is_part_name(n) for n in files + removes)
+            and isinstance(staging, str) and posixpath.basename(staging) == staging and staging not in (".", ".."))
 
 
 def replay(records: list[tuple[str, dict[str, Any] | None]]) -> list[str]:
@@ -551,3 +633,13 @@ def write_part(cfg: OutputConfig, url: str, table: pa.Table) -> None:
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     arrow_fs, _ = arrow_filesystem(url, cfg.storage)
     pq.write_table(table, path, filesystem=arrow_fs, compression=cfg.compression)
+
+
+def marker_schema(fs, meta: str) -> pa.Schema | None:
+    """The output schema an output's marker records (None for outputs of earlier versions)."""
+    marker = read_json(fs, posixpath.join(meta, MARKER))
+    try:
+        return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(marker["schema"])))
+    except (TypeError, KeyError, ValueError, pa.ArrowInvalid):
+        return None
+
