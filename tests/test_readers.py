@@ -30,6 +30,7 @@ def labelled(tmp_path):
         "output": {"path": str(tmp_path / "out"), "rows_per_file": 3, "encoding": "array"},
         "tasks": ["depth", "segmentation"],
         "segmentation": {"classes": list(legend.names)},
+        "model": {"backend": "identity"},
         "run": {"progress": False},
     }
     vb_batch.annotate(cfg)

@@ -119,6 +119,7 @@ def hostile_output(tmp_path):
         "output": {"path": str(out), "report": False, "compression": "none"},
         "tasks": ["depth", "segmentation"],
         "segmentation": {"classes": legend.names},
+        "model": {"backend": "identity"},
         "run": {"progress": False},
     })
     assert summary.rows_ok == 3 and summary.rows_failed == 1, summary.render()
@@ -229,6 +230,7 @@ def loopback_output(tmp_path, images):
         "input": {"path": str(tmp_path / "in.parquet"), "uri_column": "uri", "allowed_prefixes": [images.prefix],
                   "allow_private_addresses": True},
         "output": {"path": str(tmp_path / "out"), "report": False},
+        "model": {"backend": "identity"},
         "run": {"progress": False},
     }
     summary = vb_batch.annotate(job)

@@ -8,6 +8,8 @@ lake queryable without decoding.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -109,7 +111,11 @@ class DepthTask(Task):
 
     def column_meta(self, ctx, encoding):
         scale, offset = depth_png_params(ctx.depth_relative) if encoding == "png" else (None, None)
-        preset = ctx.depth_preset if isinstance(ctx.depth_preset, str) else "custom"
+        preset = ctx.depth_preset
+        if not isinstance(preset, str):
+            # A preset given as parameters is stored with them: two custom mappings never look alike.
+            fields = dataclasses.asdict(depth_codec.get_preset(preset))
+            preset = json.dumps({"name": fields.pop("name"), **fields}, sort_keys=True, default=list)
         unit = "relative (affine-invariant)" if ctx.depth_relative else "m"
         return ColumnMeta(
             kind="depth", encoding=encoding, unit=unit, task=self.name, scale=scale, offset=offset,

@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -205,31 +206,29 @@ def stage_parts(plan: Plan, staging: str, table: pa.Table, tag: str, model_secon
 class ResumeFilter:
     """The ids already committed, dropped from batches by the id column's name (never its position).
 
-    Ships cheaply to workers (one Arrow array); each process builds its set
-    once, on first use, so a batch costs a lookup per row whatever the number
-    of committed ids.
+    Ships cheaply to workers (one Arrow array). Each process builds its lookup
+    set once per run (`key`), however many tasks deserialise the filter, so a
+    batch costs one lookup per row whatever the number of committed ids.
     """
 
-    def __init__(self, done: pa.Array | None, id_column: str):
+    _LOOKUPS: dict[str, frozenset] = {}  # per process: run key -> committed ids
+    _LOCK = threading.Lock()
+
+    def __init__(self, done: pa.Array | None, id_column: str, key: str | None = None):
         self.done = done if done is not None else pa.array([], pa.string())
         self.id_column = id_column
-        self._lookup: frozenset | None = None
-        self._lock = threading.Lock()
+        self.key = key or uuid.uuid4().hex
 
     def __len__(self) -> int:
         return len(self.done)
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"done": self.done, "id_column": self.id_column}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["done"], state["id_column"])
-
     def _ids(self) -> frozenset:
-        with self._lock:
-            if self._lookup is None:
-                self._lookup = frozenset(self.done.to_pylist())
-            return self._lookup
+        lookups = ResumeFilter._LOOKUPS
+        with ResumeFilter._LOCK:
+            if self.key not in lookups:
+                lookups.clear()  # one run at a time per worker process: drop the previous run's set
+                lookups[self.key] = frozenset(self.done.to_pylist())
+            return lookups[self.key]
 
     def apply(self, batch: pa.RecordBatch) -> tuple[pa.RecordBatch, int]:
         """(the batch without committed rows, how many were dropped)."""
@@ -391,9 +390,14 @@ def start_run(cfg: JobConfig, engine: str) -> Run:
 
 def check_paths(cfg: JobConfig, source: Source) -> None:
     """Refuse an output that is, contains or sits inside the input (symlinks and URL spellings resolved)."""
-    output = cfg.output.path if cfg.output.format != "iceberg" else None
+    output = cfg.output.path
+    if cfg.output.format == "iceberg":  # where its catalog keeps (or will create) the table
+        from vb_batch.io.iceberg import planned_location
+
+        output = planned_location(cfg.output)
     if not output:
-        return  # an Iceberg output lives where its catalog puts it: checked against the input's table below
+        return
+    field_name = "output.path" if cfg.output.format != "iceberg" else "output.table"
     inputs = {cfg.input.path or "", source.location or ""} - {""}
     out = canonical_location(output, cfg.output.storage)
     for path in inputs:
@@ -401,8 +405,8 @@ def check_paths(cfg: JobConfig, source: Source) -> None:
         if out == inp or out.startswith(inp.rstrip("/") + "/") or inp.startswith(out.rstrip("/") + "/"):
             relation = "is" if out == inp else ("sits inside" if out.startswith(inp) else "contains")
             raise ConfigError(
-                f"output.path: {output!r} {relation} the input {path!r}; vb_batch never writes where it reads, "
-                "choose an output outside the input"
+                f"{field_name}: the output {output!r} {relation} the input {path!r}; vb_batch never writes where it "
+                "reads, choose an output outside the input"
             )
 
 
@@ -506,7 +510,7 @@ def execute_run(engine: Engine, cfg: JobConfig, backend: ModelBackend | None = N
     engine.check(cfg, backend)
     run = start_run(cfg, engine.name)
     with run.sink.lease_held(), engine.session(run, backend) as session:
-        run.resume = ResumeFilter(run.sink.open(), run.source.id_column)
+        run.resume = ResumeFilter(run.sink.open(), run.source.id_column, key=run.plan.run_id)
         run.summary.rows_read = run.source.count_rows()
         log.info("run %s on %s: %s", run.plan.run_id, engine.name, redacted(cfg))
         with tracked_run(run):

@@ -29,7 +29,7 @@ from vb_batch.io.fetch import read_uri
 from vb_batch.io.filesystems import arrow_filesystem, fsspec_filesystem, split_scheme
 from vb_batch.io.formats import detect_format
 from vb_batch.io.images import decode_image
-from vb_batch.io.sinks import META_DIR, commit_records, replay
+from vb_batch.io.sinks import META_DIR, commit_records, marker_schema, replay
 from vb_batch.masking import scrub, url_secrets
 
 log = logging.getLogger(__name__)
@@ -75,14 +75,17 @@ def open_output(output: str | OutputConfig, storage: StorageOptions | None = Non
         return Output(iceberg.open_iceberg(table, storage), iceberg.iceberg_location(table), fmt, storage)
     fs, root = fsspec_filesystem(path, storage)
     arrow_fs, _ = arrow_filesystem(path, storage)
-    records = commit_records(fs, posixpath.join(root, META_DIR))
-    if records:
+    meta = posixpath.join(root, META_DIR)
+    records = commit_records(fs, meta)
+    schema = marker_schema(fs, meta)
+    if records or schema is not None:
         # Only the files vb_batch committed (not whatever else lies in the folder), and of a commit in
         # flight (record written, files still moving) only those already in place.
         present = {posixpath.basename(p) for p in fs.ls(root, detail=False)}
         files = [posixpath.join(root, name) for name in replay(records) if name in present]
-        dataset = pads.dataset(files, format="parquet", filesystem=arrow_fs)
-    else:
+        # No committed rows yet: the columns the marker records, so that selecting them still works.
+        dataset = pads.dataset(files, format="parquet", filesystem=arrow_fs, schema=None if files else schema)
+    else:  # not a vb_batch output (or one of an early version): every Parquet file in the folder
         dataset = pads.dataset(root, format="parquet", filesystem=arrow_fs, ignore_prefixes=[".", "_"])
     return Output(dataset, path, "parquet", storage)
 
