@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from vb_batch.codecs import depth, normals, segmentation
+from vb_batch.models.identity import IdentityBackend
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +39,42 @@ def known_maps(seed: int, height: int, width: int, legend: segmentation.Legend) 
     blocks = rng.integers(0, len(legend), size=(height // 8 + 1, width // 8 + 1))
     ids = np.kron(blocks, np.ones((8, 8), dtype=np.int64))[:height, :width].astype(legend.dtype)
     return {"depth": depth_m, "normals": n, "segmentation": ids}
+
+
+# The legend of `write_painted_input`'s segmentation rows.
+PAINTED_LEGEND = segmentation.Legend.from_names(["road", "car", "sky"])
+
+
+def write_painted_input(path, id_position: str = "first", rows: int = 12) -> list[str]:
+    """Paintings for every task and two broken rows (`bad-empty`, `bad-junk`), in row groups of 3.
+
+    Columns id, image, k, note, with the id column first, in the "middle" or "last". Returns the ids.
+    """
+    ids, images = [], []
+    for i in range(rows - 2):
+        maps = known_maps(i, 16 + 8 * (i % 3), 24, PAINTED_LEGEND)
+        painting = [depth.encode(maps["depth"]), normals.encode(maps["normals"]),
+                    segmentation.encode(maps["segmentation"], PAINTED_LEGEND)][i % 3]
+        ids.append(f"row-{i:02d}")
+        images.append(png_bytes(painting))
+    ids += ["bad-empty", "bad-junk"]
+    images += [b"", b"junk"]
+    columns = {"image": pa.array(images, pa.binary()), "k": list(range(rows)), "note": [f"n{i}" for i in range(rows)]}
+    order = {"first": ["id", "image", "k", "note"], "middle": ["image", "k", "id", "note"],
+             "last": ["image", "k", "note", "id"]}[id_position]
+    pq.write_table(pa.table({name: ids if name == "id" else columns[name] for name in order}), path, row_group_size=3)
+    return ids
+
+
+class CountingIdentity(IdentityBackend):
+    """The identity model, counting the images it was asked to paint."""
+
+    def __init__(self):
+        self.images = 0
+
+    def predict(self, images, prompts, task, seeds):
+        self.images += len(images)
+        return list(images)
 
 
 @pytest.fixture

@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import png_bytes
+from conftest import CountingIdentity, png_bytes
 from deltalake import DeltaTable, write_deltalake
 from s3_server import s3_server, use_fake_credentials
 
@@ -59,7 +59,6 @@ from vb_batch.io.filesystems import fsspec_filesystem
 from vb_batch.io.lease import Lease, LeaseHeldError, LeaseLostError
 from vb_batch.io.outputs import open_output, read_output
 from vb_batch.models.base import register_backend
-from vb_batch.models.identity import IdentityBackend
 
 TESTS = Path(__file__).resolve().parent
 
@@ -144,17 +143,6 @@ def assert_each_id_once(output: str | dict, expected: list) -> pa.Table:
     for row_id, median in zip(ids, table.column("depth_median_m").to_pylist()):
         assert median == pytest.approx(1.0 + int(str(row_id).split("-")[-1]), rel=0.01), row_id
     return table
-
-
-class CountingBackend(IdentityBackend):
-    """identity, counting the images it was asked to paint."""
-
-    def __init__(self):
-        self.images = 0
-
-    def predict(self, images, prompts, task, seeds):
-        self.images += len(images)
-        return list(images)
 
 
 @pytest.fixture
@@ -468,7 +456,7 @@ def test_bad_ids_are_refused_before_any_row_is_processed(problem, input_format, 
         cfg["input"] = {"format": "iceberg", "table": "raw.images", "catalog": catalog}
     else:
         pq.write_table(table, tmp_path / "in.parquet")
-    model = CountingBackend()
+    model = CountingIdentity()
     with pytest.raises(ConfigError, match=f"input.id_column: column 'id' must identify each row exactly once: {message}"):
         vb_batch.annotate(cfg, backend=model)
     assert model.images == 0
@@ -481,7 +469,7 @@ def test_duplicate_uris_are_refused_when_ids_come_from_them(tmp_path):
         (tmp_path / "imgs" / f"{i}.png").write_bytes(painting(i))
     uris = [str(tmp_path / "imgs" / f"{i}.png") for i in (0, 1, 1, 2)]
     pq.write_table(pa.table({"uri": uris}), tmp_path / "in.parquet")
-    model = CountingBackend()
+    model = CountingIdentity()
     with pytest.raises(ConfigError, match=r"input.uri_column: column 'uri' .* 1 id\(s\) repeated .*1\.png"):
         vb_batch.annotate(job(tmp_path / "in.parquet", {"path": str(tmp_path / "out")}), backend=model)
     assert model.images == 0 and not (tmp_path / "out").exists()

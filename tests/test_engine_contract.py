@@ -17,12 +17,12 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 import pytest
-from conftest import known_maps, png_bytes
+from conftest import PAINTED_LEGEND, write_painted_input
 from hostile import check_hostile_output, hostile_job, write_hostile_table
 from hostile_uris import HostileServer
 
 import vb_batch
-from vb_batch.codecs import depth, normals, segmentation
+from vb_batch.codecs import depth
 from vb_batch.config import load_config
 from vb_batch.io.images import decode_image
 from vb_batch.io.lease import Lease, LeaseHeldError
@@ -34,27 +34,8 @@ from vb_batch.stages import Plan, annotate_batch
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")]
 
-LEGEND = segmentation.Legend.from_names(["road", "car", "sky"])
+LEGEND = PAINTED_LEGEND
 ROWS = 12
-
-
-def write_input(path: Path, id_position: str = "first", rows: int = ROWS) -> list[str]:
-    """Paintings for every task and two broken rows, in row groups of 3 (several units per engine)."""
-    ids, images = [], []
-    for i in range(rows - 2):
-        maps = known_maps(i, 16 + 8 * (i % 3), 24, LEGEND)
-        painting = [depth.encode(maps["depth"]), normals.encode(maps["normals"]),
-                    segmentation.encode(maps["segmentation"], LEGEND)][i % 3]
-        ids.append(f"row-{i:02d}")
-        images.append(png_bytes(painting))
-    ids += ["bad-empty", "bad-junk"]
-    images += [b"", b"junk"]
-    columns = {"image": pa.array(images, pa.binary()), "k": list(range(rows)), "note": [f"n{i}" for i in range(rows)]}
-    order = {"first": ["id", "image", "k", "note"], "middle": ["image", "k", "id", "note"],
-             "last": ["image", "k", "note", "id"]}[id_position]
-    table = pa.table({name: ids if name == "id" else columns[name] for name in order})
-    pq.write_table(table, path, row_group_size=3)
-    return ids
 
 
 def job(inp: Path, out: Path, engine: str, **sections) -> dict:
@@ -86,7 +67,7 @@ def comparable(table: pa.Table) -> pa.Table:
 
 
 def test_output_equals_the_stages_in_one_batch(engine, tmp_path):
-    write_input(tmp_path / "in.parquet")
+    write_painted_input(tmp_path / "in.parquet")
     cfg = job(tmp_path / "in.parquet", tmp_path / "out", engine)
     summary = vb_batch.annotate(cfg)
     expected = stages_in_one_batch(cfg)
@@ -112,7 +93,7 @@ def test_output_equals_the_stages_in_one_batch(engine, tmp_path):
 
 @pytest.mark.parametrize("position", ["first", "middle", "last"])
 def test_resume_finds_the_id_column_wherever_it_sits(engine, tmp_path, position):
-    ids = write_input(tmp_path / "in.parquet", position)
+    ids = write_painted_input(tmp_path / "in.parquet", position)
     first = pq.read_table(tmp_path / "in.parquet").slice(0, 5)
     pq.write_table(first, tmp_path / "first.parquet")
     before = vb_batch.annotate(job(tmp_path / "first.parquet", tmp_path / "out", "local"))
@@ -144,7 +125,7 @@ def test_report_of_the_run_and_again_from_the_cli(engine, tmp_path):
     from vb_batch.cli import main
     from vb_batch.report import REPORT_NAME
 
-    write_input(tmp_path / "in.parquet")
+    write_painted_input(tmp_path / "in.parquet")
     summary = vb_batch.annotate(job(tmp_path / "in.parquet", tmp_path / "out", engine, output={"report": True}))
     assert summary.report.endswith(REPORT_NAME)
     (tmp_path / "out" / REPORT_NAME).unlink()
@@ -161,7 +142,7 @@ class Negative(IdentityBackend):
 
 
 def test_a_backend_registered_at_run_time_reaches_the_workers(engine, tmp_path):
-    write_input(tmp_path / "in.parquet")
+    write_painted_input(tmp_path / "in.parquet")
     register_backend("contract-negative", Negative)
     try:
         cfg = job(tmp_path / "in.parquet", tmp_path / "out", engine, model={"backend": "contract-negative"})
@@ -179,7 +160,7 @@ def test_a_backend_registered_at_run_time_reaches_the_workers(engine, tmp_path):
 
 
 def test_a_second_writer_is_refused_while_one_holds_the_output(engine, tmp_path):
-    write_input(tmp_path / "in.parquet")
+    write_painted_input(tmp_path / "in.parquet")
     out = tmp_path / "out"
     (out / "_vb").mkdir(parents=True)
     import fsspec

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable, write_deltalake
-from conftest import png_bytes
+from conftest import CountingIdentity, png_bytes
 
 import vb_batch
 from vb_batch.codecs import depth
@@ -21,19 +21,7 @@ from vb_batch.io import delta, iceberg
 from vb_batch.io.filesystems import fsspec_filesystem
 from vb_batch.io.outputs import open_output, read_output
 from vb_batch.io.sources import open_source, read_unit
-from vb_batch.models.identity import IdentityBackend
 
-
-
-class CountingBackend(IdentityBackend):
-    """The identity model, counting the images it was asked to paint."""
-
-    def __init__(self):
-        self.images = 0
-
-    def predict(self, images, prompts, task, seeds):
-        self.images += len(images)
-        return list(images)
 
 
 def images_table(ids: list[str], days: list[str]) -> pa.Table:
@@ -233,7 +221,7 @@ def test_lake_tables_in_and_out_of_s3(s3, tmp_path):
 
     # A scheduled run after new rows arrived: one new version with exactly the new rows.
     write_deltalake(s3.url("raw/images"), first_rows(2, start=6), partition_by=["day"], mode="append", storage_options=options)
-    model = CountingBackend()
+    model = CountingIdentity()
     vb_batch.annotate(job(source, delta_out), backend=model)
     assert model.images == 1 and DeltaTable(s3.url("lake/labels"), storage_options=options).version() == 1
 
@@ -261,12 +249,12 @@ def test_incremental_delta_job_processes_only_new_rows(tmp_path):
     out = str(tmp_path / "labels")
     cfg = job({"path": source}, {"format": "delta", "path": out, "commit_every": 0})
 
-    model = CountingBackend()
+    model = CountingIdentity()
     vb_batch.annotate(cfg, backend=model)
     assert model.images == 6 and DeltaTable(out).version() == 0
 
     write_deltalake(source, first_rows(4, start=6), partition_by=["day"], mode="append")
-    model = CountingBackend()
+    model = CountingIdentity()
     summary = vb_batch.annotate(cfg, backend=model)
     assert model.images == 4 and summary.rows_skipped == 6
     assert DeltaTable(out).version() == 1  # exactly one new table version
@@ -281,13 +269,13 @@ def test_incremental_iceberg_job_processes_only_new_rows(tmp_path, catalog):
     out = {"format": "iceberg", "table": "labels.images", "catalog": catalog, "commit_every": 0}
     cfg = job({"format": "iceberg", "table": "raw.images", "catalog": catalog}, out)
 
-    model = CountingBackend()
+    model = CountingIdentity()
     vb_batch.annotate(cfg, backend=model)
     assert model.images == 6
 
     images.append(first_rows(4, start=6))
     before = len(iceberg.iceberg_catalog(catalog).load_table("labels.images").snapshots())
-    model = CountingBackend()
+    model = CountingIdentity()
     summary = vb_batch.annotate(cfg, backend=model)
     assert model.images == 4 and summary.rows_skipped == 6
     assert len(iceberg.iceberg_catalog(catalog).load_table("labels.images").snapshots()) == before + 1
@@ -298,7 +286,7 @@ def test_filter_points_a_scheduled_job_at_one_partition(tmp_path, catalog):
     source = str(tmp_path / "images")
     write_deltalake(source, first_rows(8), partition_by=["day"])
     out = str(tmp_path / "labels")
-    model = CountingBackend()
+    model = CountingIdentity()
     vb_batch.annotate(job({"path": source, "filter": "day = '2026-11-02'"}, {"format": "delta", "path": out}), backend=model)
     assert model.images == 4
     assert_depths(out, ["img-1", "img-3", "img-5", "img-7"])

@@ -8,31 +8,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import known_maps, png_bytes
+from conftest import known_maps, png_bytes, write_painted_input
 from s3_server import SECRET, s3_server, use_fake_credentials
 
 import vb_batch
-from vb_batch.codecs import depth, normals, segmentation
+from vb_batch.codecs import depth, segmentation
 from vb_batch.config import StorageOptions
 from vb_batch.io.outputs import read_output
 
 pytestmark = pytest.mark.slow
 
 TESTS = str(Path(__file__).resolve().parent)
-
-
-def mixed_input(path: Path, legend) -> None:
-    """Paintings for every task plus rows that must fail, in several row groups (= several Spark tasks)."""
-    ids, images = [], []
-    for i in range(10):
-        maps = known_maps(i, 16 + 8 * (i % 3), 24, legend)
-        painting = [depth.encode(maps["depth"]), normals.encode(maps["normals"]),
-                    segmentation.encode(maps["segmentation"], legend)][i % 3]
-        ids.append(f"row-{i:02d}")
-        images.append(png_bytes(painting))
-    ids += ["bad-empty", "bad-junk"]
-    images += [b"", b"junk"]
-    pq.write_table(pa.table({"id": ids, "image": images, "k": list(range(12))}), path, row_group_size=3)
 
 
 def job(tmp_path, out, engine, **extra):
@@ -64,7 +50,7 @@ def test_model_loads_once_per_python_worker(spark, tmp_path):
         model__backend="worker_backends:CountingBackend",
         model__options={"load_log": str(loads), "batch_log": str(batches)},
     )
-    mixed_input(tmp_path / "in.parquet", legend)
+    write_painted_input(tmp_path / "in.parquet")
     assert vb_batch.annotate(cfg).rows_processed == 12
     load_pids = loads.read_text().split()
     batch_pids = [line.split()[0] for line in batches.read_text().splitlines()]
@@ -93,8 +79,7 @@ def test_annotate_a_users_dataframe(spark, tmp_path):
 
 def test_spark_reads_and_writes_s3(spark, tmp_path, monkeypatch):
     use_fake_credentials(monkeypatch)
-    legend = segmentation.Legend.from_names(["road", "car", "sky"])
-    mixed_input(tmp_path / "in.parquet", legend)
+    write_painted_input(tmp_path / "in.parquet")
     with s3_server() as s3:
         s3.put("raw/images.parquet", (tmp_path / "in.parquet").read_bytes())
         cfg, _ = job(tmp_path, "unused", "spark")

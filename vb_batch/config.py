@@ -39,10 +39,11 @@ class StorageOptions(_Section):
     @field_validator("endpoint_url")
     @classmethod
     def _plain_endpoint(cls, url):
-        # The config is stored with the output and printed by `validate`: nothing secret may ride
-        # in the URL, and the messages never echo it.
-        if url is None:
-            return url
+        url = _http_url(url, "http(s)://host[:port], e.g. http://127.0.0.1:9000",
+                        "use storage.profile, the AWS_* environment or storage.options key/secret")
+        if url is not None and (urlsplit(url).query or urlsplit(url).fragment):
+            raise ValueError("must not carry a query string or fragment: an object-store endpoint takes none")
+        return url
         try:
             parts = urlsplit(url)
             host = parts.hostname
@@ -58,6 +59,23 @@ class StorageOptions(_Section):
         if parts.query or parts.fragment:
             raise ValueError("must not carry a query string or fragment: an object-store endpoint takes none")
         return url
+
+
+def _http_url(url: str | None, example: str, credentials_hint: str) -> str | None:
+    """`url` when it is a plain http(s) URL with a host and no user:password@; the messages never echo it
+    (the config is stored with the output and printed by `validate`; a query string may hold a key)."""
+    if url is None:
+        return url
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        raise ValueError(f"is not a URL; give it as {example}") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise ValueError(f"must be an http:// or https:// URL with a host: {example}")
+    if "@" in parts.netloc:
+        raise ValueError(f"must not carry credentials (user:password@): {credentials_hint}")
+    return url
 
 
 def _check_catalog(catalog: dict[str, Any], field: str) -> dict[str, Any]:
@@ -305,10 +323,8 @@ class ModelConfig(_Section):
 
     @field_validator("endpoint")
     @classmethod
-    def _http_url(cls, endpoint):
-        # Messages name the field but never echo the URL: its query string may hold a key.
-        if endpoint is None:
-            return endpoint
+    def _endpoint_url(cls, endpoint):
+        return _http_url(endpoint, "http(s)://host[:port]/path", "put the token in model.token_env")
         try:
             parts = urlsplit(endpoint)
             host = parts.hostname

@@ -106,6 +106,25 @@ def holder_alive(holder: dict[str, Any]) -> bool | None:
 # ---------------------------------------------------------------------------- stores: compare-and-swap on one object
 
 
+def write_temp_file(path: str, data: bytes) -> str:
+    """`data` in a new temporary file next to local `path`, flushed to disk; its name (removed on failure).
+
+    The first half of every atomic local write: the caller then renames or links it into place.
+    """
+    temp = f"{path}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(temp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        # A full disk fails every write: without this, each would leave a partial file behind.
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    return temp
+
+
 class _Store:
     """Atomic operations on one small object; `tag` identifies the version read (content hash or ETag)."""
 
@@ -145,18 +164,7 @@ class _LocalStore(_Store):
             os.close(fd)  # releases the flock
 
     def _write_temp(self, data: bytes) -> str:
-        temp = f"{self.path}.{uuid.uuid4().hex}.tmp"
-        try:
-            with open(temp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            # A full disk fails every heartbeat: without this, each would leave a partial file behind.
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
-        return temp
+        return write_temp_file(self.path, data)
 
     def read(self):
         try:

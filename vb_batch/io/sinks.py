@@ -59,7 +59,6 @@ import os
 import posixpath
 import re
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -73,7 +72,7 @@ from vb_batch._version import __version__
 from vb_batch.config import ConfigError, OutputConfig
 from vb_batch.errors import OutputExistsError
 from vb_batch.io.filesystems import arrow_filesystem, fsspec_filesystem
-from vb_batch.io.lease import LEASE_NAME, Lease
+from vb_batch.io.lease import LEASE_NAME, Lease, write_temp_file
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +93,8 @@ def write_atomic(fs, path: str, data: bytes) -> None:
     if not isinstance(fs, LocalFileSystem):
         fs.pipe_file(path, data)  # one PUT: object stores show the whole object or none
         return
-    temp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    temp = write_temp_file(path, data)
     try:
-        with open(temp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(OSError):
