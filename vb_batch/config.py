@@ -44,21 +44,6 @@ class StorageOptions(_Section):
         if url is not None and (urlsplit(url).query or urlsplit(url).fragment):
             raise ValueError("must not carry a query string or fragment: an object-store endpoint takes none")
         return url
-        try:
-            parts = urlsplit(url)
-            host = parts.hostname
-        except ValueError:
-            raise ValueError("is not a URL; give the endpoint as http(s)://host[:port]") from None
-        if parts.scheme not in ("http", "https") or not host:
-            raise ValueError("must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:9000")
-        if "@" in parts.netloc:
-            raise ValueError(
-                "must not carry credentials (user:password@): use storage.profile, the AWS_* environment "
-                "or storage.options key/secret"
-            )
-        if parts.query or parts.fragment:
-            raise ValueError("must not carry a query string or fragment: an object-store endpoint takes none")
-        return url
 
 
 def _http_url(url: str | None, example: str, credentials_hint: str) -> str | None:
@@ -325,16 +310,6 @@ class ModelConfig(_Section):
     @classmethod
     def _endpoint_url(cls, endpoint):
         return _http_url(endpoint, "http(s)://host[:port]/path", "put the token in model.token_env")
-        try:
-            parts = urlsplit(endpoint)
-            host = parts.hostname
-        except ValueError:
-            raise ValueError("is not a URL; give it as http(s)://host[:port]/path") from None
-        if parts.scheme not in ("http", "https") or not host:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if "@" in parts.netloc:
-            raise ValueError("must not carry credentials (user:password@): put the token in model.token_env")
-        return endpoint
 
     @field_validator("headers")
     @classmethod
