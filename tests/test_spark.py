@@ -105,3 +105,19 @@ def test_gpu_resource_profile(spark):
     profile = gpu_profile(EngineConfig(kind="spark", gpus_per_task=0.5))
     assert profile.taskResources["gpu"].amount == 0.5
     assert profile.taskResources["cpus"].amount == 1
+
+
+def test_executors_run_model_calls_at_the_same_time(spark, tmp_path):
+    """Two executors, several units: model calls overlap in time (the driver does not take one partition at a time)."""
+    log = tmp_path / "calls.log"
+    cfg, _ = job(tmp_path, "out", "spark", model__backend="worker_backends:TimedBackend",
+                 model__options={"seconds": 0.4, "log": str(log)}, model__batch_size=3)
+    cfg["tasks"] = ["depth"]
+    write_painted_input(tmp_path / "in.parquet", rows=24)  # 8 row groups of 3: 8 units
+    summary = vb_batch.annotate(cfg)
+    assert summary.success and summary.rows_processed == 24
+    calls = [tuple(map(float, line.split()[1:])) for line in log.read_text().splitlines()]
+    pids = {line.split()[0] for line in log.read_text().splitlines()}
+    overlapping = sum(1 for i, (s1, e1) in enumerate(calls) for s2, e2 in calls[i + 1:] if s1 < e2 and s2 < e1)
+    assert len(pids) >= 2 and overlapping >= 2, (pids, calls)
+

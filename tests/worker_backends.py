@@ -50,3 +50,19 @@ class SlowBackend(IdentityBackend):
 
         time.sleep(float(self.cfg.options.get("seconds", 0)))
         return super().predict(images, prompts, task, seeds)
+
+
+class TimedBackend(IdentityBackend):
+    """identity that sleeps `model.options.seconds` per batch and logs `pid start end` of each call to
+    `model.options.log`: a model whose cost is time, not cores, so a test can see calls overlap."""
+
+    name = "timed"
+
+    def predict(self, images, prompts, task, seeds):
+        import time
+
+        started = time.time()
+        time.sleep(float(self.cfg.options.get("seconds", 0)))
+        with open(self.cfg.options["log"], "a") as f:
+            f.write(f"{os.getpid()} {started} {time.time()}\n")
+        return super().predict(images, prompts, task, seeds)

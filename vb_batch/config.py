@@ -346,13 +346,17 @@ class EngineConfig(_Section):
     actors: int | tuple[int, int] = 1
     gpus_per_actor: float = Field(default=0, ge=0)
     cpus_per_actor: float = Field(default=1, ge=0)
+    # ray, spark: the most rows in one unit of work (a task): larger row groups are split, so a
+    # task's memory and time are bounded whatever the input's row-group size.
+    unit_rows: int = Field(default=4096, gt=0)
     # ray: CPU tasks (fetch + decode before the model, decode + encode + write after it).
     cpus_per_task: float = Field(default=1, gt=0)
     cpu_batch_rows: int = Field(default=64, gt=0)
     # ray: batches queued on each actor while it runs one (None: prefetch_batches).
     max_tasks_in_flight_per_actor: int | None = Field(default=None, ge=1)
     # spark: master URL (None: local[*]; local-cluster[2,1,1024], spark://..., yarn), extra Spark
-    # conf, rows per Arrow batch handed to Python workers, tasks to split the input into, GPUs per task.
+    # conf, rows per Arrow batch handed to Python workers, units per Spark job (a wave; None: four times the
+    # cluster's cores; two waves run at once), GPUs per task.
     master: str | None = None
     spark_conf: dict[str, str] = Field(default_factory=dict)
     arrow_batch_rows: int = Field(default=64, gt=0)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import posixpath
 import threading
 import time
 import uuid
@@ -35,12 +36,13 @@ from typing import Any, ClassVar, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from vb_batch.config import ConfigError, JobConfig, redacted
-from vb_batch.io.filesystems import canonical_location, check_bucket
+from vb_batch.io.filesystems import arrow_filesystem, canonical_location, check_bucket, fsspec_filesystem
 from vb_batch.io.formats import open_sink
-from vb_batch.io.sinks import Sink, part_file_name, schema_fingerprint, write_part
+from vb_batch.io.sinks import Sink, part_file_name, schema_fingerprint
 from vb_batch.io.sources import Source, open_source
 from vb_batch.masking import mask_text, mask_url, secret_values
 from vb_batch.models.base import ModelBackend, create_backend
@@ -177,27 +179,79 @@ def part_report(
     }
 
 
+class StagedParts:
+    """Streams output batches into staged part files of at most `output.rows_per_file` rows.
+
+    Any process may use it (Ray tasks, Spark executors): it holds one open
+    Parquet writer, never the rows, so a task's memory is one batch whatever
+    its unit's size. Files are named `part-<run>-<tag>-<n>`, so a retried task
+    that reuses its tag rewrites the same files instead of adding rows.
+    `write` and `close` return the reports of the files they completed (model
+    seconds go with the file their rows went to; `close` adds the skipped rows).
+    """
+
+    def __init__(self, plan: Plan, staging: str, tag: str):
+        self.plan, self.staging, self.tag = plan, staging, tag
+        self.schema = plan.output_schema()
+        self._writer: pq.ParquetWriter | None = None
+        self._count = 0
+        self._rows = 0
+        self._errors: list[pa.Array] = []
+        self._model_seconds = 0.0
+        self._nodes: Counter[str] = Counter()
+
+    def write(self, batch: pa.RecordBatch, model_seconds: float = 0.0,
+              model_nodes: dict[str, int] | None = None) -> list[dict[str, Any]]:
+        reports, start = [], 0
+        per_file = self.plan.cfg.output.rows_per_file
+        self._model_seconds += model_seconds
+        self._nodes.update(model_nodes or {})
+        while start < batch.num_rows:
+            if self._writer is None:
+                self._open()
+            piece = batch.slice(start, per_file - self._rows)
+            self._writer.write_batch(piece)
+            self._errors.append(piece.column(piece.schema.get_field_index(ERROR_COLUMN)))
+            self._rows += piece.num_rows
+            start += piece.num_rows
+            if self._rows >= per_file:
+                reports.append(self._finish_file())
+        return reports
+
+    def close(self, skipped: int = 0) -> list[dict[str, Any]]:
+        reports = [self._finish_file()] if self._writer is not None else []
+        if skipped or self._model_seconds or self._nodes:  # what no file carries: skipped rows, model time
+            reports.append(part_report(0, skipped=skipped, model_seconds=self._model_seconds,
+                                       model_nodes=dict(self._nodes)))
+        return reports
+
+    def _open(self) -> None:
+        self._name = part_file_name(self.plan.run_id, f"{self.tag}-{self._count:03d}")
+        self._count += 1
+        cfg = self.plan.cfg.output
+        url = f"{self.staging}/{self._name}"
+        fs, path = fsspec_filesystem(url, cfg.storage)
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        self._writer = pq.ParquetWriter(path, self.schema, filesystem=arrow_filesystem(url, cfg.storage)[0],
+                                        compression=cfg.compression)
+
+    def _finish_file(self) -> dict[str, Any]:
+        self._writer.close()
+        errors = pa.chunked_array(self._errors, type=self.schema.field(ERROR_COLUMN).type)
+        report = part_report(self._rows, errors, self._name, model_seconds=self._model_seconds,
+                             model_nodes=dict(self._nodes))
+        self._writer, self._rows, self._errors, self._model_seconds, self._nodes = None, 0, [], 0.0, Counter()
+        return report
+
+
 def stage_parts(plan: Plan, staging: str, table: pa.Table, tag: str, model_seconds: float = 0.0,
                 model_nodes: dict[str, int] | None = None, skipped: int = 0) -> list[dict[str, Any]]:
-    """Write `table` into `staging` as part files of at most `output.rows_per_file` rows; their reports.
-
-    Any process may call this (Ray tasks, Spark executors); names are
-    `part-<run>-<tag>-<n>`, so a retried task that reuses its tag rewrites the
-    same files instead of adding rows. Model time and skipped rows go to the
-    first part's report.
-    """
+    """Write one table through `StagedParts`; the reports of its files."""
+    parts = StagedParts(plan, staging, tag)
     reports = []
-    per_file = plan.cfg.output.rows_per_file
-    for n, start in enumerate(range(0, table.num_rows, per_file)):
-        piece = table.slice(start, per_file)
-        name = part_file_name(plan.run_id, f"{tag}-{n:03d}")
-        write_part(plan.cfg.output, f"{staging}/{name}", piece)
-        first = n == 0
-        reports.append(part_report(piece.num_rows, piece.column(ERROR_COLUMN), name, skipped if first else 0,
-                                   model_seconds if first else 0.0, model_nodes if first else None))
-    if not reports and (skipped or model_seconds):
-        reports.append(part_report(0, skipped=skipped, model_seconds=model_seconds))
-    return reports
+    for n, batch in enumerate(table.to_batches()):
+        reports += parts.write(batch, model_seconds if n == 0 else 0.0, model_nodes if n == 0 else None)
+    return reports + parts.close(skipped)
 
 
 # ---------------------------------------------------------------------------- resume

@@ -137,7 +137,7 @@ def read_units(cfg: JobConfig, source: Source):
     """A dataset of the source's units of work (JSON), one per block so that prepare tasks spread them."""
     import ray.data
 
-    units = [{"unit": json.dumps(unit)} for unit in source.units(cfg.engine.cpu_batch_rows)]
+    units = [{"unit": json.dumps(unit)} for unit in source.units(cfg.engine.cpu_batch_rows, cfg.engine.unit_rows)]
     return ray.data.from_items(units, override_num_blocks=max(1, len(units)))
 
 

@@ -23,12 +23,14 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pyarrow as pa
 
 from vb_batch.config import EngineConfig, InputConfig
-from vb_batch.engines.base import PART_SCHEMA, Engine, ResumeFilter, Run, cached_backend, rebatch, stage_parts
+from vb_batch.engines.base import PART_SCHEMA, Engine, ResumeFilter, Run, StagedParts, cached_backend, rebatch
 from vb_batch.io.sources import read_unit, with_ids
 from vb_batch.stages import Plan, decode_encode, fetch_decode, run_model
 
@@ -72,8 +74,12 @@ def gpu_profile(engine: EngineConfig):
 
 
 def annotate_unit(unit: dict, index: int, plan: Plan, input_schema: pa.Schema, staging: str,
-                  resume: ResumeFilter) -> list[dict]:
-    """Executor side: read one unit, drop committed ids, run the stages, write its staged part files."""
+                  resume: ResumeFilter) -> Iterator[dict]:
+    """Executor side: read one unit, drop committed ids, run the stages, stream its staged part files.
+
+    Yields a part report as each file is complete; what the task holds is one
+    model batch and one open file, whatever the unit's size.
+    """
     cfg: InputConfig = plan.cfg.input
     backend = cached_backend(plan)
     skipped = 0
@@ -85,20 +91,31 @@ def annotate_unit(unit: dict, index: int, plan: Plan, input_schema: pa.Schema, s
             skipped += dropped
             yield batch
 
-    outputs, model_seconds = [], 0.0
+    # A fixed tag per unit: a retried or speculative attempt rewrites the same files.
+    parts = StagedParts(plan, staging, f"u{index:06d}")
     for batch in rebatch(pending(), plan.cfg.model.batch_size):
         decoded = fetch_decode(batch, plan)
         started = time.perf_counter()
         answered = run_model(decoded, plan, backend)
-        model_seconds += time.perf_counter() - started
-        outputs.append(decode_encode(answered, plan))
-    table = pa.Table.from_batches(outputs, schema=plan.output_schema())
-    # A fixed tag per unit: a retried or speculative attempt rewrites the same files.
-    return stage_parts(plan, staging, table, f"u{index:06d}", model_seconds, skipped=skipped)
+        seconds = time.perf_counter() - started
+        yield from parts.write(decode_encode(answered, plan), model_seconds=seconds)
+    yield from parts.close(skipped)
+
+
+def waves(units: list, size: int) -> Iterator[list]:
+    """`units` in consecutive groups of `size` (one Spark job each)."""
+    for start in range(0, len(units), size):
+        yield units[start:start + size]
 
 
 class SparkEngine(Engine):
-    """Spark: one task per unit of the input on the executors (`mapInArrow`); the driver commits."""
+    """Spark: one task per unit of the input on the executors (`mapInArrow`); the driver commits.
+
+    Units go to Spark in waves, one job per wave with a task per unit, and two
+    jobs are in flight at once (submitted from two driver threads), so every
+    executor stays busy while the driver commits what the previous wave wrote.
+    A wave holds `engine.partitions` units (default: four times the cluster's cores).
+    """
 
     name = "spark"
 
@@ -107,27 +124,42 @@ class SparkEngine(Engine):
         yield spark_session(run.cfg.engine, f"vb-batch {run.plan.run_id}")
 
     def execute(self, run: Run, spark) -> None:
+        from pyspark.sql.pandas.types import from_arrow_schema
+
         cfg, plan = run.cfg, run.plan
-        units = run.source.units()
-        log.info("run %s on spark: %d units", plan.run_id, len(units))
+        units = run.source.units(max_rows=cfg.engine.unit_rows)
+        wave_size = cfg.engine.partitions or 4 * spark.sparkContext.defaultParallelism
+        log.info("run %s on spark: %d units in waves of %d", plan.run_id, len(units), wave_size)
         run.summary.model_seconds = 0.0  # summed over the executors' units
-        frame = spark.createDataFrame(
-            [(i, json.dumps(u)) for i, u in enumerate(units)], "unit long, spec string"
-        ).repartition(cfg.engine.partitions or max(1, len(units)))
         # Plain values only in the closure: the plan, the schema, the staging URL, the committed ids.
         resume = spark.sparkContext.broadcast(run.resume)
         input_schema, staging = run.source.dataset.schema, run.sink.staging
+        schema = from_arrow_schema(PART_SCHEMA)
+        profile = gpu_profile(cfg.engine)
 
         def work(batches):
             for batch in batches:
                 for index, spec in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-                    reports = annotate_unit(json.loads(spec), index, plan, input_schema, staging, resume.value)
-                    if reports:
-                        yield pa.RecordBatch.from_pylist(reports, schema=PART_SCHEMA)
+                    for report in annotate_unit(json.loads(spec), index, plan, input_schema, staging, resume.value):
+                        yield pa.RecordBatch.from_pylist([report], schema=PART_SCHEMA)
 
-        profile = gpu_profile(cfg.engine)
-        from pyspark.sql.pandas.types import from_arrow_schema
+        def run_wave(first: int, wave: list) -> list:
+            # One partition per unit, made where the rows are (a repartition would add a shuffle per wave).
+            rows = spark.sparkContext.parallelize([(first + i, json.dumps(u)) for i, u in enumerate(wave)], len(wave))
+            frame = spark.createDataFrame(rows, "unit long, spec string")
+            mapped = frame.mapInArrow(work, schema, **({"profile": profile} if profile else {}))
+            return mapped.collect()
 
-        mapped = frame.mapInArrow(work, from_arrow_schema(PART_SCHEMA), **({"profile": profile} if profile else {}))
-        for row in mapped.toLocalIterator():
+        with ThreadPoolExecutor(2, thread_name_prefix="vb-spark-job") as jobs:
+            in_flight: deque[Future] = deque()
+            for n, wave in enumerate(waves(units, wave_size)):
+                in_flight.append(jobs.submit(run_wave, n * wave_size, wave))
+                if len(in_flight) >= 2:
+                    self._apply(run, in_flight.popleft())
+            while in_flight:
+                self._apply(run, in_flight.popleft())
+
+    @staticmethod
+    def _apply(run: Run, job: Future) -> None:
+        for row in job.result():
             run.apply(row.asDict(recursive=True))

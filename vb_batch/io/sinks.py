@@ -9,7 +9,7 @@ Every sink has one protocol, used by every engine through the run core:
         sink.write(batch)      rows written by this process (staged Parquet files)
         sink.staging + sink.stage(name, rows)
                                a complete part file another process wrote into `staging` with
-                               `write_part` (Ray tasks, Spark executors) counts towards a commit
+                               `engines.base.StagedParts` (Ray tasks, Spark executors) counts towards a commit
         sink.commit()          make staged rows visible atomically (also every `output.commit_every` rows)
         sink.close(success, summary)
 
@@ -619,17 +619,6 @@ def _record_seq(path: str) -> int:
     return int(head) if name.startswith("c") and head.isdigit() else -1
 
 
-def write_part(cfg: OutputConfig, url: str, table: pa.Table) -> None:
-    """Write one complete staged part file (any process: driver, Ray task, Spark executor).
-
-    `url` is a file in a sink's `staging` (a URL, or a local path).
-    """
-    fs, path = fsspec_filesystem(url, cfg.storage)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    arrow_fs, _ = arrow_filesystem(url, cfg.storage)
-    pq.write_table(table, path, filesystem=arrow_fs, compression=cfg.compression)
-
-
 def marker_schema(fs, meta: str) -> pa.Schema | None:
     """The output schema an output's marker records (None for outputs of earlier versions)."""
     marker = read_json(fs, posixpath.join(meta, MARKER))
@@ -637,4 +626,3 @@ def marker_schema(fs, meta: str) -> pa.Schema | None:
         return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(marker["schema"])))
     except (TypeError, KeyError, ValueError, pa.ArrowInvalid):
         return None
-

@@ -75,6 +75,7 @@ class Source:
     has_id: bool
     filter: pc.Expression | None = None  # rows to keep (`input.filter`)
     location: str = ""  # URL of the filesystem holding the dataset's files ("" or a path: local)
+    cfg: InputConfig | None = None  # how to reach the files (storage) and which rows to keep (filter)
 
     @property
     def schema(self) -> pa.Schema:
@@ -89,18 +90,27 @@ class Source:
         return with_ids(batch, self.id_column, self.image_column, self.uri_column)
 
     def batches(self, rows: int) -> Iterator[pa.RecordBatch]:
-        for batch in self.dataset.to_batches(batch_size=rows, filter=self.filter):
-            if batch.num_rows:
-                yield self.with_ids(batch)
+        """Every row, unit by unit, in batches of at most `rows`: what is held is one batch, not the input.
 
-    def units(self, listing_rows: int = 256) -> list[dict[str, Any]]:
-        """The input split into independent pieces of work for a distributed engine.
+        The same `read_unit` as the distributed engines' workers, so every
+        engine reads exactly the same rows; no reader-side read-ahead (pyarrow's
+        `Dataset.to_batches` holds gigabytes ahead of a slow consumer).
+        """
+        for unit in self.units(rows):
+            for batch in read_unit(unit, self.cfg, self.dataset.schema, rows):
+                if batch.num_rows:
+                    yield self.with_ids(batch)
+
+    def units(self, listing_rows: int = 256, max_rows: int | None = None) -> list[dict[str, Any]]:
+        """The input split into independent pieces of work (tasks of a distributed engine).
 
         A Parquet input (or a lake table's data files) gives one unit per row
         group of each file, minus the partitions, files and row groups that
-        `filter` rules out; a folder of images gives slices of its listing.
-        Each unit is small and JSON-ready: workers read it with `read_unit`,
-        so no image bytes pass the driver.
+        `filter` rules out; a row group of more than `max_rows` rows gives
+        several units (`offset`, `rows`), so a unit's size is bounded whatever
+        the files' row-group size. A folder of images gives slices of its
+        listing. Each unit is small and JSON-ready: workers read it with
+        `read_unit`, so no image bytes pass the driver.
         """
         if isinstance(self.dataset, pads.FileSystemDataset):
             scheme = split_scheme(self.location)[0] if self.location else "file"
@@ -111,8 +121,13 @@ class Source:
                 keys = pads.get_partition_keys(fragment.partition_expression)
                 partition = {k: v if isinstance(v, (str, int, float, bool)) else str(v) for k, v in keys.items()}
                 for group in fragment.split_by_row_group(self.filter, schema=self.dataset.schema):
-                    unit = {"file": url, "row_group": group.row_groups[0].id}
-                    units.append({**unit, "partition": partition} if partition else unit)
+                    info = group.row_groups[0]
+                    unit = {"file": url, "row_group": info.id, **({"partition": partition} if partition else {})}
+                    if max_rows is None or info.num_rows <= max_rows:
+                        units.append(unit)
+                        continue
+                    for offset in range(0, info.num_rows, max_rows):
+                        units.append({**unit, "offset": offset, "rows": min(max_rows, info.num_rows - offset)})
             return units
         listing = self.dataset.to_table(filter=self.filter)
         return [
@@ -121,22 +136,50 @@ class Source:
         ]
 
 
-def read_unit(unit: dict[str, Any], cfg: InputConfig, schema: pa.Schema, rows: int) -> Iterator[pa.RecordBatch]:
-    """Read one unit of `Source.units` as batches of at most `rows` rows, in the source's schema."""
-    if "file" in unit:
-        fs, path = arrow_filesystem(unit["file"], cfg.storage)
-        with fs.open_input_file(path) as f:
-            table = pq.ParquetFile(f).read_row_group(unit["row_group"])
-        for name, value in unit.get("partition", {}).items():
-            if name in schema.names and name not in table.column_names:
-                table = table.append_column(name, pa.array([value] * table.num_rows).cast(schema.field(name).type))
-        table = table.select([n for n in schema.names if n in table.column_names])
-        table = table.cast(pa.schema([schema.field(n) for n in table.column_names]))
-    else:
-        table = pa.Table.from_pylist(unit["rows"], schema=schema)
-    if cfg.filter:
-        table = table.filter(filter_expression(cfg.filter, schema))
-    yield from table.to_batches(max_chunksize=rows)
+# Bytes read ahead per column while streaming a row group: pages arrive as they are decoded, so a
+# row group of a million images is read in batches, never held whole.
+STREAM_BUFFER_BYTES = 1 << 20
+
+
+def read_unit(unit: dict[str, Any], cfg: InputConfig | None, schema: pa.Schema, rows: int) -> Iterator[pa.RecordBatch]:
+    """Read one unit of `Source.units` as batches of at most `rows` rows, in the source's schema.
+
+    Parquet row groups are streamed page by page; a unit that is a slice of a
+    row group (`offset`, `rows`) reads past the rows before it.
+    """
+    cfg = cfg or InputConfig(path=".")
+    keep = filter_expression(cfg.filter, schema) if cfg.filter else None
+    for table in _unit_tables(unit, cfg, schema, rows):
+        if keep is not None:
+            table = table.filter(keep)
+        yield from table.to_batches(max_chunksize=rows)
+
+
+def _unit_tables(unit: dict[str, Any], cfg: InputConfig, schema: pa.Schema, rows: int) -> Iterator[pa.Table]:
+    if "file" not in unit:
+        yield pa.Table.from_pylist(unit["rows"], schema=schema)
+        return
+    fs, path = arrow_filesystem(unit["file"], cfg.storage)
+    with fs.open_input_file(path) as f:
+        parquet = pq.ParquetFile(f, buffer_size=STREAM_BUFFER_BYTES)
+        columns = [n for n in schema.names if n in parquet.schema_arrow.names]
+        skip, left = unit.get("offset", 0), unit.get("rows")
+        for batch in parquet.iter_batches(batch_size=rows, row_groups=[unit["row_group"]], columns=columns):
+            if skip >= batch.num_rows:
+                skip -= batch.num_rows
+                continue
+            batch, skip = batch.slice(skip), 0
+            if left is not None:
+                batch = batch.slice(0, left)
+                left -= batch.num_rows
+            table = pa.Table.from_batches([batch])
+            for name, value in unit.get("partition", {}).items():
+                if name in schema.names and name not in table.column_names:
+                    table = table.append_column(name, pa.array([value] * table.num_rows).cast(schema.field(name).type))
+            table = table.select([n for n in schema.names if n in table.column_names])
+            yield table.cast(pa.schema([schema.field(n) for n in table.column_names]))
+            if left == 0:
+                return
 
 
 def _image_files_table(cfg: InputConfig) -> pa.Table:
@@ -167,7 +210,7 @@ def open_source(cfg: InputConfig) -> Source:
     if fmt == "images":
         dataset = pads.dataset(_image_files_table(cfg))
         expr = filter_expression(cfg.filter, dataset.schema) if cfg.filter else None
-        return Source(dataset, cfg.id_column, None, "uri", has_id=True, filter=expr)
+        return Source(dataset, cfg.id_column, None, "uri", has_id=True, filter=expr, cfg=cfg)
 
     location = cfg.path
     if fmt == "delta":
@@ -220,4 +263,4 @@ def open_source(cfg: InputConfig) -> Source:
             "(leave input.id_column out to use each row's URI or the SHA-256 of its image as its id)"
         )
     expr = filter_expression(cfg.filter, dataset.schema) if cfg.filter else None
-    return Source(dataset, cfg.id_column, image_col, uri_col, has_id=has_id, filter=expr, location=location)
+    return Source(dataset, cfg.id_column, image_col, uri_col, has_id=has_id, filter=expr, location=location, cfg=cfg)

@@ -1,0 +1,122 @@
+"""Peak memory against input size: does a job's memory follow its queues, or its input?
+
+    python benchmarks/bench_memory.py                          # local engine, 2k / 20k / 100k rows of 128 px
+    python benchmarks/bench_memory.py --rows 2000 20000 --side 256 --engines local ray spark
+
+Each run is a fresh process (peak RSS is a high-water mark: runs must not share
+one) that annotates a Parquet table of `rows` painted depth images with the
+`identity` model (so the model costs nothing and the CPU side is measured), at
+the default settings. The input is written in row groups of 256 rows, from a
+few distinct paintings repeated under unique ids, so writing it needs little
+memory whatever its size. Reported per run: peak RSS of the job's process (for
+Ray and Spark: the driver; their workers are separate processes), rows/s, and
+the ratio of each peak to the smallest input's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS_DIR, machine_info, write_result  # noqa: E402
+
+CHILD = """
+import json, resource, sys, time
+import vb_batch
+cfg = json.loads(sys.argv[1])
+started = time.perf_counter()
+summary = vb_batch.annotate(cfg)
+seconds = time.perf_counter() - started
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "seconds": seconds,
+                  "rows_ok": summary.rows_ok, "success": summary.success}))
+"""
+
+
+def write_table(path: Path, rows: int, side: int, group_rows: int = 256) -> Path:
+    """`rows` rows of id + PNG painting in row groups of `group_rows`, streamed to disk."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from vb_batch.codecs import depth
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    blobs = []
+    for _ in range(16):
+        buffer = io.BytesIO()
+        painting = depth.encode((0.5 + rng.uniform(5, 40) * xx + rng.uniform(1, 20) * yy**2).astype(np.float32))
+        Image.fromarray(painting).save(buffer, format="PNG")
+        blobs.append(buffer.getvalue())
+    schema = pa.schema([pa.field("id", pa.string()), pa.field("image", pa.binary())])
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, rows, group_rows):
+            n = min(group_rows, rows - start)
+            writer.write_table(pa.table({"id": [f"img-{i:07d}" for i in range(start, start + n)],
+                                         "image": [blobs[i % len(blobs)] for i in range(start, start + n)]},
+                                        schema=schema), row_group_size=group_rows)
+    return path
+
+
+def run_job(input_path: Path, output: Path, engine: str) -> dict[str, Any]:
+    cfg = {
+        "input": {"path": str(input_path)},
+        "output": {"path": str(output), "mode": "overwrite", "report": False},
+        "tasks": ["depth"],
+        "model": {"backend": "identity"},
+        "engine": {"kind": engine},
+        "run": {"progress": False},
+    }
+    if engine == "spark":
+        cfg["engine"]["master"] = "local[2]"
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{engine} job failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[2000, 20000, 100000])
+    parser.add_argument("--side", type=int, default=128)
+    parser.add_argument("--engines", nargs="+", default=["local"], choices=["local", "ray", "spark"])
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "memory.json")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="vb-bench-memory-") as root:
+        for rows in args.rows:
+            table = write_table(Path(root) / f"in-{rows}.parquet", rows, args.side)
+            for engine in args.engines:
+                measured = run_job(table, Path(root) / f"out-{engine}-{rows}", engine)
+                assert measured["success"] and measured["rows_ok"] == rows, measured
+                row = {"engine": engine, "rows": rows, "side": args.side, "peak_rss_mb": round(measured["peak_rss_mb"], 1),
+                       "seconds": round(measured["seconds"], 2), "rows_per_second": round(rows / measured["seconds"], 1)}
+                results.append(row)
+                print(f"  {engine:6s} {rows:7d} rows  {row['peak_rss_mb']:8.1f} MB peak  {row['rows_per_second']:8.1f} rows/s",
+                      flush=True)
+    for engine in args.engines:
+        runs = [r for r in results if r["engine"] == engine]
+        for r in runs:
+            r["peak_vs_smallest"] = round(r["peak_rss_mb"] / runs[0]["peak_rss_mb"], 3)
+    report = {"benchmark": "bench_memory", "machine": machine_info(), "time": time.time(),
+              "settings": {"side": args.side, "tasks": ["depth"], "model": "identity", "defaults": True},
+              "results": results}
+    if not args.no_write:
+        write_result("memory", report, args.output)
+    return report
+
+
+if __name__ == "__main__":
+    main()
