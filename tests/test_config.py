@@ -96,3 +96,15 @@ def test_image_formats_are_checked_against_what_can_be_decoded_safely():
     for formats in ("[JPG]", "[ICNS]", "[EPS]"):
         with pytest.raises(ConfigError, match="input.image_formats"):
             load_config(base, [f"input.image_formats={formats}"])
+
+
+def test_validate_names_an_output_prefix_clash_without_a_traceback(tmp_path, capfd):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": [1], "image": [b"x"], "depth": [1.0]}), tmp_path / "in.parquet")
+    path = write(tmp_path, f"input: {{path: {tmp_path / 'in.parquet'}}}\nmodel: {{backend: identity}}\n")
+    assert main(["validate", str(path)]) == 2
+    err = capfd.readouterr().err
+    assert "output.prefix" in err and "depth" in err and "Traceback" not in err
+    assert main(["validate", str(path), "output.prefix=vb_"]) == 0
