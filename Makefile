@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The CPU wheel: an unpinned torch would pull several GB of CUDA packages.
 TORCH := torch==2.13.0
-EXTRAS_TEST := test,ray,spark,lake,s3
+EXTRAS_TEST := test,ray,spark,lake,s3,hosted
 
 .PHONY: demo test venv venv-test browser clean
 
