@@ -170,3 +170,68 @@ def test_a_second_writer_is_refused_while_one_holds_the_output(engine, tmp_path)
         vb_batch.annotate(job(tmp_path / "in.parquet", out, engine, output={"mode": "append"}))
     assert not list(out.glob("part-*.parquet"))
     assert vb_batch.annotate(job(tmp_path / "in.parquet", out, engine, output={"mode": "append"})).success
+
+
+def test_part_files_hold_rows_per_file_the_last_fewer(engine, tmp_path):
+    write_painted_input(tmp_path / "in.parquet")
+    # Units of 3 rows and batches of 2: every worker's own files are short, the output's are not.
+    cfg = job(tmp_path / "in.parquet", tmp_path / "out", engine, output={"rows_per_file": 5, "commit_every": 0})
+    cfg["engine"]["unit_rows"] = 3
+    summary = vb_batch.annotate(cfg)
+    root = tmp_path / "out"
+    sizes = sorted(pq.read_metadata(p).num_rows for p in root.glob("part-*.parquet"))
+    assert summary.success and sizes == [2, 5, 5]
+    ids = read_output(str(root)).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == ROWS
+    assert not (root / "_vb" / "staging").exists()
+
+
+class Unloadable(IdentityBackend):
+    """Identity, but refuses to be built once the file `model.options.refuse` exists (in any process)."""
+
+    def __init__(self, cfg):
+        if Path(cfg.options["refuse"]).exists():
+            raise RuntimeError("the model was loaded")
+        super().__init__(cfg)
+
+
+def test_a_resume_with_nothing_to_do_returns_without_the_model(engine, tmp_path):
+    from vb_batch.report import REPORT_NAME
+
+    write_painted_input(tmp_path / "in.parquet")
+    refuse = tmp_path / "refuse"
+    model = {"backend": "contract-unloadable", "options": {"refuse": str(refuse)}}
+    register_backend("contract-unloadable", Unloadable)
+    try:
+        first = vb_batch.annotate(job(tmp_path / "in.parquet", tmp_path / "out", "local", output={"report": True},
+                                      model=model))
+        report = tmp_path / "out" / REPORT_NAME
+        written = report.stat().st_mtime_ns
+        refuse.touch()
+        cfg = job(tmp_path / "in.parquet", tmp_path / "out", engine, output={"mode": "resume", "report": True},
+                  model=model)
+        summary = vb_batch.annotate(cfg)
+    finally:
+        BACKENDS.unregister("contract-unloadable")
+    assert summary.success and (summary.rows_skipped, summary.rows_processed) == (ROWS, 0)
+    assert "nothing to do" in summary.message and summary.model_load_seconds is None
+    assert report.stat().st_mtime_ns == written and summary.report.endswith(REPORT_NAME)
+    out = read_output(str(tmp_path / "out"))
+    assert out.num_rows == ROWS and set(out.column("vb_run_id").to_pylist()) == {first.run_id}
+    assert (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_the_summary_says_where_the_time_went(engine, tmp_path):
+    write_painted_input(tmp_path / "in.parquet")
+    summary = vb_batch.annotate(job(tmp_path / "in.parquet", tmp_path / "out", engine, output={"report": True}))
+    phases = summary.phase_seconds
+    assert {"read", "fetch_decode", "model", "codec_decode", "encode", "write", "commit", "report"} <= set(phases)
+    assert all(seconds >= 0 for seconds in phases.values())
+    wall = summary.wall_seconds
+    assert {"start", "processing", "closing", "after"} <= set(wall) <= {"start", "model_load", "processing", "closing", "after"}
+    # The driver's wall time is accounted for, but for a sliver.
+    assert summary.unexplained_seconds <= 0.05 * summary.seconds + 0.05
+    assert abs(sum(wall.values()) + summary.unexplained_seconds - summary.seconds) < 0.05
+    record = json.loads((tmp_path / "out" / "_vb" / "runs" / f"{summary.run_id}.json").read_text())
+    assert record["phase_seconds"]["report"] == phases["report"] and record["wall_seconds"] == wall
+    assert record["seconds"] == pytest.approx(summary.seconds) and "wall:" in summary.render()

@@ -352,6 +352,8 @@ class EngineConfig(_Section):
     # ray: CPU tasks (fetch + decode before the model, decode + encode + write after it).
     cpus_per_task: float = Field(default=1, gt=0)
     cpu_batch_rows: int = Field(default=64, gt=0)
+    # ray: the most decoded image bytes one prepare block holds (large photos: fewer rows per block).
+    block_bytes: int = Field(default=128 * 1024 * 1024, gt=0)
     # ray: batches queued on each actor while it runs one (None: prefetch_batches).
     max_tasks_in_flight_per_actor: int | None = Field(default=None, ge=1)
     # spark: master URL (None: local[*]; local-cluster[2,1,1024], spark://..., yarn), extra Spark

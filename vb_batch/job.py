@@ -7,31 +7,43 @@
 from __future__ import annotations
 
 import logging
+import posixpath
 from pathlib import Path
 from typing import Any
 
 from vb_batch.config import JobConfig, load_config
 from vb_batch.engines import get_engine
 from vb_batch.engines.base import RunSummary, execute_run
+from vb_batch.io.filesystems import fsspec_filesystem
 from vb_batch.models.base import ModelBackend
+from vb_batch.timing import phase
 
 log = logging.getLogger(__name__)
 
 
 def run_job(cfg: JobConfig, backend: ModelBackend | None = None) -> RunSummary:
-    """Run a validated job on its configured engine, then write its HTML report."""
-    summary = execute_run(get_engine(cfg.engine.kind), cfg, backend)
-    if cfg.output.report:
-        from vb_batch.io.outputs import output_location
-        from vb_batch.report import write_report
+    """Run a validated job on its configured engine, then write its HTML report (timed as part of the run)."""
+    return execute_run(get_engine(cfg.engine.kind), cfg, backend, after=lambda summary: write_run_report(cfg, summary))
 
-        try:
-            summary.report = write_report(
-                output_location(cfg.output), cfg.output.storage, cfg.output.report_samples, input_config=cfg.input
-            )
-        except Exception as exc:  # noqa: BLE001 - the labels are committed; a report fault must not fail the job
-            log.warning("could not write the run report: %s", exc)
-    return summary
+
+def write_run_report(cfg: JobConfig, summary: RunSummary) -> None:
+    """The output's HTML report, unless disabled, or a resume found nothing to do (the report stands)."""
+    if not cfg.output.report:
+        return
+    from vb_batch.io.outputs import output_location
+    from vb_batch.report import REPORT_NAME, write_report
+
+    location = output_location(cfg.output)
+    if summary.rows_processed == 0 and cfg.output.mode == "resume":
+        fs, root = fsspec_filesystem(location, cfg.output.storage)
+        if fs.exists(posixpath.join(root, REPORT_NAME)):
+            summary.report = posixpath.join(location, REPORT_NAME)
+            return
+    try:
+        with phase("report"):
+            summary.report = write_report(location, cfg.output.storage, cfg.output.report_samples, input_config=cfg.input)
+    except Exception as exc:  # noqa: BLE001 - the labels are committed; a report fault must not fail the job
+        log.warning("could not write the run report: %s", exc)
 
 
 def annotate(config: str | Path | dict[str, Any] | JobConfig, overrides: list[str] | None = None, backend=None) -> RunSummary:

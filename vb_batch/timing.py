@@ -6,16 +6,21 @@ outside a run costs one context-variable lookup). Engines give every worker thre
 Ray task and Spark task its own collector and add them up, so the run summary says
 how many seconds (summed over workers) each phase took.
 
-Phases do not nest: a phase's seconds are wall seconds of the thread that ran it.
+A phase entered inside another counts its own seconds only, never twice: a
+sink's `write` that commits books the commit under "commit" and the rest under
+"write". A phase's seconds are wall seconds of the thread that ran it.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 # The phases a run reports, in pipeline order.
 PHASES = (
@@ -30,7 +35,8 @@ PHASES = (
     "report",  # the HTML report and previews
 )
 
-_collector: ContextVar["PhaseTimes | None"] = ContextVar("vb_batch_phase_times", default=None)
+# This thread's collector and its stack of open phases (the seconds their inner phases took).
+_collector: ContextVar[tuple[PhaseTimes, list[list[float]]] | None] = ContextVar("vb_batch_phase_times", default=None)
 
 
 class PhaseTimes:
@@ -46,7 +52,7 @@ class PhaseTimes:
         with self._lock:
             self._seconds[name] = self._seconds.get(name, 0.0) + seconds
 
-    def merge(self, other: "PhaseTimes | Mapping[str, float] | None") -> None:
+    def merge(self, other: PhaseTimes | Mapping[str, float] | None) -> None:
         if other is None:
             return
         for name, seconds in (other.as_dict() if isinstance(other, PhaseTimes) else other).items():
@@ -68,7 +74,7 @@ class PhaseTimes:
 @contextmanager
 def collecting(times: PhaseTimes) -> Iterator[PhaseTimes]:
     """Phases run by this thread (and code it calls) inside the block add to `times`."""
-    token = _collector.set(times)
+    token = _collector.set((times, []))
     try:
         yield times
     finally:
@@ -78,17 +84,45 @@ def collecting(times: PhaseTimes) -> Iterator[PhaseTimes]:
 @contextmanager
 def phase(name: str) -> Iterator[None]:
     """Time the block as `name` for the collector of this thread (nothing when there is none)."""
-    times = _collector.get()
-    if times is None:
+    state = _collector.get()
+    if state is None:
         yield
         return
+    times, open_phases = state
+    inner = [0.0]
+    open_phases.append(inner)
     start = time.perf_counter()
     try:
         yield
     finally:
-        times.add(name, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        open_phases.pop()
+        times.add(name, elapsed - inner[0])
+        if open_phases:
+            open_phases[-1][0] += elapsed
 
 
 def current() -> PhaseTimes | None:
     """The collector of this thread, if any (for code that hands work to other threads)."""
-    return _collector.get()
+    state = _collector.get()
+    return None if state is None else state[0]
+
+
+def timed_items(items: Iterable[T], name: str) -> Iterator[T]:
+    """`items`, each `next` timed as `name` (the consumer's time between items is not counted)."""
+    iterator = iter(items)
+    while True:
+        with phase(name):
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+        yield item
+
+
+def run_collecting(times: PhaseTimes | None, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` with this thread collecting into `times` (for work handed to a pool thread)."""
+    if times is None:
+        return fn(*args)
+    with collecting(times):
+        return fn(*args)

@@ -10,6 +10,15 @@ A run, whatever executes it:
             done = run.sink.open()       recover, apply the mode; committed ids -> run.resume
             with tracked_run(run):       progress, error budget, commit + run record + _SUCCESS
                 engine.execute(run, session)
+        after(summary)                   e.g. the report; then the run record gets the final times
+
+A resume whose input ids are all committed opens the sink first and returns
+without loading the model or joining a cluster.
+
+Time: every thread of the run (and every Ray or Spark task, through its part
+reports) collects seconds per phase (`vb_batch.timing`) into `run.times`; the
+summary gives those, and the driver's wall time split into start, model
+load, processing, closing and `after`, with what is left unexplained.
 
 An engine only decides where the stages run. Whatever it runs, it reports
 each written part with `run.apply(report)` (one schema, `PART_SCHEMA`: file,
@@ -30,6 +39,8 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as futures_wait
 from dataclasses import asdict, dataclass, field
 from queue import Full, Queue
 from typing import Any, ClassVar, TypeVar
@@ -40,7 +51,12 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from vb_batch.config import ConfigError, JobConfig, redacted
-from vb_batch.io.filesystems import arrow_filesystem, canonical_location, check_bucket, fsspec_filesystem
+from vb_batch.io.filesystems import (
+    arrow_filesystem,
+    canonical_location,
+    check_bucket,
+    fsspec_filesystem,
+)
 from vb_batch.io.formats import open_sink
 from vb_batch.io.sinks import Sink, part_file_name, schema_fingerprint
 from vb_batch.io.sources import Source, open_source
@@ -48,6 +64,7 @@ from vb_batch.masking import mask_text, mask_url, secret_values
 from vb_batch.models.base import ModelBackend, create_backend
 from vb_batch.registry import replay
 from vb_batch.stages import ERROR_COLUMN, Plan, check_backend
+from vb_batch.timing import PhaseTimes, collecting, current, phase
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +98,14 @@ class RunSummary:
     model_input_wait_seconds: float | None = None
     model_output_wait_seconds: float | None = None
     model_nodes: dict[str, int] = field(default_factory=dict)  # rows per node that ran the model (Ray)
+    # Busy seconds per phase (`vb_batch.timing.PHASES`), summed over threads and workers: they overlap,
+    # so their sum may exceed `seconds`.
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    # The driver's wall time, in order: start (source, plan, checks, lease, sink), model_load,
+    # processing (the engine's loop), closing (last commit, run record), after (the report);
+    # `unexplained_seconds` is `seconds` minus their sum.
+    wall_seconds: dict[str, float] = field(default_factory=dict)
+    unexplained_seconds: float = 0.0
 
     @property
     def rows_processed(self) -> int:
@@ -141,6 +166,12 @@ class RunSummary:
             lines.append(f"  error {code}: {n} row(s)")
         if self.model_seconds is not None:
             lines.append(f"  model: {self.model_line()}")
+        if self.wall_seconds:
+            spent = " + ".join(f"{name.replace('_', ' ')} {s:.2f}" for name, s in self.wall_seconds.items())
+            lines.append(f"  wall: {spent} s; unexplained {self.unexplained_seconds:.2f} s")
+        if self.phase_seconds:
+            busy = ", ".join(f"{name.replace('_', '+')} {s:.2f}" for name, s in self.phase_seconds.items())
+            lines.append(f"  busy (s, summed over threads and workers): {busy}")
         lines.append(f"  output: {self.output}")
         if self.report:
             lines.append(f"  report: {self.report}")
@@ -163,19 +194,21 @@ PART_SCHEMA = pa.schema(
         pa.field("error_codes", pa.list_(pa.string())),
         pa.field("model_seconds", pa.float64()),
         pa.field("model_nodes", pa.list_(pa.struct([pa.field("node", pa.string()), pa.field("rows", pa.int64())]))),
+        pa.field("phases", pa.list_(pa.struct([pa.field("name", pa.string()), pa.field("seconds", pa.float64())]))),
     ]
 )
 
 
 def part_report(
     rows: int, errors: pa.Array | pa.ChunkedArray | None = None, file: str | None = None, skipped: int = 0,
-    model_seconds: float = 0.0, model_nodes: dict[str, int] | None = None,
+    model_seconds: float = 0.0, model_nodes: dict[str, int] | None = None, phases: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """One row of `PART_SCHEMA`; `errors` is the part's `vb_error` column."""
+    """One row of `PART_SCHEMA`; `errors` is the part's `vb_error` column; `phases` the worker's seconds."""
     codes = [] if errors is None else pc.struct_field(errors, "code").drop_null().to_pylist()
     return {
         "file": file, "rows": rows, "skipped": skipped, "error_codes": codes, "model_seconds": model_seconds,
         "model_nodes": [{"node": node, "rows": n} for node, n in sorted((model_nodes or {}).items())],
+        "phases": [{"name": name, "seconds": s} for name, s in (phases or {}).items()],
     }
 
 
@@ -187,11 +220,12 @@ class StagedParts:
     its unit's size. Files are named `part-<run>-<tag>-<n>`, so a retried task
     that reuses its tag rewrites the same files instead of adding rows.
     `write` and `close` return the reports of the files they completed (model
-    seconds go with the file their rows went to; `close` adds the skipped rows).
+    seconds go with the file their rows went to; `close` adds the skipped rows
+    and the seconds per phase that `times`, the task's collector, gathered).
     """
 
-    def __init__(self, plan: Plan, staging: str, tag: str):
-        self.plan, self.staging, self.tag = plan, staging, tag
+    def __init__(self, plan: Plan, staging: str, tag: str, times: PhaseTimes | None = None):
+        self.plan, self.staging, self.tag, self.times = plan, staging, tag, times
         self.schema = plan.output_schema()
         self._writer: pq.ParquetWriter | None = None
         self._count = 0
@@ -206,23 +240,26 @@ class StagedParts:
         per_file = self.plan.cfg.output.rows_per_file
         self._model_seconds += model_seconds
         self._nodes.update(model_nodes or {})
-        while start < batch.num_rows:
-            if self._writer is None:
-                self._open()
-            piece = batch.slice(start, per_file - self._rows)
-            self._writer.write_batch(piece)
-            self._errors.append(piece.column(piece.schema.get_field_index(ERROR_COLUMN)))
-            self._rows += piece.num_rows
-            start += piece.num_rows
-            if self._rows >= per_file:
-                reports.append(self._finish_file())
+        with phase("write"):
+            while start < batch.num_rows:
+                if self._writer is None:
+                    self._open()
+                piece = batch.slice(start, per_file - self._rows)
+                self._writer.write_batch(piece)
+                self._errors.append(piece.column(piece.schema.get_field_index(ERROR_COLUMN)))
+                self._rows += piece.num_rows
+                start += piece.num_rows
+                if self._rows >= per_file:
+                    reports.append(self._finish_file())
         return reports
 
     def close(self, skipped: int = 0) -> list[dict[str, Any]]:
-        reports = [self._finish_file()] if self._writer is not None else []
-        if skipped or self._model_seconds or self._nodes:  # what no file carries: skipped rows, model time
+        with phase("write"):
+            reports = [self._finish_file()] if self._writer is not None else []
+        phases = self.times.as_dict() if self.times is not None else {}
+        if skipped or self._model_seconds or self._nodes or phases:  # what no file carries
             reports.append(part_report(0, skipped=skipped, model_seconds=self._model_seconds,
-                                       model_nodes=dict(self._nodes)))
+                                       model_nodes=dict(self._nodes), phases=phases))
         return reports
 
     def _open(self) -> None:
@@ -245,13 +282,103 @@ class StagedParts:
 
 
 def stage_parts(plan: Plan, staging: str, table: pa.Table, tag: str, model_seconds: float = 0.0,
-                model_nodes: dict[str, int] | None = None, skipped: int = 0) -> list[dict[str, Any]]:
+                model_nodes: dict[str, int] | None = None, skipped: int = 0,
+                times: PhaseTimes | None = None) -> list[dict[str, Any]]:
     """Write one table through `StagedParts`; the reports of its files."""
-    parts = StagedParts(plan, staging, tag)
+    parts = StagedParts(plan, staging, tag, times)
     reports = []
     for n, batch in enumerate(table.to_batches()):
         reports += parts.write(batch, model_seconds if n == 0 else 0.0, model_nodes if n == 0 else None)
     return reports + parts.close(skipped)
+
+
+def compact(plan: Plan, staging: str, names: list[str], tag: str) -> list[dict[str, Any]]:
+    """Worker side: stream the staged part files `names` into files of `output.rows_per_file` rows.
+
+    Returns their part reports (rows and error codes; the small files' counts
+    were taken already); the last may hold fewer rows. The small files are
+    deleted once the new ones are complete; a retry (same `tag`) rewrites the
+    same new files.
+    """
+    storage = plan.cfg.output.storage
+    times = PhaseTimes()
+    with collecting(times):
+        arrow_fs, root = arrow_filesystem(staging, storage)
+        parts = StagedParts(plan, staging, tag)
+        reports = []
+        for name in names:
+            with arrow_fs.open_input_file(posixpath.join(root, name)) as f:
+                for batch in pq.ParquetFile(f).iter_batches():
+                    reports += parts.write(batch)
+        reports += parts.close()
+        fs, fs_root = fsspec_filesystem(staging, storage)
+        for name in names:
+            fs.rm(posixpath.join(fs_root, name))
+    if reports:
+        reports[-1]["phases"] = [{"name": n, "seconds": v} for n, v in times.as_dict().items()]
+    return reports
+
+
+class Compactor:
+    """Part files of exactly `output.rows_per_file` rows from tasks that write shorter ones (driver side).
+
+    Counts every part report (`run.apply`); a file of `rows_per_file` rows is
+    staged at once, shorter ones are pooled, and once the pool adds up to a
+    file's worth, `submit(names, tag)` (a `compact` task on the cluster, as a
+    `concurrent.futures.Future`) merges them; what it leaves over is pooled
+    again. `finish` compacts the rest into the run's last, shorter file.
+    """
+
+    def __init__(self, run: Run, submit: Callable[[list[str], str], Future]):
+        self.run, self.submit = run, submit
+        self.per_file = run.cfg.output.rows_per_file
+        self.pool: list[tuple[str, int]] = []
+        self.in_flight: set[Future] = set()
+        self.tasks = 0
+
+    def add(self, report: dict[str, Any]) -> None:
+        self.run.apply({**report, "file": None})
+        if report["file"]:
+            if report["rows"] >= self.per_file:
+                self.run.sink.stage(report["file"], report["rows"])
+            else:
+                self.pool.append((report["file"], report["rows"]))
+        self._collect(wait=False)
+        if self._pooled_rows() >= self.per_file:
+            self._launch()
+
+    def finish(self) -> None:
+        while self.in_flight:
+            self._collect(wait=True)
+            if self._pooled_rows() >= self.per_file:
+                self._launch()
+        if len(self.pool) > 1:
+            self._launch()
+            self._collect(wait=True, last=True)
+        for name, rows in self.pool:  # one short file left: the last file as it is
+            self.run.sink.stage(name, rows)
+        self.pool = []
+
+    def _pooled_rows(self) -> int:
+        return sum(rows for _, rows in self.pool)
+
+    def _launch(self) -> None:
+        names = [name for name, _ in self.pool]
+        self.pool = []
+        self.in_flight.add(self.submit(names, f"c{self.tasks:06d}"))
+        self.tasks += 1
+
+    def _collect(self, wait: bool, last: bool = False) -> None:
+        if not self.in_flight:
+            return
+        done, self.in_flight = futures_wait(self.in_flight, timeout=None if wait else 0, return_when=FIRST_COMPLETED)
+        for future in done:
+            for report in future.result():
+                if report["rows"] < self.per_file and not last:
+                    self.pool.append((report["file"], report["rows"]))
+                else:
+                    self.run.sink.stage(report["file"], report["rows"])
+                self.run.times.merge({e["name"]: e["seconds"] for e in report.get("phases") or []})
 
 
 # ---------------------------------------------------------------------------- resume
@@ -348,6 +475,7 @@ def read_ahead(items: Iterator[T], depth: int) -> Iterator[T]:
     queue: Queue = Queue(depth)
     stop = threading.Event()
     end = object()
+    times = current()  # the producer's phases count for the consumer's run
 
     def put(entry: tuple) -> bool:
         while not stop.is_set():
@@ -359,6 +487,12 @@ def read_ahead(items: Iterator[T], depth: int) -> Iterator[T]:
         return False
 
     def produce() -> None:
+        with contextlib.ExitStack() as scope:
+            if times is not None:
+                scope.enter_context(collecting(times))
+            produce_items()
+
+    def produce_items() -> None:
         try:
             for item in items:
                 if not put((item, None)):
@@ -398,6 +532,8 @@ class Run:
     started: float
     resume: ResumeFilter | None = None
     advance: Callable[[int], None] = lambda rows: None
+    times: PhaseTimes = field(default_factory=PhaseTimes)  # seconds per phase, every thread and worker
+    ids: pa.Array | None = None  # the input's ids, when it has an id column (read by the id checks)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def apply(self, report: dict[str, Any]) -> None:
@@ -412,6 +548,7 @@ class Run:
                 summary.model_seconds = (summary.model_seconds or 0.0) + report["model_seconds"]
             for entry in report["model_nodes"]:
                 summary.model_nodes[entry["node"]] = summary.model_nodes.get(entry["node"], 0) + entry["rows"]
+            self.times.merge({entry["name"]: entry["seconds"] for entry in report.get("phases") or []})
             self.advance(report["rows"] + report["skipped"])
 
     def pending_batches(self, rows: int) -> Iterator[pa.RecordBatch]:
@@ -424,14 +561,14 @@ class Run:
                 yield batch
 
 
-def start_run(cfg: JobConfig, engine: str) -> Run:
+def start_run(cfg: JobConfig, engine: str, started: float | None = None) -> Run:
     """Open the source, plan the output and check everything that must hold before the output is touched."""
-    started = time.perf_counter()
+    started = started or time.perf_counter()
     source = open_source(cfg.input)
     check_paths(cfg, source)
     if cfg.output.format != "iceberg":
         check_bucket(cfg.output.path, cfg.output.storage, "output.path")
-    check_ids(source)
+    ids = check_ids(source)
     plan = Plan.build(cfg, source.schema, image_column=source.image_column, uri_column=source.uri_column)
     schema = plan.output_schema()
     sink = open_sink(cfg.output, plan.run_id, schema, source.id_column,
@@ -439,7 +576,9 @@ def start_run(cfg: JobConfig, engine: str) -> Run:
                      retry_failed=cfg.run.retry_failed)
     sink.check()
     summary = RunSummary(run_id=plan.run_id, output=mask_url(cfg.output.name), engine=engine)
-    return Run(cfg, source, plan, sink, summary, started)
+    # The ids let a resume with nothing left return before the model loads.
+    keep_ids = source.has_id and cfg.output.mode == "resume"
+    return Run(cfg, source, plan, sink, summary, started, ids=ids if keep_ids else None)
 
 
 def check_paths(cfg: JobConfig, source: Source) -> None:
@@ -468,8 +607,8 @@ def check_paths(cfg: JobConfig, source: Source) -> None:
 SHOWN_IDS = 5
 
 
-def check_ids(source: Source) -> None:
-    """Refuse null, NaN or duplicate ids before any row is processed (they would break exactly-once).
+def check_ids(source: Source) -> pa.Array | None:
+    """Refuse null, NaN or duplicate ids before any row is processed (they would break exactly-once); the ids.
 
     Only an id column of the input (or the URI column its ids come from) is
     read; content-hash ids of images without an id are computed as rows are
@@ -477,7 +616,7 @@ def check_ids(source: Source) -> None:
     """
     column = source.id_column if source.has_id else source.uri_column
     if column is None:
-        return
+        return None
     ids = source.dataset.to_table(columns=[column], filter=source.filter).column(column).combine_chunks()
     field_name = "input.id_column" if source.has_id else "input.uri_column"
     problems = []
@@ -499,6 +638,7 @@ def check_ids(source: Source) -> None:
             f"{field_name}: column {column!r} must identify each row exactly once: {'; '.join(problems)}. "
             "Fix the input, filter those rows out (input.filter), or pick another id column"
         )
+    return ids
 
 
 @contextlib.contextmanager
@@ -529,6 +669,7 @@ def tracked_run(run: Run, record: Callable[[], dict[str, Any]] = dict) -> Iterat
     finally:
         bar.close()
         summary.seconds = time.perf_counter() - run.started
+        summary.phase_seconds = run.times.as_dict()
         run.sink.close(success=summary.success, summary={**summary.as_dict(), "config": redacted(cfg), **record()})
 
 
@@ -559,17 +700,79 @@ class Engine:
         raise NotImplementedError
 
 
-def execute_run(engine: Engine, cfg: JobConfig, backend: ModelBackend | None = None) -> RunSummary:
-    """Run `cfg` on `engine`: the run core every engine shares (see the module docstring)."""
+def execute_run(engine: Engine, cfg: JobConfig, backend: ModelBackend | None = None,
+                after: Callable[[RunSummary], None] | None = None) -> RunSummary:
+    """Run `cfg` on `engine`: the run core every engine shares (see the module docstring).
+
+    `after(summary)` runs once the rows are committed, still holding the output (the report);
+    its time is part of the run's, and the run record is rewritten with the final times.
+    """
     engine.check(cfg, backend)
-    run = start_run(cfg, engine.name)
-    with run.sink.lease_held(), engine.session(run, backend) as session:
-        run.resume = ResumeFilter(run.sink.open(), run.source.id_column, key=run.plan.run_id)
-        run.summary.rows_read = run.source.count_rows()
-        log.info("run %s on %s: %s", run.plan.run_id, engine.name, redacted(cfg))
-        with tracked_run(run):
-            engine.execute(run, session)
+    started = time.perf_counter()
+    clock = [started]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        run.summary.wall_seconds[name] = round(run.summary.wall_seconds.get(name, 0.0) + now - clock[0], 4)
+        clock[0] = now
+
+    with contextlib.ExitStack() as scope:
+        run = start_run(cfg, engine.name, started)
+        scope.enter_context(collecting(run.times))
+        scope.enter_context(run.sink.lease_held())
+        # Resume never clears anything: open first, and skip the model when every input id is committed.
+        done = run.sink.open() if cfg.output.mode == "resume" else None
+        if done is not None and all_committed(run.ids, done):
+            run.resume = ResumeFilter(done, run.source.id_column, key=run.plan.run_id)
+            run.summary.rows_read = len(run.ids)
+            lap("start")
+            with tracked_run(run, lambda: {"nothing_to_do": True}):
+                run.summary.message = "nothing to do: every input id is committed (the model was not loaded)"
+            lap("closing")
+        else:
+            lap("start")
+            with engine.session(run, backend) as session:
+                lap("model_load")
+                if cfg.output.mode != "resume":
+                    done = run.sink.open()
+                run.resume = ResumeFilter(done, run.source.id_column, key=run.plan.run_id)
+                run.summary.rows_read = run.source.count_rows()
+                log.info("run %s on %s: %s", run.plan.run_id, engine.name, redacted(cfg))
+                try:
+                    with tracked_run(run):
+                        lap("start")
+                        try:
+                            engine.execute(run, session)
+                        finally:
+                            lap("processing")
+                finally:
+                    lap("closing")
+            lap("closing")
+        if after is not None:
+            after(run.summary)
+            lap("after")
+        finish_times(run)
     return run.summary
+
+
+def all_committed(ids: pa.Array | None, done: pa.Array) -> bool:
+    """Whether every input id is among the committed ones (False when the input has no id column)."""
+    if ids is None or len(done) < len(ids):
+        return False
+    try:
+        return bool(pc.all(pc.is_in(ids, value_set=done.cast(ids.type))).as_py()) if len(ids) else True
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # ids of another type than the output's: run normally
+        return False
+
+
+def finish_times(run: Run) -> None:
+    """The run's final times, including closing and `after`, into the summary and the run record."""
+    summary = run.summary
+    summary.seconds = time.perf_counter() - run.started
+    summary.phase_seconds = run.times.as_dict()
+    summary.unexplained_seconds = round(max(0.0, summary.seconds - sum(summary.wall_seconds.values())), 4)
+    with contextlib.suppress(Exception):  # the record written at close stands if this one cannot be
+        run.sink.update_run_record(summary.as_dict())
 
 
 def cpu_count() -> int:

@@ -20,9 +20,23 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from vb_batch.engines.base import Engine, Run, cpu_count, part_report, read_ahead, rebatch
+from vb_batch.engines.base import (
+    Engine,
+    Run,
+    cpu_count,
+    part_report,
+    read_ahead,
+    rebatch,
+)
 from vb_batch.models.base import ModelBackend, create_backend
-from vb_batch.stages import ERROR_COLUMN, check_backend, decode_encode, fetch_decode, run_model
+from vb_batch.stages import (
+    ERROR_COLUMN,
+    check_backend,
+    decode_encode,
+    fetch_decode,
+    run_model,
+)
+from vb_batch.timing import run_collecting
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +81,8 @@ class LocalEngine(Engine):
                 t0 = time.perf_counter()
                 answered = run_model(batch, plan, backend)
                 t1 = time.perf_counter()
-                written.append(writer.submit(write, pool.submit(decode_encode, answered, plan)))
+                encoded = pool.submit(run_collecting, run.times, decode_encode, answered, plan)
+                written.append(writer.submit(run_collecting, run.times, write, encoded))
                 wait_for_writes(io_threads)
                 clock["model"] += t1 - t0
                 clock["output"] += time.perf_counter() - t1
@@ -79,7 +94,7 @@ class LocalEngine(Engine):
             loop_started = time.perf_counter()
             with contextlib.closing(batches):  # a failed step stops the reader thread too
                 for batch in batches:
-                    decoded.append(pool.submit(fetch_decode, batch, plan))
+                    decoded.append(pool.submit(run_collecting, run.times, fetch_decode, batch, plan))
                     if len(decoded) > cfg.engine.prefetch_batches:
                         model_step()
             while decoded:

@@ -1,10 +1,11 @@
 """The Ray engine: the same stages as Ray Data operators, the model in an actor pool.
 
     units    [driver]     Source.units(): row groups of the input files, or slices of an image listing
-    prepare  [CPU tasks]  read_unit, ids, resume filter, fetch_decode     engine.cpu_batch_rows, cpus_per_task
+    prepare  [CPU tasks]  read_unit, ids, resume filter, fetch_decode     engine.cpu_batch_rows, block_bytes
     model    [actors]     run_model, one backend per actor                model.batch_size, engine.actors,
                                                                           gpus_per_actor, cpus_per_actor
-    finish   [CPU tasks]  decode_encode, write one staged part file       engine.cpu_batch_rows, cpus_per_task
+    finish   [CPU tasks]  decode_encode, write small staged part files    model.batch_size, cpus_per_task
+    compact  [CPU tasks]  merge small parts into files of rows_per_file   output.rows_per_file
     commit   [driver]     the run core (vb_batch.engines.base): stage, commit, modes, resume, _SUCCESS
 
 Reading: the prepare tasks read the units with `read_unit` (an explicit
@@ -13,17 +14,25 @@ with `ray.data.read_parquet`: the units carry what the source knows and Ray's
 reader does not (`input.filter` pruning, partition values of lake tables), so
 every engine reads exactly the same rows.
 
-Writing: every finish task writes its rows as part files into the sink's
-staging directory, with the sink's schema, and returns their part reports
-(`PART_SCHEMA`: file, rows, error codes, model seconds and nodes). The driver
-hands each report to `run.apply`, which stages the file; the sink commits it
-exactly as it commits its own files
+Writing: every finish task writes its rows (one model batch: a task's memory
+stays small on large photos) as a small part file into the sink's staging
+directory, with the sink's schema, and returns its part report (`PART_SCHEMA`:
+file, rows, error codes, model seconds and nodes, seconds per phase). The
+driver counts each report, and as soon as the small files add up to
+`output.rows_per_file` rows it starts a compact task that streams them into
+files of exactly that many rows (the remainder goes back to the pool; the last
+file of the run holds fewer) and deletes them. Only the compacted files are
+staged in the sink, which commits them exactly as it commits its own files
 (every `output.commit_every` rows, and at the end; a Parquet dataset, or a
-Delta / Iceberg table through its log). So output bytes never pass
-through the driver, and a file no task reported (a retried or killed task) is
-never committed and goes away with the staging directory: rows are neither
-lost nor duplicated. Part files hold at most `min(engine.cpu_batch_rows,
-output.rows_per_file)` rows, which keeps a finish task's memory small.
+Delta / Iceberg table through its log). So output bytes never pass through the
+driver, and a file nobody staged (a retried or killed task) is never
+committed and goes away with the staging directory: rows are neither lost nor
+duplicated.
+
+Memory: a prepare task yields a block once its decoded images reach
+`engine.block_bytes` (or `cpu_batch_rows` rows); the model actor hands on
+only the images' shapes, not their pixels, so a finish task holds one model
+batch of answers and outputs, whatever the photos' size.
 
 `output.mode: resume` drops the committed ids in the prepare tasks, before the
 model sees them. The driver needs no GPU and never loads the model. The run
@@ -48,18 +57,31 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from vb_batch.config import ConfigError, EngineConfig, JobConfig
-from vb_batch.engines.base import PART_SCHEMA, Engine, ResumeFilter, Run, cached_backend, stage_parts
+from vb_batch.engines.base import (
+    PART_SCHEMA,
+    Compactor,
+    Engine,
+    ResumeFilter,
+    Run,
+    cached_backend,
+    compact,
+    stage_parts,
+)
 from vb_batch.io.filesystems import split_scheme
 from vb_batch.io.sources import Source, read_unit, with_ids
-from vb_batch.stages import Plan, decode_encode, fetch_decode, run_model
+from vb_batch.stages import IMAGE_COLUMN, Plan, decode_encode, fetch_decode, run_model
+from vb_batch.timing import PHASES, PhaseTimes, collecting
 
 log = logging.getLogger(__name__)
 
 NODE_COLUMN = "_vb_model_node"
 MODEL_SECONDS_COLUMN = "_vb_model_seconds"  # the batch's time in the model actor, spread evenly over its rows
+PHASE_PREFIX = "_vb_seconds_"  # a phase's seconds in prepare and model, spread evenly over the rows
 # Process-local storage: Ray workers would each see their own, empty one.
 PROCESS_LOCAL_SCHEMES = ("memory",)
 
@@ -75,14 +97,78 @@ def record_batch(table: pa.Table) -> pa.RecordBatch:
 # ---------------------------------------------------------------------------- the three operators
 
 
+def spread_phases(batch: pa.RecordBatch, times: PhaseTimes) -> pa.RecordBatch:
+    """Add `times` to the batch as per-row seconds columns, for the operator that reports them."""
+    rows = max(1, batch.num_rows)
+    for name, seconds in times.as_dict().items():
+        column = PHASE_PREFIX + name
+        values = np.full(batch.num_rows, seconds / rows)
+        index = batch.schema.get_field_index(column)
+        if index >= 0:
+            values += batch.column(index).to_numpy(zero_copy_only=False)
+            batch = batch.remove_column(index)
+        batch = batch.append_column(column, pa.array(values, pa.float64()))
+    return batch
+
+
+def gather_phases(batch: pa.RecordBatch, times: PhaseTimes) -> pa.RecordBatch:
+    """Move the per-row seconds columns of `spread_phases` into `times`; the batch without them."""
+    for name in list(PHASES):
+        index = batch.schema.get_field_index(PHASE_PREFIX + name)
+        if index >= 0:
+            times.add(name, float(pc.sum(batch.column(index)).as_py() or 0.0))
+            batch = batch.remove_column(index)
+    return batch
+
+
 def prepare(units: pa.Table, plan: Plan, source_schema: pa.Schema, resume: ResumeFilter) -> Iterator[pa.Table]:
-    """CPU task: read units, give rows their ids, drop the ids already committed (resume), fetch and decode images."""
+    """CPU task: read units, give rows their ids, drop the ids already committed (resume), fetch and decode images.
+
+    Rows are decoded one model batch at a time and handed on once the decoded images reach
+    `engine.block_bytes` (or `cpu_batch_rows` rows), so a task never holds many large photos.
+    """
     cfg = plan.cfg
+    pending: list[pa.RecordBatch] = []
+    pending_rows = pending_bytes = 0
+    times = PhaseTimes()
+
+    def block() -> pa.Table:
+        nonlocal pending, pending_rows, pending_bytes, times
+        table = pa.Table.from_batches([spread_phases(record_batch(pa.Table.from_batches(pending)), times)])
+        pending, pending_rows, pending_bytes, times = [], 0, 0, PhaseTimes()
+        return table
+
     for unit in units.column("unit").to_pylist():
-        for batch in read_unit(json.loads(unit), cfg.input, source_schema, cfg.engine.cpu_batch_rows):
-            batch, _ = resume.apply(with_ids(batch, cfg.input.id_column, plan.image_column, plan.uri_column))
-            if batch.num_rows:
-                yield pa.Table.from_batches([fetch_decode(batch, plan)])
+        batches = read_unit(json.loads(unit), cfg.input, source_schema, cfg.engine.cpu_batch_rows)
+        while True:
+            with collecting(times):  # never across a yield: the context would leak into Ray's
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                batch, _ = resume.apply(with_ids(batch, cfg.input.id_column, plan.image_column, plan.uri_column))
+                decoded = []
+                for start in range(0, batch.num_rows, cfg.model.batch_size):
+                    decoded.append(fetch_decode(batch.slice(start, cfg.model.batch_size), plan))
+            for piece in decoded:
+                if pending and pending[0].schema != piece.schema:  # e.g. an all-null column: its own block
+                    yield block()
+                pending.append(piece)
+                pending_rows += piece.num_rows
+                pending_bytes += piece.column(piece.schema.get_field_index(IMAGE_COLUMN)).nbytes
+                if pending_bytes >= cfg.engine.block_bytes or pending_rows >= cfg.engine.cpu_batch_rows:
+                    yield block()
+    if pending:
+        yield block()
+
+
+def shapes_only(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """The batch with its decoded images' pixels dropped, their shapes kept (all `decode_encode` reads)."""
+    index = batch.schema.get_field_index(IMAGE_COLUMN)
+    images = batch.column(index)
+    empty = pa.array([b""] * len(images), pa.binary())
+    children = [empty if f.name == "data" else images.field(f.name) for f in images.type]
+    slim = pa.StructArray.from_arrays(children, fields=list(images.type), mask=images.is_null())
+    return batch.set_column(index, batch.schema.field(index), slim)
 
 
 class ModelActor:
@@ -100,23 +186,29 @@ class ModelActor:
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        times = PhaseTimes()
         started = time.perf_counter()
-        batch = run_model(record_batch(table), self.plan, self.backend)
+        with collecting(times):
+            batch = run_model(record_batch(table), self.plan, self.backend)
         seconds = (time.perf_counter() - started) / max(1, batch.num_rows)
+        batch = spread_phases(shapes_only(batch), times)
         batch = batch.append_column(NODE_COLUMN, pa.array([self.node_id] * batch.num_rows, pa.string()))
         batch = batch.append_column(MODEL_SECONDS_COLUMN, pa.array([seconds] * batch.num_rows, pa.float64()))
         return pa.Table.from_batches([batch])
 
 
 def finish(table: pa.Table, plan: Plan, staging: str) -> pa.Table:
-    """CPU task: decode and encode the answers, write them as staged part files, return their part reports."""
+    """CPU task: decode and encode the answers, write them as a small staged part file, return its part reports."""
     batch = record_batch(table)
     if batch.num_rows == 0:
         return PART_SCHEMA.empty_table()
+    times = PhaseTimes()
+    batch = gather_phases(batch, times)
     nodes = Counter(batch.column(batch.schema.get_field_index(NODE_COLUMN)).to_pylist())
     model_seconds = sum(batch.column(batch.schema.get_field_index(MODEL_SECONDS_COLUMN)).to_pylist())
-    out = pa.Table.from_batches([decode_encode(batch, plan)])
-    reports = stage_parts(plan, staging, out, uuid.uuid4().hex[:16], model_seconds, dict(nodes))
+    with collecting(times):
+        out = pa.Table.from_batches([decode_encode(batch, plan)])
+        reports = stage_parts(plan, staging, out, uuid.uuid4().hex[:16], model_seconds, dict(nodes), times=times)
     return pa.Table.from_pylist(reports, schema=PART_SCHEMA)
 
 
@@ -163,7 +255,7 @@ def build_dataset(run: Run):
     return ds.map_batches(
         finish,
         batch_format="pyarrow",
-        batch_size=min(engine.cpu_batch_rows, cfg.output.rows_per_file),
+        batch_size=cfg.model.batch_size,
         fn_kwargs={"plan": plan, "staging": run.sink.staging},
         num_cpus=engine.cpus_per_task,
     )
@@ -210,6 +302,11 @@ class RayEngine(Engine):
 
     def execute(self, run: Run, session: None) -> None:
         run.summary.model_seconds = 0.0  # summed over the actors
+        import ray
+
+        task = ray.remote(num_cpus=run.cfg.engine.cpus_per_task)(compact)
+        compactor = Compactor(run, lambda names, tag: task.remote(run.plan, run.sink.staging, names, tag).future())
         for reports in build_dataset(run).iter_batches(batch_format="pyarrow", batch_size=None):
             for report in reports.to_pylist():
-                run.apply(report)
+                compactor.add(report)
+        compactor.finish()

@@ -30,9 +30,20 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pyarrow as pa
 
 from vb_batch.config import EngineConfig, InputConfig
-from vb_batch.engines.base import PART_SCHEMA, Engine, ResumeFilter, Run, StagedParts, cached_backend, rebatch
+from vb_batch.engines.base import (
+    PART_SCHEMA,
+    Compactor,
+    Engine,
+    ResumeFilter,
+    Run,
+    StagedParts,
+    cached_backend,
+    compact,
+    rebatch,
+)
 from vb_batch.io.sources import read_unit, with_ids
 from vb_batch.stages import Plan, decode_encode, fetch_decode, run_model
+from vb_batch.timing import PhaseTimes, collecting
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +94,7 @@ def annotate_unit(unit: dict, index: int, plan: Plan, input_schema: pa.Schema, s
     cfg: InputConfig = plan.cfg.input
     backend = cached_backend(plan)
     skipped = 0
+    times = PhaseTimes()  # this task's seconds per phase, sent with its last part report
 
     def pending() -> Iterator[pa.RecordBatch]:
         nonlocal skipped
@@ -92,14 +104,23 @@ def annotate_unit(unit: dict, index: int, plan: Plan, input_schema: pa.Schema, s
             yield batch
 
     # A fixed tag per unit: a retried or speculative attempt rewrites the same files.
-    parts = StagedParts(plan, staging, f"u{index:06d}")
-    for batch in rebatch(pending(), plan.cfg.model.batch_size):
-        decoded = fetch_decode(batch, plan)
-        started = time.perf_counter()
-        answered = run_model(decoded, plan, backend)
-        seconds = time.perf_counter() - started
-        yield from parts.write(decode_encode(answered, plan), model_seconds=seconds)
-    yield from parts.close(skipped)
+    parts = StagedParts(plan, staging, f"u{index:06d}", times)
+    batches = rebatch(pending(), plan.cfg.model.batch_size)
+    while True:
+        # Collect only while this task works: a generator's context would leak into the consumer's.
+        with collecting(times):
+            batch = next(batches, None)
+            if batch is None:
+                break
+            decoded = fetch_decode(batch, plan)
+            started = time.perf_counter()
+            answered = run_model(decoded, plan, backend)
+            seconds = time.perf_counter() - started
+            reports = parts.write(decode_encode(answered, plan), model_seconds=seconds)
+        yield from reports
+    with collecting(times):
+        reports = parts.close(skipped)
+    yield from reports
 
 
 def waves(units: list, size: int) -> Iterator[list]:
@@ -150,16 +171,26 @@ class SparkEngine(Engine):
             mapped = frame.mapInArrow(work, schema, **({"profile": profile} if profile else {}))
             return mapped.collect()
 
-        with ThreadPoolExecutor(2, thread_name_prefix="vb-spark-job") as jobs:
+        def run_compact(names: list[str], tag: str) -> list[dict]:
+            # A one-task job: the merge runs on an executor, where the staging directory is reachable.
+            rows = spark.sparkContext.parallelize([0], 1)
+            return rows.map(lambda _: compact(plan, staging, names, tag)).collect()[0]
+
+        with ThreadPoolExecutor(2, thread_name_prefix="vb-spark-job") as jobs, ThreadPoolExecutor(
+            1, thread_name_prefix="vb-spark-compact"
+        ) as merges:
+            # A unit's last file is short; the compactor merges those into files of rows_per_file rows.
+            compactor = Compactor(run, lambda names, tag: merges.submit(run_compact, names, tag))
             in_flight: deque[Future] = deque()
             for n, wave in enumerate(waves(units, wave_size)):
                 in_flight.append(jobs.submit(run_wave, n * wave_size, wave))
                 if len(in_flight) >= 2:
-                    self._apply(run, in_flight.popleft())
+                    self._apply(compactor, in_flight.popleft())
             while in_flight:
-                self._apply(run, in_flight.popleft())
+                self._apply(compactor, in_flight.popleft())
+            compactor.finish()
 
     @staticmethod
-    def _apply(run: Run, job: Future) -> None:
+    def _apply(compactor: Compactor, job: Future) -> None:
         for row in job.result():
-            run.apply(row.asDict(recursive=True))
+            compactor.add(row.asDict(recursive=True))

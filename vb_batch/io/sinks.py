@@ -73,6 +73,7 @@ from vb_batch.config import ConfigError, OutputConfig
 from vb_batch.errors import OutputExistsError
 from vb_batch.io.filesystems import arrow_filesystem, fsspec_filesystem
 from vb_batch.io.lease import LEASE_NAME, Lease, write_temp_file
+from vb_batch.timing import phase
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +307,10 @@ class Sink:
 
     # ---------------------------------------------------------------- writing
     def write(self, batch: pa.RecordBatch) -> None:
+        with phase("write"):
+            self._write(batch)
+
+    def _write(self, batch: pa.RecordBatch) -> None:
         if batch.num_rows == 0:
             return
         if batch.schema != self.schema:
@@ -351,9 +356,14 @@ class Sink:
     def commit(self) -> None:
         """Make every staged file visible atomically (see the module docstring)."""
         if self._writer is not None:
-            self._close_file()
+            with phase("write"):
+                self._close_file()
         if not self._staged:
             return
+        with phase("commit"):
+            self._commit_staged()
+
+    def _commit_staged(self) -> None:
         if self.lease is not None:
             self.lease.check()  # a run that lost the output must not commit into it
         self._commit_files(self._staged)
@@ -378,8 +388,16 @@ class Sink:
                 with contextlib.suppress(OSError):  # not empty: another run's staging
                     os.rmdir(staging)
             if summary is not None:
-                write_atomic(self.fs, posixpath.join(self.meta, "runs", f"{self.run_id}.json"),
-                             json.dumps(summary, indent=2, default=str).encode())
+                self._write_run_record(summary)
+
+    def _write_run_record(self, record: dict[str, Any]) -> None:
+        write_atomic(self.fs, posixpath.join(self.meta, "runs", f"{self.run_id}.json"),
+                     json.dumps(record, indent=2, default=str).encode())
+
+    def update_run_record(self, changes: dict[str, Any]) -> None:
+        """Rewrite this run's record with `changes` (the final times, the report) over what close wrote."""
+        record = read_json(self.fs, posixpath.join(self.meta, "runs", f"{self.run_id}.json")) or {}
+        self._write_run_record({**record, **changes})
 
     # ---------------------------------------------------------------- format hooks
     def _state(self) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from vb_batch.config import ConfigError, InputConfig
 from vb_batch.io.filesystems import arrow_filesystem, fsspec_filesystem, split_scheme
 from vb_batch.io.filters import filter_expression
 from vb_batch.io.formats import detect_format
+from vb_batch.timing import timed_items
 
 IMAGE_COLUMN_GUESSES = ("image", "image_bytes", "bytes", "img")
 URI_COLUMN_GUESSES = ("uri", "url", "path", "image_uri", "image_url", "image_path")
@@ -149,7 +150,7 @@ def read_unit(unit: dict[str, Any], cfg: InputConfig | None, schema: pa.Schema, 
     """
     cfg = cfg or InputConfig(path=".")
     keep = filter_expression(cfg.filter, schema) if cfg.filter else None
-    for table in _unit_tables(unit, cfg, schema, rows):
+    for table in timed_items(_unit_tables(unit, cfg, schema, rows), "read"):
         if keep is not None:
             table = table.filter(keep)
         yield from table.to_batches(max_chunksize=rows)
