@@ -31,6 +31,7 @@ PHASES = (
     "resize",  # maps back to the stored grid
     "encode",  # PNG or array encoding of the maps
     "write",  # part files
+    "compact",  # merging short part files into files of output.rows_per_file rows (Ray, Spark)
     "commit",  # moving parts into the output, commit records, lake commits
     "report",  # the HTML report and previews
 )
