@@ -179,3 +179,22 @@ def engine(request):
     elif request.param == "spark":
         request.getfixturevalue("spark")
     return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """{diffusers edit pipeline class name: a saved tiny random checkpoint}, built on first use, once per session.
+
+    Tests must not change a checkpoint in place (copy it first).
+    """
+    from vb_batch.models.tiny import build_tiny_edit_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-edit")
+    built: dict[str, str] = {}
+
+    def get(name: str) -> str:
+        if name not in built:
+            built[name] = str(build_tiny_edit_pipeline(name, root / name))
+        return built[name]
+
+    return get

@@ -1,7 +1,9 @@
 """`vb-batch`: the command line.
 
     vb-batch run CONFIG [key.path=value ...]     run a job
-    vb-batch validate CONFIG [key.path=value ...] check a config and print it resolved
+    vb-batch validate CONFIG [key.path=value ...] check a config (no I/O; --live: also input, output, model)
+    vb-batch plan CONFIG [key.path=value ...]     every check, the output schema, --sample N: time and size
+    vb-batch config-reference                     every config key with type, default and meaning (Markdown)
     vb-batch demo                                 held-out scenes + the demo generalist + a real job + eval
     vb-batch eval PREDICTIONS [--truth TRUTH]     metrics against ground truth, next to trivial baselines
     vb-batch scenes PATH --count N                procedural scenes with exact ground truth, as a table
@@ -9,6 +11,9 @@
     vb-batch show OUTPUT --id ID                  previews of one row as PNG files
       (both: --allow-uri-prefix PREFIX, --allow-private-addresses to fetch inputs given by URI)
     vb-batch tiny-model PATH --task depth         build a tiny random Marigold checkpoint
+    vb-batch describe OUTPUT                      every column with its unit, scale and meaning
+
+Anywhere on the line: -v (-vv: debug), -q (errors only), --log-format json (one JSON object a line).
 
 Exit codes: 0 success, 1 the job failed (or exceeded run.max_error_fraction),
 2 the config is invalid (the message names the field).
@@ -25,34 +30,18 @@ import traceback
 from vb_batch._version import __version__
 from vb_batch.config import ConfigError, load_config, redacted
 from vb_batch.errors import OutputExistsError
-from vb_batch.masking import mask_text, mask_url, scrub, secret_values
+from vb_batch.masking import mask_text, secret_values
 
-CONFIG_HELP = """\
-Config keys (YAML sections; any key can be overridden as key.path=value):
-  input.path            Parquet file/dataset, folder of images, or Delta table (local path or URL: s3://...)
-  input.format          auto | parquet | images | delta | iceberg (input.table, input.catalog)
-  input.image_column    column of image bytes   | input.uri_column  column of image URIs
-  input.id_column       row id column (default id; missing: the URI or the content hash)
-  input.filter          row filter, e.g. "day = '2026-11-01' and camera in ('a', 'b')"
-  input.allowed_prefixes  where URIs may point (default: the input's own scheme)
-  input.storage / output.storage  endpoint_url, region, anonymous, profile, max_attempts, timeout_s
-  output.path           output dataset or Delta table (default out)
-  output.format         parquet | delta | iceberg (output.table, output.catalog, output.partition_by)
-  output.mode           error | overwrite | append | resume (skip ids already committed)
-  output.encoding       png (lossless, viewable) | array (raw little-endian values)
-  tasks                 [depth, normals, segmentation, referring]
-  segmentation.classes  class names (colours from the default palette) | segmentation.legend {name: [r,g,b]}
-  segmentation.ensemble K passes with permuted legends, majority vote
-  referring.phrase      what to segment for the referring task (or referring.phrase_column)
-  model.backend         identity | marigold | diffusers | http | demo | package.module:Class
-  model.path            checkpoint dir or hub id (marigold: {depth: ..., normals: ...})
-  model.profile         vision-banana | open-vision-banana | marigold
-  model.batch_size, model.device (auto|cpu|cuda|cuda:N|mps|xpu), model.dtype, model.seed, model.options
-  engine.kind           local | ray (engine.address, actors, gpus_per_actor) | spark (engine.master, gpus_per_task)
-  run.max_error_fraction  fail the run (exit 1) above this fraction of failed rows (default 0.5)
-Example:
-  vb-batch run conf/demo.yaml model.batch_size=4 output.mode=overwrite
-"""
+
+def config_help() -> str:
+    """`run --help`'s epilog: every config key, generated from the pydantic models (as docs/config.md)."""
+    from vb_batch.planning import render_config_reference
+
+    return (
+        "Config keys (YAML sections; any key can be overridden as key.path=value; docs/config.md):\n"
+        + render_config_reference()
+        + "\nExample:\n  vb-batch run conf/demo.yaml model.batch_size=4 output.mode=overwrite\n"
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -65,30 +54,46 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if summary.success else 1
 
 
-def _open_input(cfg):
-    from vb_batch.io.sources import open_source
-
-    try:
-        return open_source(cfg.input)
-    except ConfigError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - storage faults (credentials, network) are named, not traced
-        shown = mask_url(cfg.input.path or cfg.input.table or "")
-        raise ConfigError(f"input.path: cannot open {shown!r}: {type(exc).__name__}: {exc}") from None
-
-
 def _validate(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    from vb_batch.stages import Plan
+    from vb_batch.planning import plan, validate
 
-    # Resolve the input, backend, profile and legend: faults show up here, not mid-run.
-    try:
-        source = _open_input(cfg)
-        Plan.build(cfg, source.schema, source.image_column, source.uri_column).output_schema()
-    except ConfigError as exc:
-        # A message may quote a URL or a storage client's words: masked like the config itself.
-        raise ConfigError(scrub(str(exc), secret_values(cfg.model_dump(mode="json")))) from None
-    print(json.dumps(redacted(cfg), indent=2))
+    if args.live:
+        result = plan(args.config, args.overrides, live=True)
+        if not result.ok:
+            print(result.render())
+            for line in result.errors():
+                print(f"vb-batch: {line}", file=sys.stderr)
+            return result.exit_code
+    cfg = validate(args.config, args.overrides)
+    shown = redacted(cfg)
+    if cfg.model.backend:
+        from vb_batch.models.base import resolved_model_settings
+
+        # What the backend fills in where the config is silent (a distilled klein's 4 steps, Qwen's CFG,
+        # the working sizes), read from the checkpoint's local files only.
+        shown["model_resolved"] = resolved_model_settings(cfg.model)
+    print(json.dumps(shown, indent=2))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from vb_batch.planning import plan
+
+    result = plan(args.config, args.overrides, live=not args.static, sample=args.sample, workers=args.workers)
+    print(result.render())
+    if args.json and result.estimate is not None:
+        with open(args.json, "w") as f:
+            json.dump(result.estimate.as_dict(), f, indent=2)
+            f.write("\n")
+    for line in result.errors():
+        print(f"vb-batch: {line}", file=sys.stderr)
+    return result.exit_code
+
+
+def _config_reference(args: argparse.Namespace) -> int:
+    from vb_batch.planning import render_config_reference
+
+    print(render_config_reference(markdown=not args.text), end="" if not args.text else "\n")
     return 0
 
 
@@ -100,18 +105,33 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from vb_batch.evaluate import evaluate, metrics_json, metrics_path, render_metrics, write_metrics
+    from vb_batch.confidence_eval import render_confidence
+    from vb_batch.evaluate import (
+        confidence_report,
+        metrics_json,
+        metrics_path,
+        render_metrics,
+        score,
+        write_metrics,
+    )
 
     try:
-        metrics = evaluate(args.predictions, args.truth, baselines=not args.no_baselines, max_depth=args.max_depth)
+        scores = score(args.predictions, args.truth, baselines=not args.no_baselines, max_depth=args.max_depth,
+                       protocol=args.protocol, truth_format=args.truth_format, alignment=args.alignment,
+                       averaging=args.averaging, min_depth=args.min_depth)
     except (ValueError, KeyError, FileNotFoundError) as exc:
         print(f"vb-batch eval: {exc}", file=sys.stderr)
         return 2
+    metrics = scores.metrics
     print(render_metrics(metrics))
     print(f"metrics: {write_metrics(metrics, args.out or metrics_path(args.predictions))}")
+    result = metrics_json(metrics)
+    if args.confidence:
+        result["confidence"] = confidence_report(scores)
+        print(render_confidence(result["confidence"]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(metrics_json(metrics), f, indent=2)
+            json.dump(result, f, indent=2)
             f.write("\n")
         print(f"metrics: {args.json}")
     return 0
@@ -125,10 +145,14 @@ def _scenes(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    import time
+
     from vb_batch.report import write_report
 
-    print(write_report(args.output, samples=args.samples, allow_uri_prefixes=args.allow_uri_prefix,
-                       allow_private_addresses=args.allow_private_addresses))
+    started = time.perf_counter()
+    target = write_report(args.output, samples=args.samples, allow_uri_prefixes=args.allow_uri_prefix,
+                          allow_private_addresses=args.allow_private_addresses)
+    print(f"{target} (in {time.perf_counter() - started:.1f} s)")
     return 0
 
 
@@ -136,13 +160,20 @@ def _show(args: argparse.Namespace) -> int:
     from vb_batch.report import show_row
 
     try:
-        files = show_row(args.output, args.id, args.dir, allow_uri_prefixes=args.allow_uri_prefix,
+        files = show_row(args.output, args.id, args.dir, max_side=args.max_side, allow_uri_prefixes=args.allow_uri_prefix,
                          allow_private_addresses=args.allow_private_addresses)
     except KeyError as exc:
         print(f"vb-batch: {exc.args[0]}", file=sys.stderr)
         return 1
     for path in files:
         print(path)
+    return 0
+
+
+def _describe(args: argparse.Namespace) -> int:
+    import vb_batch
+
+    print(vb_batch.describe(args.output))
     return 0
 
 
@@ -179,19 +210,40 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a generalist image generator over image tables; write depth, normals and masks as columns.",
     )
     parser.add_argument("--version", action="version", version=f"vb-batch {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    _logging_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    epilog = config_help()
     for name, func, text in (
         ("run", _run, "run a job from a YAML config"),
-        ("validate", _validate, "check a config and print it resolved (secrets masked)"),
+        ("validate", _validate, "check a config with no I/O and print it resolved (secrets masked)"),
+        ("plan", _plan, "check a job (config, input, output, model) and estimate its time and size"),
     ):
         p = sub.add_parser(
-            name, help=text, description=text, epilog=CONFIG_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+            name, help=text, description=text, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
         )
         p.add_argument("config", help="job config YAML file")
         p.add_argument("overrides", nargs="*", metavar="key.path=value", help="override config keys (values are YAML)")
         p.set_defaults(func=func)
+        if name == "validate":
+            p.add_argument("--live", action="store_true",
+                           help="also open the input and output and check the model's weights and device (vb-batch plan)")
+        if name == "plan":
+            p.add_argument("--static", action="store_true", help="config checks and output schema only: no I/O")
+            p.add_argument("--sample", type=int, default=0, metavar="N",
+                           help="run the job on the first N rows (a temporary output) and project time and size")
+            p.add_argument("--workers", type=int, default=1, metavar="N",
+                           help="also project the time on N workers like this machine (default: 1)")
+            p.add_argument("--json", metavar="FILE", help="write the estimate as JSON to FILE")
+
+    p = sub.add_parser(
+        "config-reference",
+        help="print every config key with its type, default and meaning",
+        description="Every job config key, generated from the pydantic models: Markdown (docs/config.md is "
+        "`vb-batch config-reference > docs/config.md`), or --text as in `vb-batch run --help`.",
+    )
+    p.add_argument("--text", action="store_true", help="plain text instead of Markdown")
+    p.set_defaults(func=_config_reference)
 
     p = sub.add_parser(
         "demo",
@@ -206,20 +258,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=24, help="number of scenes (default: 24)")
     p.set_defaults(func=_demo)
 
+    from vb_batch.protocols import PROTOCOLS
+
     p = sub.add_parser(
         "eval",
         help="score an output's depth, normals and segmentation against ground truth",
         description="Depth AbsRel / RMSE / delta1 (metric, and scale-and-shift aligned), normals angular errors, "
         "segmentation mIoU and per-class IoU, next to trivial baselines (median depth, mean normal, majority "
         "class). Truth columns are found by their vb.role = truth field metadata, in PREDICTIONS itself "
-        "(kept input columns) or in --truth, joined on the id column. Writes a metrics table (Parquet).",
+        "(kept input columns) or in --truth, joined on the id column; a benchmark's own encodings (KITTI, NYU, "
+        "Cityscapes labelIds, ADE20K, DSINE normals) are declared with --truth-format, its protocol with --protocol. "
+        "Writes a metrics table (Parquet).",
     )
     p.add_argument("predictions", help="output dataset path or URL (or any table with vb_batch map columns)")
     p.add_argument("--truth", help="table with the ground-truth columns (default: PREDICTIONS itself)")
     p.add_argument("--out", help="metrics table to write (default: PREDICTIONS/_metrics.parquet)")
     p.add_argument("--json", help="also write the metrics as JSON here")
     p.add_argument("--no-baselines", action="store_true", help="score the model only")
-    p.add_argument("--max-depth", type=float, default=80.0, help="depth range cap in metres (default: 80)")
+    p.add_argument("--protocol", default="generic", choices=list(PROTOCOLS),
+                   help="benchmark protocol: crops, depth range, alignment, averaging (default: generic)")
+    p.add_argument("--truth-format", metavar="SPEC|YAML",
+                   help="declare the truth's encodings: task=encoding[:column], ... (kitti-png, nyu-png, metres, "
+                   "normals-png, normals-array, cityscapes-labelids, cityscapes-trainids, ade20k, class-ids) or a YAML")
+    p.add_argument("--alignment", choices=["none", "scale", "scale-shift", "scale-shift-disparity"],
+                   help="depth alignment of the _aligned metrics (default: the protocol's)")
+    p.add_argument("--averaging", choices=["per-image", "pooled"], help="depth and normals averaging (default: the protocol's)")
+    p.add_argument("--min-depth", type=float, help="depth range floor in metres, exclusive (default: the protocol's)")
+    p.add_argument("--max-depth", type=float, help="depth range cap in metres, exclusive (default: the protocol's; generic 80)")
+    p.add_argument("--confidence", action="store_true",
+                   help="also judge the stored confidence: AUSE and the error of rows kept at each min_confidence")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser(
@@ -258,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output dataset path or URL")
     p.add_argument("--id", required=True, help="the row's id")
     p.add_argument("--dir", default="previews", help="where to write the PNGs (default: previews)")
+    p.add_argument("--max-side", type=int, default=1024, metavar="PIXELS",
+                   help="longest side of each PNG, larger pictures are scaled down (default: 1024; 0: full size)")
     _uri_rule_flags(p)
     p.set_defaults(func=_show)
 
@@ -266,14 +335,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["depth", "normals"], default="depth")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_tiny_model)
+
+    # `describe`: what every column of an output means (units, scale), which DuckDB and Polars cannot show.
+    p = sub.add_parser(
+        "describe",
+        help="print every column of an output with its unit, scale and meaning",
+        description="Print every column of OUTPUT (a Parquet output, a Delta table, an Iceberg table's location, "
+        "or a folder Spark wrote from vb_batch.spark.annotate) with type, unit, how stored numbers map to values, "
+        "and meaning. Python: print(vb_batch.describe(OUTPUT)).",
+    )
+    p.add_argument("output", help="output dataset path or URL")
+    p.set_defaults(func=_describe)
+    for p in sub.choices.values():  # every command, those added above included: the flags go anywhere
+        _logging_flags(p, anywhere=True)
     return parser
+
+
+def _logging_flags(parser: argparse.ArgumentParser, anywhere: bool = False) -> None:
+    """-v / -q / --log-format on the main parser (with defaults) and on each command (defaults suppressed:
+    a flag given before the command is not reset by the command's parser)."""
+    keep = {"default": argparse.SUPPRESS} if anywhere else {}
+    parser.add_argument("-v", "--verbose", action="count", help="log progress (-vv: debug details)",
+                        **(keep or {"default": 0}))
+    parser.add_argument("-q", "--quiet", action="store_true", help="log errors only", **keep)
+    parser.add_argument("--log-format", choices=["text", "json"], help="log lines as text (default) or JSON objects",
+                        **(keep or {"default": "text"}))
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per log record: time, level, logger, message (and the traceback, when there is one)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(verbose: int = 0, quiet: bool = False, log_format: str = "text") -> None:
+    """Level from -v / -q (WARNING by default), lines as text with the level name, or as JSON objects."""
+    level = logging.ERROR if quiet else logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter() if log_format == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_vb_batch", False)]:
+        root.removeHandler(old)
+    handler._vb_batch = True  # ours to replace when main runs again in one process (tests, notebooks)
+    root.addHandler(handler)
+    root.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.verbose, args.quiet, args.log_format)
     try:
         return args.func(args)
     except KeyboardInterrupt:

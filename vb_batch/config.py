@@ -26,15 +26,27 @@ class _Section(BaseModel):
 class StorageOptions(_Section):
     """How to reach object storage for one URL (passed to fsspec / pyarrow)."""
 
-    endpoint_url: str | None = None
-    region: str | None = None
-    anonymous: bool = False
-    profile: str | None = None
+    endpoint_url: str | None = Field(
+        default=None,
+        description="S3-compatible endpoint, http(s)://host[:port] (None: AWS's own)",
+    )
+    region: str | None = Field(default=None, description="bucket region (None: the client's default chain)")
+    anonymous: bool = Field(default=False, description="unsigned requests (public buckets)")
+    profile: str | None = Field(
+        default=None,
+        description="named AWS profile for credentials (None: AWS_* environment or default chain)",
+    )
     # Transient faults (503 SlowDown, throttling, connection resets, timeouts) are retried with
     # exponential backoff by both clients, up to this many attempts per request.
-    max_attempts: int = Field(default=10, ge=1)
-    timeout_s: float = Field(default=60.0, gt=0)
-    options: dict[str, Any] = Field(default_factory=dict)
+    max_attempts: int = Field(
+        default=10, ge=1,
+        description="attempts per request; transient faults (503, throttling, resets, timeouts) are retried with backoff",
+    )
+    timeout_s: float = Field(default=60.0, gt=0, description="connect / read timeout per request, seconds")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra fsspec / pyarrow filesystem options, passed through",
+    )
 
     @field_validator("endpoint_url")
     @classmethod
@@ -84,36 +96,67 @@ DECODABLE_IMAGE_FORMATS = frozenset(
 
 class InputConfig(_Section):
     # A Parquet file or dataset, a folder / prefix of images, or a Delta table (its URI).
-    path: str = ""
-    format: Literal["auto", "parquet", "images", "delta", "iceberg"] = "auto"
+    path: str = Field(
+        default="",
+        description="Parquet file or dataset, folder / prefix of images, or Delta table (local path or URL such as s3://...)",
+    )
+    format: Literal["auto", "parquet", "images", "delta", "iceberg"] = Field(
+        default="auto",
+        description="input format (auto: detected from the path)",
+    )
     # iceberg: the table ("namespace.name") and its catalog: properties for pyiceberg's
     # `load_catalog` ({name: ...} alone picks a catalog from ~/.pyiceberg.yaml or the environment).
-    table: str | None = None
-    catalog: dict[str, Any] = Field(default_factory=dict)
+    table: str | None = Field(default=None, description="iceberg: the table, \"namespace.name\"")
+    catalog: dict[str, Any] = Field(
+        default_factory=dict,
+        description="iceberg: pyiceberg load_catalog properties ({name: ...} picks one from ~/.pyiceberg.yaml)",
+    )
     # Only the rows that match, e.g. "day = '2026-11-01' and camera in ('a', 'b')": pyiceberg's
     # row-filter syntax for every input format; pushed down to partitions, files and row groups.
-    filter: str | None = None
-    image_column: str | None = None
-    uri_column: str | None = None
-    id_column: str = "id"
+    filter: str | None = Field(
+        default=None,
+        description="row filter, e.g. \"day = '2026-11-01' and camera in ('a', 'b')\" (pyiceberg syntax, pushed down)",
+    )
+    image_column: str | None = Field(default=None, description="column of image bytes (None: detected)")
+    uri_column: str | None = Field(default=None, description="column of image URIs, instead of image_column")
+    id_column: str = Field(default="id", description="row id column (missing: the URI or the sha256 of the bytes)")
     # Hard limit per image; larger images are a per-row error (decompression bombs), checked on
     # the image header before any pixel is decoded.
-    max_pixels: int = Field(default=64_000_000, gt=0)
+    max_pixels: int = Field(
+        default=64_000_000, gt=0,
+        description="largest image in pixels, checked on the header; larger is a per-row error",
+    )
     # Hard limit on the encoded bytes of one image (an image cell, or a URI fetch, enforced while
     # streaming); larger is a per-row `too_large`. The default fits a 64 MP uncompressed RGB TIFF.
-    max_bytes: int = Field(default=200_000_000, gt=0)
+    max_bytes: int = Field(
+        default=200_000_000, gt=0,
+        description="largest encoded image in bytes; larger is a per-row too_large",
+    )
     # Image formats (Pillow's names) that may be decoded; anything else is a per-row error.
-    image_formats: list[str] = Field(default_factory=lambda: list(DEFAULT_IMAGE_FORMATS))
-    min_side: int = Field(default=8, gt=0)
+    image_formats: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_IMAGE_FORMATS),
+        description="image formats (Pillow names) that may be decoded; others are a per-row error",
+    )
+    min_side: int = Field(default=8, gt=0, description="smallest image side in pixels; smaller is a per-row error")
     extensions: list[str] = Field(
-        default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"]
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"],
+        description="file extensions read from an image folder",
     )
     # URI columns may only name objects under these prefixes (None: the input's own scheme).
-    allowed_prefixes: list[str] | None = None
+    allowed_prefixes: list[str] | None = Field(
+        default=None,
+        description="where URIs may point (None: the input's own scheme)",
+    )
     # http(s) URIs that resolve to loopback / private / link-local addresses are refused unless set.
-    allow_private_addresses: bool = False
-    storage: StorageOptions = Field(default_factory=StorageOptions)
-    read_batch_rows: int = Field(default=256, gt=0)
+    allow_private_addresses: bool = Field(
+        default=False,
+        description="also fetch http(s) URIs on loopback, private or link-local hosts",
+    )
+    storage: StorageOptions = Field(
+        default_factory=StorageOptions,
+        description="how to reach the input's object storage (see storage.*)",
+    )
+    read_batch_rows: int = Field(default=256, gt=0, description="rows per batch read from the input")
 
     @field_validator("image_formats")
     @classmethod
@@ -147,32 +190,77 @@ class InputConfig(_Section):
 class OutputConfig(_Section):
     # parquet: the dataset's directory / prefix; delta: the table's URI; iceberg: none (the table
     # lives where its catalog puts it; staging, run records and the report go under its location).
-    path: str = "out"
-    format: Literal["parquet", "delta", "iceberg"] = "parquet"
+    path: str = Field(
+        default="out",
+        description="output dataset or Delta table (local path or URL); not used for iceberg",
+    )
+    format: Literal["parquet", "delta", "iceberg"] = Field(default="parquet", description="output format")
     # iceberg: the table ("namespace.name", created when missing) and its catalog (as input.catalog).
-    table: str | None = None
-    catalog: dict[str, Any] = Field(default_factory=dict)
+    table: str | None = Field(default=None, description="iceberg: the table, \"namespace.name\" (created when missing)")
+    catalog: dict[str, Any] = Field(
+        default_factory=dict,
+        description="iceberg: pyiceberg load_catalog properties, as input.catalog",
+    )
     # delta / iceberg: input columns to partition the table by (identity partitions).
-    partition_by: list[str] = Field(default_factory=list)
-    mode: Literal["error", "overwrite", "append", "resume"] = "error"
-    encoding: Literal["png", "array"] = "png"
-    prefix: str = ""
-    rows_per_file: int = Field(default=1024, gt=0)
+    partition_by: list[str] = Field(
+        default_factory=list,
+        description="delta / iceberg: input columns to partition the table by",
+    )
+    mode: Literal["error", "overwrite", "append", "resume"] = Field(
+        default="error",
+        description="error: refuse existing data; overwrite; append; resume: skip ids already committed",
+    )
+    encoding: Literal["png", "array"] = Field(
+        default="png",
+        description="png: lossless, viewable; array: raw little-endian values",
+    )
+    prefix: str = Field(
+        default="",
+        description="prefix of the output columns, e.g. vb_ (for inputs that already have depth, ...)",
+    )
+    rows_per_file: int = Field(default=1024, gt=0, description="rows per output part file")
     # Rows staged before a commit makes them visible (0: one commit at the end).
-    commit_every: int = Field(default=4096, ge=0)
-    compression: str = "zstd"
-    keep_image: bool = True
+    commit_every: int = Field(
+        default=4096, ge=0,
+        description="rows staged before a commit makes them visible (0: one commit at the end)",
+    )
+    compression: str = Field(default="zstd", description="Parquet compression codec")
+    # The grid maps are stored at: the whole image's, or the one the model answered at (e.g. 768 px
+    # for a 12 MP photo), either capped by max_side. Summary scalars come from the model's grid either way.
+    resolution: Literal["input", "working"] = Field(
+        default="input",
+        description="grid of the stored maps: input (the image's size) or working (the model's answer size)",
+    )
+    max_side: int | None = Field(
+        default=None, gt=0,
+        description="cap the stored maps' longer side at this many pixels (aspect kept, never enlarged)",
+    )
+    # zlib level of PNG maps: 1 is several times faster than 6 for a few percent more bytes.
+    png_compression: int = Field(
+        default=1, ge=0, le=9,
+        description="zlib level of png maps, 0 (none, fastest, largest) to 9 (smallest, slowest)",
+    )
+    keep_image: bool = Field(default=True, description="keep the input image column in the output")
     # Write the HTML run report (<output.path>/_report.html) after the run.
-    report: bool = True
-    report_samples: int = Field(default=12, ge=0)
-    storage: StorageOptions = Field(default_factory=StorageOptions)
+    report: bool = Field(default=True, description="write the HTML run report <output.path>/_report.html after the run")
+    report_samples: int = Field(default=12, ge=0, description="rows shown in the report's sample grid")
+    storage: StorageOptions = Field(
+        default_factory=StorageOptions,
+        description="how to reach the output's object storage (see storage.*)",
+    )
     # overwrite / append / resume refuse a folder that holds files vb_batch did not write for this
     # output (another dataset's part files, anything else); set to true to write next to them anyway.
     # vb_batch then still deletes or moves only files its own records name.
-    allow_foreign_files: bool = False
+    allow_foreign_files: bool = Field(
+        default=False,
+        description="write into a folder that holds files vb_batch did not write (it never touches them)",
+    )
     # One writer per output: a lease under `_vb/`, renewed every lease_seconds / 3 while the run
     # lives; a lease not renewed for lease_seconds is stale (its holder died) and is taken over.
-    lease_seconds: float = Field(default=120.0, gt=0)
+    lease_seconds: float = Field(
+        default=120.0, gt=0,
+        description="one writer per output: a lease not renewed for this long is taken over",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -201,19 +289,41 @@ class OutputConfig(_Section):
 
 
 class DepthConfig(_Section):
-    preset: str | dict[str, Any] | None = None  # None: the model profile's preset
+    preset: str | dict[str, Any] | None = Field(
+        default=None,
+        description="depth codec preset name or parameters (None: the model profile's preset)",
+    )  # None: the model profile's preset
 
 
 class NormalsConfig(_Section):
-    frame: Literal["opengl", "opencv"] = "opengl"
+    frame: Literal["opengl", "opencv"] = Field(
+        default="opengl",
+        description="camera frame of the stored normals: opengl (x right, y up, z to viewer) or opencv",
+    )
 
 
 class SegmentationConfig(_Section):
-    classes: list[str] | None = None
-    legend: dict[str, tuple[int, int, int]] | None = None
-    palette: Literal["generated", "cityscapes"] = "generated"
-    max_distance: float | None = Field(default=None, gt=0)
-    ensemble: int = Field(default=1, ge=1, le=16)
+    classes: list[str] | None = Field(default=None, description="class names; colours from the palette")
+    legend: dict[str, tuple[int, int, int]] | None = Field(
+        default=None,
+        description="class colours {name: [r, g, b]}, instead of classes",
+    )
+    palette: Literal["generated", "cityscapes"] = Field(
+        default="generated",
+        description="colours for segmentation.classes: generated (maximal separation) or cityscapes",
+    )
+    max_distance: float | None = Field(
+        default=None, gt=0,
+        description="RGB distance beyond which a pixel is unlabelled (None: the codec's default)",
+    )
+    ensemble: int = Field(default=1, ge=1, le=16, description="passes with permuted legends, per-pixel majority vote")
+    # How class pixel fractions are stored: `list` list<struct<name, fraction>> (the default, as before),
+    # `columns` one float32 column `segmentation_frac_<class>` per class, `map` map<string, float32>.
+    # `columns` and `map` are queried without lambdas (DuckDB, Polars, Spark SQL).
+    fractions: Literal["list", "columns", "map"] = Field(
+        default="list",
+        description="class pixel fractions as list<struct<name, fraction>>, one column per class, or a map",
+    )
 
     @field_validator("legend")
     @classmethod
@@ -227,12 +337,21 @@ class SegmentationConfig(_Section):
     def _classes_or_legend(self) -> "SegmentationConfig":
         if self.classes and self.legend:
             raise ValueError("set segmentation.classes or segmentation.legend, not both")
+        if self.fractions == "columns":
+            from vb_batch.tasks import fraction_column_clashes
+
+            clashes = fraction_column_clashes(list(self.classes or self.legend or []))
+            if clashes:
+                raise ValueError(
+                    f"fractions: columns: class names {'; '.join(clashes)} give no column name or the same one "
+                    "(segmentation_frac_<name>, lower case, other characters as _); rename them or use fractions: map"
+                )
         return self
 
 
 class ReferringConfig(_Section):
-    phrase: str | None = None
-    phrase_column: str | None = None
+    phrase: str | None = Field(default=None, description="what to segment for the referring task")
+    phrase_column: str | None = Field(default=None, description="column holding a phrase per row, instead of phrase")
 
 
 # torch device strings: a type and an optional index (cuda:1).
@@ -254,48 +373,164 @@ def _device_hint(device: str) -> str:
 class ModelConfig(_Section):
     # Required: identity (codec debugging: the input image is the "painting"), marigold, diffusers,
     # http, demo, or package.module:Class. No default: a job without a model must not write labels.
-    backend: str | None = None
+    backend: str | None = Field(
+        default=None,
+        description="identity | marigold | diffusers | http | gemini | openai | demo | package.module:Class (required)",
+    )
     # A checkpoint (local directory or hub id), or one per task: {depth: ..., normals: ...}.
-    path: str | dict[str, str] | None = None
-    revision: str | None = None
-    profile: str | None = None  # None: the backend's default profile
-    batch_size: int = Field(default=8, gt=0)
-    device: str = "auto"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    seed: int = 0
-    num_inference_steps: int | None = Field(default=None, gt=0)
+    path: str | dict[str, str] | None = Field(
+        default=None,
+        description="checkpoint directory or hub id, or one per task {depth: ..., normals: ...}",
+    )
+    revision: str | None = Field(default=None, description="hub revision (commit) of model.path")
+    profile: str | None = Field(
+        default=None,
+        description="prompts and codec presets: vision-banana | open-vision-banana | marigold (None: the backend's)",
+    )  # None: the backend's default profile
+    batch_size: int = Field(default=8, gt=0, description="images per model call")
+    device: str = Field(
+        default="auto",
+        description="auto | cpu | cuda | cuda:N | mps | xpu (auto: cuda when available)",
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        default="float32",
+        description="model weights' dtype (float16 / bfloat16 on GPUs)",
+    )
+    seed: int = Field(default=0, description="seed; per-row seeds derive from it, so labels do not depend on batching")
+    num_inference_steps: int | None = Field(
+        default=None, gt=0,
+        description="denoising steps (None: the pipeline's default)",
+    )
     # The model's working size: Marigold's longer side; the diffusers edit pipelines' side of the
     # equal-area square (None: 1024, about 1 megapixel). 0: the input's own size.
-    processing_resolution: int | None = Field(default=None, ge=0)
+    processing_resolution: int | None = Field(
+        default=None, ge=0,
+        description="model working size (None: the model's default; 0: the input's own size)",
+    )
+    # diffusers: how working sizes are chosen. `buckets`: the nearest (by aspect) of a small fixed set
+    # per pipeline, so mixed-size photos share model calls; `exact`: each image's own aspect.
+    # Either way the decode stage maps labels back to the input size (vb_batch.models.sizing).
+    sizing: Literal["buckets", "exact"] = Field(
+        default="buckets",
+        description="diffusers: buckets (a fixed set of working sizes by aspect: mixed sizes batch) | exact",
+    )
     # diffusers: the pipeline's own guidance knob (None: the pipeline's default).
-    guidance_scale: float | None = Field(default=None, ge=0)
+    guidance_scale: float | None = Field(
+        default=None, ge=0,
+        description="diffusers: guidance scale (None: the pipeline's default)",
+    )
     # diffusers: a fine-tuned transformer loaded over the base pipeline (Open Vision Banana's,
     # over FLUX.2 [klein] base): a directory or hub id, and the subfolder that holds it.
-    transformer_path: str | None = None
-    transformer_subfolder: str | None = None
-    transformer_revision: str | None = None
-    compile: bool = False  # diffusers, marigold: torch.compile the denoiser (transformer or UNet)
+    transformer_path: str | None = Field(
+        default=None,
+        description="diffusers: fine-tuned transformer over the base pipeline (directory or hub id)",
+    )
+    transformer_subfolder: str | None = Field(
+        default=None,
+        description="diffusers: the folder of transformer_path that holds it",
+    )
+    transformer_revision: str | None = Field(default=None, description="diffusers: hub revision of transformer_path")
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the denoiser (transformer or UNet)",
+    )  # diffusers, marigold: torch.compile the denoiser (transformer or UNet)
     # diffusers, marigold: UNet and VAE in channels-last memory (the same maps). Often faster for
     # convolutions on GPUs in half precision; no difference measured on this project's CPU.
-    channels_last: bool = False
+    channels_last: bool = Field(
+        default=False,
+        description="UNet and VAE in channels-last memory (often faster on GPUs in half precision)",
+    )
     # Decode painted answers with the codecs' torch path on the model's device, in the model worker,
     # batched, instead of with numpy on CPU threads after it: for hosts short of CPU per GPU.
-    decode_on_device: bool = False
-    vae_slicing: bool = False  # diffusers: decode a batch one image at a time (memory)
-    vae_tiling: bool = False  # diffusers: encode and decode large images in tiles (memory)
+    decode_on_device: bool = Field(
+        default=False,
+        description="decode paintings with torch on the model's device, in the model worker",
+    )
+    vae_slicing: bool = Field(
+        default=False,
+        description="diffusers: decode a batch one image at a time (memory)",
+    )  # diffusers: decode a batch one image at a time (memory)
+    vae_tiling: bool = Field(
+        default=False,
+        description="diffusers: encode and decode large images in tiles (memory)",
+    )  # diffusers: encode and decode large images in tiles (memory)
     # http: the URL images are POSTed to, extra (non-secret) headers, and the environment variable
     # that holds the API token, sent as `<token_header>: <token_scheme> <token>`.
-    endpoint: str | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
-    token_env: str | None = None
-    token_header: str = "Authorization"
-    token_scheme: str | None = "Bearer"
-    timeout_s: float = Field(default=120.0, gt=0)
-    max_retries: int = Field(default=4, ge=0)  # after the first attempt, on 429, 5xx and connection errors
-    retry_backoff_s: float = Field(default=1.0, ge=0)  # first wait; doubles per retry
-    concurrency: int = Field(default=4, gt=0)  # requests in flight at once
+    endpoint: str | None = Field(
+        default=None, description="http: the URL images are POSTed to; gemini, openai: the API's base URL (None: the vendor's)"
+    )
+    headers: dict[str, str] = Field(default_factory=dict, description="http: extra, non-secret headers")
+    token_env: str | None = Field(
+        default=None, description="http, gemini, openai: environment variable that holds the API token or key"
+    )
+    token_header: str = Field(default="Authorization", description="http: header the token is sent in")
+    token_scheme: str | None = Field(
+        default="Bearer",
+        description="http: scheme before the token (None: the bare token)",
+    )
+    timeout_s: float = Field(default=120.0, gt=0, description="http: connect / read timeout per request, seconds")
+    max_retries: int = Field(
+        default=4, ge=0,
+        description="http: retries after the first attempt, on 429, 5xx and connection errors",
+    )  # after the first attempt, on 429, 5xx and connection errors
+    retry_backoff_s: float = Field(
+        default=1.0, ge=0,
+        description="http: first wait between retries, seconds; doubles per retry",
+    )  # first wait; doubles per retry
+    concurrency: int = Field(
+        default=4, gt=0,
+        description="http: requests in flight at once",
+    )  # requests in flight at once
     # Extra keyword arguments for the pipeline call (diffusers) or extra JSON fields (http).
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra pipeline call arguments (diffusers), JSON fields (http), generation config (gemini) "
+        "or images.edit arguments such as size, quality (openai)",
+    )
+    # Hosted generalists (gemini, openai): the vendor's model id, and the price the user fills in
+    # for the cost estimate printed before a run. The API key is read from the environment
+    # variable named by `token_env`; `endpoint` is the SDK's base URL (None: the vendor's).
+    model_name: str | None = Field(
+        default=None,
+        description="gemini, openai: the hosted model's id, e.g. gemini-2.5-flash-image or gpt-image-1",
+    )
+    mode: Literal["online", "batch"] = Field(
+        default="online",
+        description="gemini: online (one request per image) or batch (the Batch API: asynchronous, half price)",
+    )
+    vertex: bool = Field(default=False, description="gemini: Vertex AI instead of the Gemini Developer API")
+    project: str | None = Field(default=None, description="gemini, vertex: the Google Cloud project")
+    location: str | None = Field(default=None, description="gemini, vertex: the Google Cloud location, e.g. global")
+    price_per_image: float | None = Field(
+        default=None, ge=0,
+        description="gemini, openai: your price per answered image, for the cost estimate (None: not estimated)",
+    )
+    batch_max_requests: int = Field(
+        default=10_000, gt=0,
+        description="gemini batch: most requests in one batch job (model.batch_size rows are sent per job)",
+    )
+    batch_poll_s: float = Field(
+        default=30.0, gt=0,
+        description="gemini batch: first wait between polls of a batch job, seconds; grows to 10x",
+    )
+    batch_timeout_s: float = Field(
+        default=48 * 3600.0, gt=0,
+        description="gemini batch: how long to wait for a batch job before its rows get an error, seconds",
+    )
+    # Prompt templates per task over the profile's ({"depth": "...", "segmentation": "... {legend}"}).
+    prompts: dict[str, str] = Field(
+        default_factory=dict,
+        description="prompt template per task, over the profile's (segmentation keeps {legend}, referring {phrase})",
+    )
+    # Set by vb_batch from output.path (<output>/_vb/hosted) for backends that keep records of
+    # their remote jobs there (gemini batch), with the output's storage options.
+    state_url: str | None = Field(
+        default=None,
+        description="where a hosted backend records its remote jobs (set by vb_batch: <output>/_vb/hosted)",
+    )
+    state_storage: StorageOptions | None = Field(
+        default=None, description="how to reach state_url (set by vb_batch: output.storage)"
+    )
 
     @field_validator("device")
     @classmethod
@@ -334,36 +569,63 @@ class ModelConfig(_Section):
 
 class EngineConfig(_Section):
     # local | ray | spark, or any engine registered with `vb_batch.engines.register_engine`.
-    kind: str = "local"
+    kind: str = Field(
+        default="local",
+        description="local | ray | spark (or an engine registered with vb_batch.engines.register_engine)",
+    )
     # Threads that fetch + decode images and encode outputs around the model.
-    io_threads: int | None = Field(default=None, gt=0)  # None: one per CPU less one, at most 4
+    io_threads: int | None = Field(
+        default=None, gt=0,
+        description="threads that fetch, decode and encode around the model (None: CPUs - 1, at most 4)",
+    )  # None: one per CPU less one, at most 4
     # Model batches prepared ahead of the model so it never waits for decode.
-    prefetch_batches: int = Field(default=2, ge=1)
+    prefetch_batches: int = Field(default=2, ge=1, description="model batches prepared ahead of the model")
     # ray: the cluster (None: RAY_ADDRESS if set, else a local Ray started for the job;
     # "auto": the running cluster; "ray://head:10001": a remote one through Ray Client).
-    address: str | None = None
+    address: str | None = Field(
+        default=None,
+        description="ray: the cluster (None: RAY_ADDRESS or a local Ray; auto; ray://head:10001)",
+    )
     # ray: model actors, a fixed count or [min, max] to autoscale between.
-    actors: int | tuple[int, int] = 1
-    gpus_per_actor: float = Field(default=0, ge=0)
-    cpus_per_actor: float = Field(default=1, ge=0)
+    actors: int | tuple[int, int] = Field(
+        default=1,
+        description="ray: model actors, a count or [min, max] to autoscale",
+    )
+    gpus_per_actor: float = Field(default=0, ge=0, description="ray: GPUs per model actor")
+    cpus_per_actor: float = Field(default=1, ge=0, description="ray: CPUs per model actor")
     # ray, spark: the most rows in one unit of work (a task): larger row groups are split, so a
     # task's memory and time are bounded whatever the input's row-group size.
-    unit_rows: int = Field(default=4096, gt=0)
+    unit_rows: int = Field(
+        default=4096, gt=0,
+        description="ray, spark: most rows in one unit of work (larger row groups are split)",
+    )
     # ray: CPU tasks (fetch + decode before the model, decode + encode + write after it).
-    cpus_per_task: float = Field(default=1, gt=0)
-    cpu_batch_rows: int = Field(default=64, gt=0)
+    cpus_per_task: float = Field(default=1, gt=0, description="ray: CPUs per fetch/decode and encode/write task")
+    cpu_batch_rows: int = Field(default=64, gt=0, description="ray: rows per CPU task batch")
     # ray: the most decoded image bytes one prepare block holds (large photos: fewer rows per block).
-    block_bytes: int = Field(default=128 * 1024 * 1024, gt=0)
+    block_bytes: int = Field(
+        default=128 * 1024 * 1024, gt=0,
+        description="ray: most decoded image bytes in one prepare block",
+    )
     # ray: batches queued on each actor while it runs one (None: prefetch_batches).
-    max_tasks_in_flight_per_actor: int | None = Field(default=None, ge=1)
+    max_tasks_in_flight_per_actor: int | None = Field(
+        default=None, ge=1,
+        description="ray: batches queued on each actor (None: prefetch_batches)",
+    )
     # spark: master URL (None: local[*]; local-cluster[2,1,1024], spark://..., yarn), extra Spark
     # conf, rows per Arrow batch handed to Python workers, units per Spark job (a wave; None: four times the
     # cluster's cores; two waves run at once), GPUs per task.
-    master: str | None = None
-    spark_conf: dict[str, str] = Field(default_factory=dict)
-    arrow_batch_rows: int = Field(default=64, gt=0)
-    partitions: int | None = Field(default=None, gt=0)
-    gpus_per_task: float = Field(default=0, ge=0)
+    master: str | None = Field(
+        default=None,
+        description="spark: master URL (None: local[*]; local-cluster[...], spark://..., yarn)",
+    )
+    spark_conf: dict[str, str] = Field(default_factory=dict, description="spark: extra Spark conf")
+    arrow_batch_rows: int = Field(default=64, gt=0, description="spark: rows per Arrow batch handed to Python workers")
+    partitions: int | None = Field(
+        default=None, gt=0,
+        description="spark: units per Spark job (None: four times the cluster's cores)",
+    )
+    gpus_per_task: float = Field(default=0, ge=0, description="spark: GPUs per task")
 
     @field_validator("kind")
     @classmethod
@@ -382,26 +644,35 @@ class EngineConfig(_Section):
 
 
 class RunConfig(_Section):
-    name: str = "vb-batch"
-    progress: bool = True
+    name: str = Field(default="vb-batch", description="the job's name")
+    progress: bool = Field(default=True, description="show a progress bar")
     # Above this fraction of failed rows the run fails (exit 1), after committing every row.
-    max_error_fraction: float = Field(default=0.5, ge=0, le=1)
+    max_error_fraction: float = Field(
+        default=0.5, ge=0, le=1,
+        description="fail the run (exit 1) above this fraction of failed rows, after committing",
+    )
     # With output.mode: resume, also re-run the rows whose vb_error is set; each result replaces
     # the row's previous one, so every id stays exactly once.
-    retry_failed: bool = False
+    retry_failed: bool = Field(default=False, description="with output.mode resume: re-run rows whose vb_error is set")
 
 
 class JobConfig(_Section):
-    input: InputConfig
-    output: OutputConfig = Field(default_factory=OutputConfig)
-    tasks: list[str] = Field(default_factory=lambda: ["depth"], min_length=1)
-    depth: DepthConfig = Field(default_factory=DepthConfig)
-    normals: NormalsConfig = Field(default_factory=NormalsConfig)
-    segmentation: SegmentationConfig = Field(default_factory=SegmentationConfig)
-    referring: ReferringConfig = Field(default_factory=ReferringConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    engine: EngineConfig = Field(default_factory=EngineConfig)
-    run: RunConfig = Field(default_factory=RunConfig)
+    input: InputConfig = Field(description="where the images come from")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="where the labels go")
+    tasks: list[str] = Field(
+        default_factory=lambda: ["depth"], min_length=1,
+        description="depth | normals | segmentation | referring",
+    )
+    depth: DepthConfig = Field(default_factory=DepthConfig, description="depth codec")
+    normals: NormalsConfig = Field(default_factory=NormalsConfig, description="normals codec")
+    segmentation: SegmentationConfig = Field(
+        default_factory=SegmentationConfig,
+        description="segmentation legend and decoding",
+    )
+    referring: ReferringConfig = Field(default_factory=ReferringConfig, description="referring segmentation")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the model backend")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="where the stages run")
+    run: RunConfig = Field(default_factory=RunConfig, description="run-wide settings")
 
     @field_validator("tasks")
     @classmethod
@@ -414,15 +685,23 @@ class JobConfig(_Section):
 
     @model_validator(mode="after")
     def _task_inputs(self) -> "JobConfig":
+        # Every problem at once (one message, a line each): a user fixes them in one edit.
+        problems = []
         if not self.model.backend:
-            raise ValueError(
+            problems.append(
                 "model.backend: required, e.g. marigold (with model.path), diffusers, http, demo, or identity to "
                 "decode the input images themselves as paintings (codec debugging)"
             )
+        elif self.model.backend in ("marigold", "diffusers") and not self.model.path:
+            problems.append(f"model.path: the {self.model.backend} backend needs a checkpoint (directory or hub id)")
+        elif self.model.backend == "http" and not self.model.endpoint:
+            problems.append("model.endpoint: the http backend needs the URL to POST images to")
         if "segmentation" in self.tasks and not (self.segmentation.classes or self.segmentation.legend):
-            raise ValueError("task 'segmentation' needs segmentation.classes or segmentation.legend")
+            problems.append("task 'segmentation' needs segmentation.classes or segmentation.legend")
         if "referring" in self.tasks and not (self.referring.phrase or self.referring.phrase_column):
-            raise ValueError("task 'referring' needs referring.phrase or referring.phrase_column")
+            problems.append("task 'referring' needs referring.phrase or referring.phrase_column")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
 
@@ -448,24 +727,66 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _describe(err: ValidationError) -> str:
+def config_problems(data: dict[str, Any]) -> list[str]:
+    """Every problem of a config (as a dict), one line each, `field: what is wrong`; [] when it is valid.
+
+    pydantic reports every bad field, but skips a section's cross-field checks while one of its
+    fields is bad. So the bad keys are dropped (their defaults stand in) and the rest validated
+    again, until nothing new turns up: every semantic error shows at once, not the first.
+
+    >>> config_problems({"input": {"path": "in.parquet"}, "model": {"backend": "demo", "batch_size": 0},
+    ...                  "tasks": ["segmentation"]})
+    ['model.batch_size: Input should be greater than 0', "task 'segmentation' needs segmentation.classes or segmentation.legend"]
+    """
+    problems: list[str] = []
+    data = copy.deepcopy(data)
+    for _ in range(4):  # each round drops keys; sections nest 2 deep (storage: 3)
+        try:
+            JobConfig.model_validate(data)
+            break
+        except ValidationError as exc:
+            found = [line for line in _problem_lines(exc) if line not in problems]
+            problems += found
+            dropped = [_drop(data, e["loc"]) for e in exc.errors() if len(e["loc"]) >= 2 or e["loc"][:1] == ("tasks",)]
+            if not found or not any(dropped):
+                break
+    return problems
+
+
+def _drop(data: Any, loc: tuple) -> bool:
+    """Remove the key at `loc` (a list item: the whole list) so that its default stands in; False if none."""
+    keys = [k for k in loc if isinstance(k, str)]
+    node = data
+    for key in keys[:-1]:
+        node = node.get(key) if isinstance(node, dict) else None
+    if isinstance(node, dict) and keys and keys[-1] in node:
+        del node[keys[-1]]
+        return True
+    return False
+
+
+def _problem_lines(err: ValidationError) -> list[str]:
     lines = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
-        if not field:  # a check across sections names its own fields
-            lines.append(f"  {msg}")
+        if not field:  # a check across sections names its own fields (one line per problem)
+            lines += msg.splitlines()
             continue
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see `vb-batch run --help`)"
-        lines.append(f"  {field}: {msg}")
-    return "invalid job config:\n" + "\n".join(lines)
+        lines.append(f"{field}: {msg}")
+    return lines
+
+
+def _describe(problems: list[str]) -> str:
+    return "invalid job config:\n" + "\n".join(f"  {line}" for line in problems)
 
 
 def load_config(source: str | Path | dict[str, Any] | None = None, overrides: list[str] | None = None) -> JobConfig:
     """Build a validated `JobConfig` from a YAML path (or dict) and `a.b=value` overrides.
 
-    >>> cfg = load_config({"input": {"path": "images/"}}, ["model.batch_size=4"])
+    >>> cfg = load_config({"input": {"path": "images/"}, "model": {"backend": "identity"}}, ["model.batch_size=4"])
     >>> cfg.model.batch_size
     4
     """
@@ -486,8 +807,8 @@ def load_config(source: str | Path | dict[str, Any] | None = None, overrides: li
     data = apply_overrides(data, overrides or [])
     try:
         return JobConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+    except ValidationError:
+        raise ConfigError(_describe(config_problems(data))) from None
 
 
 def redacted(cfg: JobConfig) -> dict[str, Any]:

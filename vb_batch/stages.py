@@ -14,16 +14,22 @@ its input columns, gets null outputs and a `vb_error {code, message}`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import math
+import os
 import sys
+import threading
 import uuid
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,24 +38,30 @@ from PIL import Image
 from vb_batch._version import __version__
 from vb_batch.codecs import Decoded
 from vb_batch.codecs import normals as normals_codec
-from vb_batch.config import ConfigError, JobConfig, redacted
+from vb_batch.config import ConfigError, JobConfig, OutputConfig, redacted
 from vb_batch.errors import RowError
 from vb_batch.io.encodings import arrays_to_column, column_to_arrays, encode_map, storage_type
 from vb_batch.io.fetch import read_uri
-from vb_batch.io.images import decode_image
+from vb_batch.io.images import NeededSize, decode_for_model
 from vb_batch.io.sources import image_bytes
 from vb_batch.models.base import ModelBackend, backend_class, model_id
 from vb_batch.models.loading import to_device
 from vb_batch.models.profiles import get_profile
 from vb_batch.registry import added_entries
 from vb_batch.tasks import Task, TaskContext, build_legend, get_task
+from vb_batch.timing import current, phase, run_collecting
 
 log = logging.getLogger(__name__)
 
 IMAGE_COLUMN = "_vb_rgb"
+# The whole upright image's (height, width): the decoded pixels may be a reduced JPEG decode.
+IMAGE_SIZE_COLUMN = "_vb_image_size"
+IMAGE_SIZE_TYPE = pa.list_(pa.int32())
 ERROR_COLUMN = "vb_error"
 ERROR_TYPE = pa.struct([pa.field("code", pa.string()), pa.field("message", pa.string())])
 PROVENANCE_COLUMNS = ("vb_model", "vb_profile", "vb_run_id", "vb_version")
+# Under the output: where hosted backends record their remote jobs (`ModelBackend.needs_state_dir`).
+HOSTED_STATE_DIR = "_vb/hosted"
 
 
 def new_run_id() -> str:
@@ -97,6 +109,15 @@ class Plan:
         backend_cls = backend_class(cfg.model.backend)
         profile_name = cfg.model.profile or backend_cls.default_profile
         profile = get_profile(profile_name)
+        if cfg.model.prompts:  # the job's own templates over the profile's, checked as a profile's are
+            try:
+                profile = dataclasses.replace(profile, templates={**profile.templates, **cfg.model.prompts})
+            except ValueError as exc:
+                raise ConfigError(f"model.prompts: {exc}") from None
+        if cfg.model.state_url is None and cfg.output.path and backend_cls.needs_state_dir(cfg.model):
+            # A backend with remote jobs (gemini batch) records them in the output, so a resumed run re-attaches.
+            cfg.model.state_url = cfg.output.path.rstrip("/") + "/" + HOSTED_STATE_DIR
+            cfg.model.state_storage = cfg.output.storage
         seg = cfg.segmentation
         try:
             legend = build_legend(seg.classes, seg.legend, seg.palette)
@@ -112,6 +133,7 @@ class Plan:
             phrase=cfg.referring.phrase,
             phrase_column=cfg.referring.phrase_column,
             templates=dict(profile.templates),
+            fractions=seg.fractions,
         )
         return cls(
             cfg=cfg,
@@ -138,11 +160,14 @@ class Plan:
     def output_fields(self) -> list[pa.Field]:
         encoding = self.cfg.output.encoding
         fields = []
+        grid = grid_metadata(self.cfg.output)
         for task in self.tasks:
-            meta = task.column_meta(self.ctx, encoding).to_metadata()
+            meta = {**task.column_meta(self.ctx, encoding).to_metadata(), **grid}
             fields.append(pa.field(self.column(task), storage_type(encoding), metadata=meta))
             fields.append(pa.field(self.column(task, "_confidence"), pa.float32()))
             fields += [pa.field(self.column(task, s), t) for s, t in task.summary_fields(self.ctx)]
+        if grid:
+            fields += [pa.field(name, pa.int32()) for name in image_size_columns(self.cfg.output)]
         fields.append(pa.field(ERROR_COLUMN, ERROR_TYPE))
         fields += [pa.field(name, pa.string()) for name in PROVENANCE_COLUMNS]
         return fields
@@ -201,26 +226,110 @@ def _images(batch: pa.RecordBatch) -> list[np.ndarray | None]:
 # ---------------------------------------------------------------------------- stage 1
 
 
+# Backends that resize every image to about processing_resolution**2 pixels (Marigold: that longer
+# side) before the model sees it, with their default resolution (None: the checkpoint's, not known here).
+_RESIZING_BACKENDS: dict[str, int | None] = {"diffusers": 1024, "marigold": None, "demo": None}
+# Margins of `needed_size` over the model's working size: an aspect bucket stretches a side by up to
+# 7.5% (half the 3:1 to 4:1 gap), sides rounded to a multiple (16; Qwen's grid 32) gain at most half
+# of it, no working side is under 64 px (klein's minimum), and the farthest aspect bucket (Kontext's
+# 2.3:1) keeps a short side of 0.66 R.
+_WORKING_STRETCH = 1.08
+_WORKING_SLACK = 16
+_WORKING_MIN_SIDE = 64
+_WORKING_MIN_FRACTION = 0.7
+
+
+def model_resolution(cfg: JobConfig) -> int | None:
+    """R such that the model works on at most about R*R pixels of an image, if known before loading.
+
+    None: the model may work at the input's own size (identity, http, hosted, `processing_resolution: 0`,
+    or a default only the checkpoint knows), so images are decoded in full. A user's backend
+    class may declare `working_resolution(model_cfg) -> int | None` to get reduced decoding too.
+    """
+    model = cfg.model
+    if model.processing_resolution == 0:
+        return None
+    if model.backend in _RESIZING_BACKENDS:
+        return model.processing_resolution or _RESIZING_BACKENDS[model.backend]
+    if model.backend in ("identity", "http"):
+        return None
+    declared = getattr(backend_class(model.backend), "working_resolution", None)
+    return declared(model) if callable(declared) else None
+
+
+def needed_size(resolution: int, height: int, width: int) -> tuple[int, int]:
+    """The smallest (h, w) a model working at about `resolution`**2 pixels may need of a (height, width) image.
+
+    Conservative for every built-in sizing rule, exact or bucketed (tests sweep it against
+    `vb_batch.models.sizing`): an equal-area working size has sides of about side * R / sqrt(area);
+    Marigold's longer side R is below that; a bucket stretches a side by a few percent, and an
+    image more elongated than its farthest bucket keeps a short side of at least 0.66 R.
+    """
+    scale = max(resolution / math.sqrt(height * width), _WORKING_MIN_SIDE / min(height, width)) * _WORKING_STRETCH
+    floor = math.ceil(resolution * _WORKING_MIN_FRACTION)
+    return tuple(min(side, max(math.ceil(side * scale), floor) + _WORKING_SLACK) for side in (height, width))
+
+
+def _needed(plan: Plan) -> NeededSize | None:
+    resolution = model_resolution(plan.cfg)
+    return None if resolution is None else (lambda height, width: needed_size(resolution, height, width))
+
+
+# Per-row CPU work of a batch (decoding, resizing, encoding) runs on these threads: Pillow, zlib,
+# OpenCV and numpy release the GIL, and on 2 cores the engine gives the CPU stages one thread.
+ROW_THREADS = max(1, min(4, os.cpu_count() or 1))
+_row_pool: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that made it: a forked child makes its own)
+_row_pool_lock = threading.Lock()
+
+
+def map_rows(fn, items: list) -> list:
+    """[fn(item) for item in items] on `ROW_THREADS` threads shared by the process, in order.
+
+    `fn` guards its own row (it returns errors, never raises them). Each thread books its
+    phases into the caller's collector, so the stage's seconds are summed over threads.
+    """
+    global _row_pool
+    if ROW_THREADS == 1 or len(items) < 2:
+        return [fn(item) for item in items]
+    with _row_pool_lock:
+        if _row_pool is None or _row_pool[0] != os.getpid():
+            _row_pool = (os.getpid(), ThreadPoolExecutor(ROW_THREADS, thread_name_prefix="vb-rows"))
+        pool = _row_pool[1]
+    times = current()
+    return list(pool.map(lambda item: run_collecting(times, fn, item), items))
+
+
 def fetch_decode(batch: pa.RecordBatch, plan: Plan) -> pa.RecordBatch:
-    """Stage 1 (CPU): read each row's image (bytes or URI) and decode it to RGB uint8."""
+    """Stage 1 (CPU): read each row's image (bytes or URI) and decode it to RGB uint8, rows in parallel.
+
+    A JPEG far larger than the model's working size decodes reduced (`model_resolution`,
+    `needed_size`); the whole image's size goes to `IMAGE_SIZE_COLUMN` for the output grid.
+    """
     cfg = plan.cfg.input
-    if plan.image_column:
-        cells = image_bytes(batch.column(batch.schema.get_field_index(plan.image_column))).to_pylist()
-    else:
-        cells = _column_list(batch, plan.uri_column)
-    errors = _errors(batch)
-    images: list[np.ndarray | None] = []
-    for i, cell in enumerate(cells):
-        image = None
-        if errors[i] is None:
+    with phase("fetch_decode"):
+        if plan.image_column:
+            cells = image_bytes(batch.column(batch.schema.get_field_index(plan.image_column))).to_pylist()
+        else:
+            cells = _column_list(batch, plan.uri_column)
+        errors = _errors(batch)
+        needed = _needed(plan)
+
+    def fetch_one(i: int):
+        if errors[i] is not None:
+            return None, None, errors[i]
+        with phase("fetch_decode"):
             try:
-                data = cell if plan.image_column else read_uri(cell, cfg)
-                image = decode_image(data, cfg.max_pixels, cfg.min_side, cfg.image_formats, cfg.max_bytes)
+                data = cells[i] if plan.image_column else read_uri(cells[i], cfg)
+                decoded = decode_for_model(data, cfg.max_pixels, cfg.min_side, cfg.image_formats, cfg.max_bytes, needed)
+                return decoded.pixels, list(decoded.size), None
             except Exception as exc:  # noqa: BLE001 - the row guard: whatever one row raises is its own error
-                errors[i] = row_error(exc, "internal_error", "fetch and decode: ")
-        images.append(image)
-    batch = _set_column(batch, IMAGE_COLUMN, arrays_to_column(images))
-    return _set_column(batch, ERROR_COLUMN, pa.array(errors, ERROR_TYPE))
+                return None, None, row_error(exc, "internal_error", "fetch and decode: ")
+
+    rows = map_rows(fetch_one, list(range(len(cells))))
+    with phase("fetch_decode"):
+        batch = _set_column(batch, IMAGE_COLUMN, arrays_to_column([image for image, _, _ in rows]))
+        batch = _set_column(batch, IMAGE_SIZE_COLUMN, pa.array([size for _, size, _ in rows], IMAGE_SIZE_TYPE))
+        return _set_column(batch, ERROR_COLUMN, pa.array([error for _, _, error in rows], ERROR_TYPE))
 
 
 # ---------------------------------------------------------------------------- stage 2
@@ -357,7 +466,8 @@ def run_model(batch: pa.RecordBatch, plan: Plan, backend: ModelBackend) -> pa.Re
             answers: list[np.ndarray | None] = [None] * batch.num_rows
             if rows:
                 prompts = task.prompts(plan.ctx, len(rows), p, phrases)
-                results = _predict_rows(backend, [images[i] for i in rows], prompts, task.name, seeds)
+                with phase("model"):
+                    results = _predict_rows(backend, [images[i] for i in rows], prompts, task.name, seeds)
                 for i, result in zip(rows, results):
                     try:
                         answers[i] = model_answer(result)
@@ -374,25 +484,91 @@ def run_model(batch: pa.RecordBatch, plan: Plan, backend: ModelBackend) -> pa.Re
 
 
 def resize_values(values: np.ndarray, kind: str, size: tuple[int, int]) -> np.ndarray:
-    """Map a decoded map to the input's (H, W): nearest for ids and masks, bilinear for depth and normals."""
+    """Map a decoded map onto an (H, W) grid: nearest for ids and masks, bilinear for depth and normals.
+
+    Nearest: output pixel (i, j) takes source (i * h // H, j * w // W), exactly. Bilinear: Pillow's
+    BILINEAR (pixel centres aligned, source x = (j + 0.5) * w / W - 0.5; antialiased when shrinking).
+    Enlarging, the common case (a working-size answer onto a photo's grid), runs as OpenCV's
+    INTER_LINEAR on all channels at once, equal to Pillow's within float32 rounding (13-20x
+    faster; pinned by tests/test_photos.py); shrinking keeps Pillow. A non-finite source pixel
+    makes every output pixel it weighs in non-finite: NaN (invalid) if any NaN does, else +inf
+    (far). Normals are renormalised.
+    """
     height, width = size
     if values.shape[:2] == (height, width):
         return values
     if kind in ("classes", "mask"):
-        rows = (np.arange(height) * values.shape[0] // height)[:, None]
-        cols = (np.arange(width) * values.shape[1] // width)[None, :]
-        return values[rows, cols]
+        rows = np.arange(height) * values.shape[0] // height
+        cols = np.arange(width) * values.shape[1] // width
+        return np.take(np.take(values, rows, axis=0), cols, axis=1)
+    values = np.asarray(values, dtype=np.float32)
+    finite = np.isfinite(values)
+    if finite.all():
+        resized = _bilinear(values, size)
+    else:
+        # Pillow alone here: which taps weigh in must be the same for the values and the hole masks.
+        resized = _bilinear(np.where(finite, values, np.float32(0)), size, fast=False)
+        # Where a far (+inf) or invalid pixel weighs in, the output is far or invalid, never a blend.
+        far = _bilinear(np.isposinf(values).astype(np.float32), size, fast=False) > 0
+        invalid = _bilinear((~finite & ~np.isposinf(values)).astype(np.float32), size, fast=False) > 0
+        resized[far] = np.inf
+        resized[invalid] = np.nan
+    if kind == "normals":
+        norm = np.sqrt(np.einsum("...c,...c->...", resized, resized))[..., None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            resized /= norm
+    return resized
+
+
+def _bilinear(values: np.ndarray, size: tuple[int, int], fast: bool = True) -> np.ndarray:
+    """float32 (h, w[, c]) -> (H, W[, c]), Pillow's BILINEAR; OpenCV's equal kernel when enlarging both sides.
+
+    A side kept at its size, and a map with far or invalid pixels (`fast=False`), stay with
+    Pillow: the two kernels differ in which zero-weight taps they read at edges and equal sides,
+    so a hole would spread differently.
+    """
+    height, width = size
+    if fast and height > values.shape[0] and width > values.shape[1]:
+        return cv2.resize(values, (width, height), interpolation=cv2.INTER_LINEAR)
     channels = values[..., None] if values.ndim == 2 else values
     resized = np.stack(
-        [np.asarray(Image.fromarray(channels[..., c].astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
+        [np.asarray(Image.fromarray(np.ascontiguousarray(channels[..., c]), mode="F").resize((width, height), Image.BILINEAR))
          for c in range(channels.shape[-1])],
         axis=-1,
     )
-    if kind == "normals":
-        norm = np.linalg.norm(resized, axis=-1, keepdims=True)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            resized = resized / norm
     return resized[..., 0] if values.ndim == 2 else resized
+
+
+def grid_metadata(output: OutputConfig) -> dict[bytes, bytes]:
+    """Field metadata of a map column stored off the image's grid (none at the default: old outputs keep their fingerprint)."""
+    if output.resolution == "input" and output.max_side is None:
+        return {}
+    height, width = image_size_columns(output)
+    meta = {
+        "grid": output.resolution,
+        # How a stored pixel maps onto the image (pixel centres aligned) and how camera intrinsics follow.
+        "grid_to_image": (
+            f"x_image = (x + 0.5) * {width} / map_width - 0.5, y_image = (y + 0.5) * {height} / map_height - 0.5; "
+            f"intrinsics (pixel centres at +0.5): fx, cx times map_width / {width}, fy, cy times map_height / {height}"
+        ),
+    }
+    if output.max_side is not None:
+        meta["max_side"] = str(output.max_side)
+    return {f"vb.{k}".encode(): v.encode() for k, v in meta.items()}
+
+
+def image_size_columns(output: OutputConfig) -> tuple[str, str]:
+    """The columns holding each row's image (height, width), written when maps are stored off its grid."""
+    return f"{output.prefix}image_height", f"{output.prefix}image_width"
+
+
+def stored_grid(output: OutputConfig, image_size: tuple[int, int], answer_size: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) a map is stored at: the image's or the model's answer's grid, its longer side capped at `max_side`."""
+    height, width = image_size if output.resolution == "input" else answer_size
+    if output.max_side is not None and max(height, width) > output.max_side:
+        scale = output.max_side / max(height, width)
+        height, width = max(1, round(height * scale)), max(1, round(width * scale))
+    return height, width
 
 
 def decode_answer(task: Task, answers: list[np.ndarray], plan: Plan, confidences: list | None = None) -> Decoded:
@@ -409,15 +585,21 @@ def decode_answer(task: Task, answers: list[np.ndarray], plan: Plan, confidences
 
 
 def decode_encode(batch: pa.RecordBatch, plan: Plan) -> pa.RecordBatch:
-    """Stage 3 (CPU): decode answers, encode for storage, add summaries and provenance."""
+    """Stage 3 (CPU): decode answers, encode for storage, add summaries and provenance; rows in parallel.
+
+    Summary scalars are computed on the decoded map at the grid the model answered at, before
+    any resize: the same values whatever `output.resolution` / `output.max_side` store.
+    """
     errors = _errors(batch)
-    # Only the shapes: reading the whole struct would copy every image's raw pixels into Python.
-    shapes = pc.struct_field(batch.column(batch.schema.get_field_index(IMAGE_COLUMN)), "shape").to_pylist()
-    sizes = [None if shape is None else tuple(shape[:2]) for shape in shapes]
-    encoding = plan.cfg.output.encoding
+    output = plan.cfg.output
+    sizes = _image_sizes(batch)
+    encoding = output.encoding
     outputs: dict[str, list[Any]] = {f.name: [None] * batch.num_rows for f in plan.output_fields()}
+    if grid_metadata(output):
+        for name, axis in zip(image_size_columns(output), (0, 1)):
+            outputs[name] = [None if size is None else size[axis] for size in sizes]
+    work = []
     for task in plan.tasks:
-        meta = task.column_meta(plan.ctx, encoding)
         num_passes = task.passes(plan.ctx)
         passes = [_arrays(batch, answer_column(task.name, p)) for p in range(num_passes)]
         pass_confidences = (
@@ -425,23 +607,36 @@ def decode_encode(batch: pa.RecordBatch, plan: Plan) -> pa.RecordBatch:
             if plan.decodes_on_device(task)
             else None
         )
-        for i in range(batch.num_rows):
-            if errors[i] is not None or sizes[i] is None:
-                continue
+        work.append((task, task.column_meta(plan.ctx, encoding), passes, pass_confidences))
+
+    def encode_row(i: int) -> tuple[dict[str, Any], dict[str, str] | None]:
+        """One row's output cells for every task, in task order; the first failing task ends the row."""
+        cells: dict[str, Any] = {}
+        for task, meta, passes, pass_confidences in work:
             try:
-                confidences = None if pass_confidences is None else [c[i] for c in pass_confidences]
-                decoded = decode_answer(task, [cells[i] for cells in passes], plan, confidences)
-                values = resize_values(np.asarray(decoded.values), task.kind, sizes[i])
-                outputs[plan.column(task)][i] = encode_map(values, meta)
-                if decoded.confidence is not None:
-                    outputs[plan.column(task, "_confidence")][i] = float(np.mean(decoded.confidence))
-                for suffix, value in task.summarise(values, plan.ctx).items():
-                    outputs[plan.column(task, suffix)][i] = value
+                with phase("codec_decode"):
+                    confidences = None if pass_confidences is None else [c[i] for c in pass_confidences]
+                    decoded = decode_answer(task, [answers[i] for answers in passes], plan, confidences)
+                    values = np.asarray(decoded.values)
+                with phase("encode"):
+                    summary = task.summarise(values, plan.ctx)
+                    confidence = None if decoded.confidence is None else float(np.mean(decoded.confidence))
+                with phase("resize"):
+                    values = resize_values(values, task.kind, stored_grid(output, sizes[i], values.shape[:2]))
+                with phase("encode"):
+                    cell = encode_map(values, meta, output.png_compression)
             except Exception as exc:  # noqa: BLE001 - a bad answer is this row's fault
-                errors[i] = _output_error(task, exc)
-                for f in plan.output_fields():
-                    if f.name.startswith(plan.column(task)):
-                        outputs[f.name][i] = None
+                return cells, _output_error(task, exc)
+            cells[plan.column(task)] = cell
+            cells[plan.column(task, "_confidence")] = confidence
+            cells.update({plan.column(task, suffix): value for suffix, value in summary.items()})
+        return cells, None
+
+    rows = [i for i in range(batch.num_rows) if errors[i] is None and sizes[i] is not None]
+    for i, (cells, error) in zip(rows, map_rows(encode_row, rows)):
+        for name, value in cells.items():
+            outputs[name][i] = value
+        errors[i] = error
     outputs[ERROR_COLUMN] = errors
     provenance = {"vb_model": plan.model, "vb_profile": plan.profile, "vb_run_id": plan.run_id, "vb_version": __version__}
     for name, value in provenance.items():
@@ -450,6 +645,15 @@ def decode_encode(batch: pa.RecordBatch, plan: Plan) -> pa.RecordBatch:
     kept = [batch.column(batch.schema.get_field_index(f.name)) for f in plan.kept_input_fields()]
     produced = [pa.array(outputs[f.name], type=f.type) for f in plan.output_fields()]
     return pa.RecordBatch.from_arrays(kept + produced, schema=schema)
+
+
+def _image_sizes(batch: pa.RecordBatch) -> list[tuple[int, int] | None]:
+    """Each row's whole-image (height, width): `IMAGE_SIZE_COLUMN`, else its decoded pixels' shape."""
+    if batch.schema.get_field_index(IMAGE_SIZE_COLUMN) >= 0:
+        return [None if size is None else tuple(size) for size in _column_list(batch, IMAGE_SIZE_COLUMN)]
+    # Only the shapes: reading the whole struct would copy every image's raw pixels into Python.
+    shapes = pc.struct_field(batch.column(batch.schema.get_field_index(IMAGE_COLUMN)), "shape").to_pylist()
+    return [None if shape is None else tuple(shape[:2]) for shape in shapes]
 
 
 def annotate_batch(batch: pa.RecordBatch, plan: Plan, backend: ModelBackend) -> pa.RecordBatch:

@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import io
 import json
+import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 import pyarrow as pa
 from PIL import Image
@@ -40,7 +43,7 @@ ARRAY_TYPE = pa.struct(
 )
 PNG_INVALID = 0
 PNG_FAR = 65535
-# zlib level 1: several times faster than the default 6 for a few percent more bytes.
+# zlib level 1 (`output.png_compression`'s default): several times faster than 6 for a few percent more bytes.
 PNG_COMPRESS_LEVEL = 1
 
 KINDS = ("depth", "normals", "classes", "mask")
@@ -109,21 +112,57 @@ def depth_png_params(relative: bool) -> tuple[float, float]:
 # ---------------------------------------------------------------------------- encode
 
 
-def png_bytes(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    """Lossless PNG of a Pillow image: grey 8 / 16-bit and RGB through `png_of_array`, other modes through Pillow."""
+    if image.mode in ("L", "I;16", "RGB"):
+        return png_of_array(np.asarray(image), compress_level)
     buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    image.save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
 
 
-def _depth_to_png(depth: np.ndarray, meta: ColumnMeta) -> bytes:
-    d = np.asarray(depth, dtype=np.float64)
-    stored = np.rint(meta.offset + d * meta.scale)
+def png_of_array(pixels: np.ndarray, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    """A uint8 (H, W) or (H, W, 3), or uint16 (H, W), array as PNG bytes: every row "Up"-filtered, then zlib.
+
+    Why not Pillow's encoder: it picks a filter per row by trying all five, which costs more than
+    compressing (at 12 MP, 0.42 s of 0.51 s for a depth map); one vectorised Up filter (the
+    difference to the row above, which suits smooth, resized maps) and stdlib zlib take half the
+    time for a file of about the same size, and zlib releases the GIL, so rows encode in parallel.
+    """
+    if pixels.dtype == np.uint16 and pixels.ndim == 2:
+        data, bit_depth, colour_type = pixels.astype(">u2").view(np.uint8), 16, 0
+    elif pixels.dtype == np.uint8 and (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3)):
+        data, bit_depth, colour_type = pixels, 8, 0 if pixels.ndim == 2 else 2
+    else:
+        raise ValueError(f"png_of_array: {pixels.dtype} of shape {pixels.shape}: expected uint8 grey or RGB, uint16 grey")
+    height, width = pixels.shape[:2]
+    rows = data.reshape(height, -1)
+    filtered = np.empty((height, rows.shape[1] + 1), np.uint8)
+    filtered[:, 0] = 2  # PNG filter type 2, "Up": each byte minus the byte above it, modulo 256
+    filtered[:1, 1:] = rows[:1]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
+    compressed = zlib.compress(filtered, compress_level)
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    # IDAT chunks hold at most 2**31 - 1 bytes each.
+    idat = [_png_chunk(b"IDAT", compressed[i : i + 2**30]) for i in range(0, max(len(compressed), 1), 2**30)]
+    return b"".join([b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", header), *idat, _png_chunk(b"IEND", b"")])
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(tag)))
+
+
+def _depth_to_png(depth: np.ndarray, meta: ColumnMeta, level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    d = np.asarray(depth)
+    # float64 codes (exact rounding); in place: at 12 MP each temporary costs as much as the PNG.
+    stored = np.multiply(d, meta.scale, dtype=np.float64)
+    stored += meta.offset
+    np.rint(stored, out=stored)
     with np.errstate(invalid="ignore"):
         # Depth that rounds below the first code is still a real measurement: keep it at code 1.
-        stored = np.clip(stored, 1, PNG_FAR)
-    stored[np.isnan(d)] = PNG_INVALID
-    stored[np.isposinf(d)] = PNG_FAR
-    return png_bytes(Image.fromarray(stored.astype(np.uint16)))
+        np.clip(stored, 1, PNG_FAR, out=stored)  # +inf (far) lands on PNG_FAR here
+    stored[np.isnan(stored)] = PNG_INVALID
+    return png_of_array(stored.astype(np.uint16), level)
 
 
 def _png_to_depth(data: bytes, meta: ColumnMeta) -> np.ndarray:
@@ -134,11 +173,21 @@ def _png_to_depth(data: bytes, meta: ColumnMeta) -> np.ndarray:
     return depth
 
 
-def _normals_to_png(n: np.ndarray, meta: ColumnMeta) -> bytes:
-    invalid = ~np.isfinite(n).all(axis=-1)
-    rgb = normals_codec.encode(np.where(invalid[..., None], 0.0, n).astype(np.float32), frame=meta.frame)
-    rgb[invalid] = 0
-    return png_bytes(Image.fromarray(rgb, mode="RGB"))
+def _normals_to_png(n: np.ndarray, meta: ColumnMeta, level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    """`normals_codec.encode` in float32 (within 1 code of its float64 colours; ~5x faster at 12 MP)."""
+    vectors = normals_codec.convert(np.asarray(n, dtype=np.float32), meta.frame or "opengl", normals_codec.PAINTED_FRAME)
+    squared = np.einsum("...c,...c->...", vectors, vectors)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        scaled = vectors * (np.float32(127.5) / np.sqrt(squared))[..., None]
+    # OpenCV's saturating round of 127.5 * n / |n| + 127.5 to uint8 in one SIMD pass (numpy takes five).
+    colours = cv2.convertScaleAbs(scaled, alpha=1.0, beta=127.5)
+    invalid = ~np.isfinite(squared)  # a NaN or infinite component: stored as (0, 0, 0), which no unit vector encodes to
+    no_direction = squared <= 1e-24  # zero length: the codec's mid-grey
+    if no_direction.any():
+        colours[no_direction] = normals_codec.NO_DIRECTION_RGB
+    if invalid.any():
+        colours[invalid] = 0
+    return png_of_array(colours, level)
 
 
 def _png_to_normals(data: bytes, meta: ColumnMeta) -> np.ndarray:
@@ -152,8 +201,8 @@ def _ids_dtype(meta: ColumnMeta) -> type:
     return np.uint16 if meta.unlabelled is not None and meta.unlabelled > 255 else np.uint8
 
 
-def _ids_to_png(ids: np.ndarray, meta: ColumnMeta) -> bytes:
-    return png_bytes(Image.fromarray(ids.astype(_ids_dtype(meta))))
+def _ids_to_png(ids: np.ndarray, meta: ColumnMeta, level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    return png_of_array(np.ascontiguousarray(ids, dtype=_ids_dtype(meta)), level)
 
 
 def _png_to_ids(data: bytes, meta: ColumnMeta) -> np.ndarray:
@@ -230,16 +279,19 @@ def column_to_arrays(column: pa.Array | pa.ChunkedArray) -> list[np.ndarray | No
     return out
 
 
-def encode_map(values: np.ndarray, meta: ColumnMeta) -> Any:
-    """One decoded map -> the Python value of its storage cell (bytes or an array struct)."""
+def encode_map(values: np.ndarray, meta: ColumnMeta, png_compression: int = PNG_COMPRESS_LEVEL) -> Any:
+    """One decoded map -> the Python value of its storage cell (bytes or an array struct).
+
+    `png_compression` is zlib's level (0-9, `output.png_compression`); any level decodes the same.
+    """
     if meta.encoding == "array":
         dtype = {"depth": np.float32, "normals": np.float32}.get(meta.kind)
-        return encode_array(values.astype(dtype) if dtype else values)
+        return encode_array(values.astype(dtype, copy=False) if dtype else values)
     if meta.kind == "depth":
-        return _depth_to_png(values, meta)
+        return _depth_to_png(values, meta, png_compression)
     if meta.kind == "normals":
-        return _normals_to_png(values, meta)
-    return _ids_to_png(values, meta)
+        return _normals_to_png(values, meta, png_compression)
+    return _ids_to_png(values, meta, png_compression)
 
 
 def decode_map(cell: Any, meta: ColumnMeta) -> np.ndarray:

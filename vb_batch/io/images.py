@@ -18,6 +18,12 @@ What `decode_image` guarantees, whatever the bytes:
 
 Unusual but valid images (CMYK, 16-bit, palette, alpha, grey, animated GIF) are
 converted, not rejected.
+
+Reduced decoding (`decode_for_model`): when the model works far below the input's
+size, a JPEG is decoded by libjpeg's DCT scaling (Pillow's draft mode) at 1/2, 1/4
+or 1/8 of its size, never below the size the caller says it needs; the full
+upright size is still reported, so the outputs map back onto the whole image.
+Other formats decode at full size.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import io
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import (
@@ -230,7 +237,45 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image)
 
 
-def _decode(data: bytes, max_pixels: int, min_side: int, listed: tuple[str, ...]) -> np.ndarray:
+# (height, width) of the upright image -> the smallest (height, width) the caller can use.
+NeededSize = Callable[[int, int], tuple[int, int]]
+# libjpeg scales the DCT by 1/2, 1/4 or 1/8 while decoding (MPO: a JPEG with more frames).
+_DRAFT_FORMATS = ("JPEG", "MPO")
+# EXIF orientations that swap width and height (transpose, rotate 90, transverse, rotate 270).
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image decoded for the model: its RGB pixels (maybe reduced) and the full upright image's size."""
+
+    pixels: np.ndarray  # RGB uint8 (h, w, 3), upright
+    size: tuple[int, int]  # (height, width) of the whole upright image: the grid outputs map back to
+
+    @property
+    def reduced(self) -> bool:
+        return self.pixels.shape[:2] != self.size
+
+
+def _draft(image: Image.Image, needed: NeededSize | None) -> tuple[int, int] | None:
+    """Ask a JPEG decoder for the smallest DCT scale that still gives `needed`; the full upright (h, w) if it did."""
+    if needed is None or image.format not in _DRAFT_FORMATS:
+        return None
+    width, height = image.size
+    swapped = image.getexif().get(0x0112, 1) in _SWAPPING_ORIENTATIONS
+    upright = (width, height) if swapped else (height, width)
+    need_h, need_w = needed(*upright)
+    request = (need_h, need_w) if swapped else (need_w, need_h)  # raw (width, height), as Pillow counts
+    if request[0] * 2 > width or request[1] * 2 > height:
+        return None  # not even half the size: nothing to gain
+    # Pillow picks the largest scale whose (rounded up) size is still >= the request on both sides.
+    image.draft(None, request)  # None: keep the mode; only the scale changes
+    return upright
+
+
+def _decode(
+    data: bytes, max_pixels: int, min_side: int, listed: tuple[str, ...], needed: NeededSize | None = None
+) -> DecodedImage:
     allowed = [name for name in listed if name in DECODABLE_FORMATS]
     name = sniff_format(data)
     if name is not None and name not in {_PLUGIN.get(f, f) for f in allowed}:
@@ -258,9 +303,11 @@ def _decode(data: bytes, max_pixels: int, min_side: int, listed: tuple[str, ...]
         if min(width, height) < min_side:
             raise RowError("too_small", f"{width}x{height} is below input.min_side={min_side}")
         _check_tiles(image, max_pixels)
+        drafted = _draft(image, needed)
         image.load()  # the frame it opened on: the first of an animation or a multi-page file
         _check_pixels(image.size, max_pixels)  # no plugin may grow the image while decoding
-        return _to_rgb(_upright(image))
+        pixels = _to_rgb(_upright(image))
+        return DecodedImage(pixels, drafted or pixels.shape[:2])
 
 
 # Exception types Pillow and its C decoders raise on malformed bytes (beyond OSError).
@@ -299,6 +346,29 @@ def decode_image(
     >>> decode_image(buf.getvalue(), max_pixels=1_000_000).shape
     (20, 30, 3)
     """
+    return decode_for_model(data, max_pixels, min_side, formats, max_bytes).pixels
+
+
+def decode_for_model(
+    data: bytes | None,
+    max_pixels: int,
+    min_side: int = 1,
+    formats: Iterable[str] | None = None,
+    max_bytes: int | None = None,
+    needed: NeededSize | None = None,
+) -> DecodedImage:
+    """`decode_image`, reduced where the format allows to no less than `needed(height, width)`.
+
+    All checks (`max_pixels`, `min_side`, formats) apply to the full image. A JPEG is
+    decoded at the smallest DCT scale (1, 1/2, 1/4 or 1/8) whose size is still at
+    least `needed` on both sides; `needed=None` (or any other format) decodes in full.
+
+    >>> import io; from PIL import Image
+    >>> buf = io.BytesIO(); Image.new("RGB", (800, 600)).save(buf, "JPEG")
+    >>> image = decode_for_model(buf.getvalue(), 10**6, needed=lambda h, w: (150, 200))
+    >>> image.pixels.shape, image.size
+    ((150, 200, 3), (600, 800))
+    """
     if data is None:
         raise RowError("null_image", "the image cell is null")
     if len(data) == 0:
@@ -306,7 +376,7 @@ def decode_image(
     if max_bytes is not None and len(data) > max_bytes:
         raise RowError("too_large", f"{len(data)} bytes exceeds input.max_bytes={max_bytes}")
     try:
-        return _decode(bytes(data), max_pixels, min_side, _listed_formats(formats))
+        return _decode(bytes(data), max_pixels, min_side, _listed_formats(formats), needed)
     except RowError:
         raise
     except Exception as exc:  # noqa: BLE001 - any fault of these bytes is this row's; KeyboardInterrupt is not caught

@@ -47,8 +47,18 @@ class ModelBackend:
         """Tasks this backend answers with values rather than a painting (known before loading)."""
         return set()
 
+    @classmethod
+    def needs_state_dir(cls, cfg: "ModelConfig") -> bool:
+        """Whether this backend records remote jobs under the output (`model.state_url`, set by the plan)."""
+        return False
+
     def supported_tasks(self) -> set[str]:
         return {"depth", "normals", "segmentation", "referring"}
+
+    @classmethod
+    def resolved_settings(cls, cfg: "ModelConfig") -> dict:
+        """The defaults this backend fills in for `cfg` (steps, guidance, sizes), for `validate` and the run record."""
+        return {}
 
     def predict(
         self, images: list[np.ndarray], prompts: list[str], task: str, seeds: list[int]
@@ -71,6 +81,12 @@ def model_id(cfg: "ModelConfig") -> str:
         path = public_url(path)
     if cfg.backend == "http" and cfg.endpoint:
         path = public_url(cfg.endpoint)
+    if cfg.backend in HOSTED_BACKENDS:  # the vendor's model id (and a base URL of the user's), never a key
+        path = cfg.model_name or "?"
+        if cfg.endpoint:
+            path += f"+endpoint={public_url(cfg.endpoint)}"
+        if cfg.vertex:
+            path += "+vertex"
     ident = f"{cfg.backend}:{path}" if path else cfg.backend
     ident = f"{ident}@{cfg.revision}" if cfg.revision else ident
     if cfg.transformer_path or cfg.transformer_subfolder:
@@ -79,6 +95,10 @@ def model_id(cfg: "ModelConfig") -> str:
             transformer += "/" + cfg.transformer_subfolder.strip("/")
         ident += f"+transformer={transformer}" + (f"@{cfg.transformer_revision}" if cfg.transformer_revision else "")
     return ident
+
+
+# Backends whose `model.model_name` is a hosted model's id (shown in provenance).
+HOSTED_BACKENDS = frozenset({"gemini", "openai"})
 
 
 def public_url(url: str) -> str:
@@ -118,6 +138,8 @@ BACKENDS: Registry[type[ModelBackend]] = Registry(
         "marigold": "vb_batch.models.marigold:MarigoldBackend",
         "diffusers": "vb_batch.models.diffusers_edit:DiffusersEditBackend",
         "http": "vb_batch.models.http:HttpBackend",
+        "gemini": "vb_batch.models.gemini:GeminiBackend",
+        "openai": "vb_batch.models.openai_images:OpenAIImagesBackend",
         "demo": "vb_batch.models.demo_generalist:DemoBackend",
     },
     check=_check_backend_class,
@@ -133,6 +155,15 @@ def register_backend(name: str, target: str | type[ModelBackend], *, replace: bo
 def backend_class(name: str) -> type[ModelBackend]:
     """The class of a registered backend, or of "package.module:Class" (a user's own backend)."""
     return BACKENDS[name]
+
+
+def resolved_model_settings(cfg: "ModelConfig") -> dict:
+    """What the model will run with where the config leaves it to the backend (e.g. a distilled klein's 4 steps).
+
+    Read from local files only (the checkpoint's model_index.json), never downloaded: cheap enough for
+    `vb-batch validate` and for the run record.
+    """
+    return backend_class(cfg.backend).resolved_settings(cfg)
 
 
 def create_backend(cfg: "ModelConfig") -> ModelBackend:

@@ -149,41 +149,54 @@ class MarigoldBackend(ModelBackend):
         return set(self.pipelines)
 
     def predict(self, images, prompts, task, seeds):
-        import torch
-
         pipe = self.pipelines[task]
         answers: list[np.ndarray | None] = [None] * len(images)
         # Marigold takes one size per call: bucket the batch by shape.
         buckets: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, image in enumerate(images):
             buckets[image.shape].append(i)
+        members = int(self.cfg.options.get("ensemble_size", 1))
         for index in buckets.values():
-            # uint8 (N, 3, H, W) on the device, in the UNet's memory layout: the pipeline scales it to [0, 1] there.
-            layout = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
-            stack = np.stack([images[i] for i in index])
-            pixels = to_device(stack, self.device).permute(0, 3, 1, 2).contiguous(memory_format=layout)
-            # One generator per ensemble member (Marigold repeats each image ensemble_size times, image-major).
-            members = int(self.cfg.options.get("ensemble_size", 1))
-            generators = [
-                torch.Generator(device=self.device).manual_seed((int(seeds[i]) + k) % 2**63)
-                for i in index
-                for k in range(members)
-            ]
-            shared = (
-                nullcontext() if self.shared_encoder is None
-                else self.shared_encoder.call(batch_key(stack, pipe, self.cfg))
-            )
-            with shared:
-                out = pipe(
-                    pixels,
-                    num_inference_steps=self.cfg.num_inference_steps,
-                    processing_resolution=self.cfg.processing_resolution,
-                    generator=generators,
-                    batch_size=len(index),
-                    output_type="np",
-                    **self.cfg.options,
-                )
-            pred = np.asarray(out.prediction, dtype=np.float32)
-            for j, i in enumerate(index):
-                answers[i] = pred[j, ..., 0] if task == "depth" else pred[j]
+            if members > 1:
+                # Ensembling fits one affine per member (depth) or averages directions (normals) over all of
+                # an image's members; that fit amplifies the ~1e-7 float differences a different batch makes
+                # (up to 0.18 on 0-1 depth). So an image's members always run together, alone, in a fixed order:
+                # the same computation whatever the batch, hence the same label.
+                calls = [[i] for i in index]
+            else:
+                calls = [index]
+            for call in calls:
+                predictions = self._run(pipe, [images[i] for i in call], [seeds[i] for i in call], members)
+                for i, prediction in zip(call, predictions):
+                    answers[i] = prediction[..., 0] if task == "depth" else prediction
         return answers
+
+    def _run(self, pipe, images, seeds, members: int) -> np.ndarray:
+        """One pipeline call on images of one shape, `members` ensemble members each: (N, H, W, C) predictions."""
+        import torch
+
+        # uint8 (N, 3, H, W) on the device, in the UNet's memory layout: the pipeline scales it to [0, 1] there.
+        layout = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+        stack = np.stack(images)
+        pixels = to_device(stack, self.device).permute(0, 3, 1, 2).contiguous(memory_format=layout)
+        # One generator per ensemble member (Marigold repeats each image ensemble_size times, image-major).
+        generators = [
+            torch.Generator(device=self.device).manual_seed((int(seed) + k) % 2**63)
+            for seed in seeds
+            for k in range(members)
+        ]
+        shared = (
+            nullcontext() if self.shared_encoder is None
+            else self.shared_encoder.call(batch_key(stack, pipe, self.cfg))
+        )
+        with shared:
+            out = pipe(
+                pixels,
+                num_inference_steps=self.cfg.num_inference_steps,
+                processing_resolution=self.cfg.processing_resolution,
+                generator=generators,
+                batch_size=len(images) * members,
+                output_type="np",
+                **self.cfg.options,
+            )
+        return np.asarray(out.prediction, dtype=np.float32)

@@ -175,7 +175,15 @@ def build_tiny_flux2_klein(path: str | Path, seed: int = 0, transformer_only: bo
 
 
 def build_tiny_qwen_image_edit(path: str | Path, seed: int = 0) -> Path:
-    """A random tiny `QwenImageEditPipeline` (Qwen2.5-VL text+vision encoder, Qwen-Image VAE and transformer)."""
+    """A random tiny `QwenImageEditPipeline` (Qwen2.5-VL text+vision encoder, Qwen-Image VAE and transformer).
+
+    Saved in the layout of the real checkpoint (`model_index.json` names transformers' `Qwen2VLProcessor`,
+    `processor/` holds its tokenizer and image processor), but built without torchvision: transformers 5
+    constructs `Qwen2VLProcessor` only with a video processor, which needs it. The image processor is
+    the PIL one (`Qwen2VLImageProcessorPil`); the backend loads this layout the same way without torchvision.
+    """
+    import json
+
     import torch
     from diffusers import (
         AutoencoderKLQwenImage,
@@ -183,14 +191,11 @@ def build_tiny_qwen_image_edit(path: str | Path, seed: int = 0) -> Path:
         QwenImageEditPipeline,
         QwenImageTransformer2DModel,
     )
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from transformers.utils import is_torchvision_available
+    from vb_batch.models.diffusers_edit import ImageOnlyQwen2VLProcessor
 
-    if not is_torchvision_available():
-        # transformers 5 builds Qwen2VLProcessor only with a video processor, which needs torchvision.
-        raise RuntimeError("a QwenImageEditPipeline needs torchvision (transformers' Qwen2-VL processor)")
     torch.manual_seed(seed)
     tokenizer = tiny_qwen_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
@@ -221,16 +226,20 @@ def build_tiny_qwen_image_edit(path: str | Path, seed: int = 0) -> Path:
     )
     # The pipeline conditions at about 1 megapixel; the processor shrinks that to a few vision tokens.
     image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=4 * 28 * 28)
-    from transformers import Qwen2VLVideoProcessor  # needs torchvision
-
-    processor = Qwen2VLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor()
-    )
     pipe = QwenImageEditPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        processor=processor, transformer=transformer,
+        processor=ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer),
+        transformer=transformer,
     )
-    return _save(pipe, path)
+    path = Path(path)
+    pipe.register_modules(processor=None)  # saved below, as the real checkpoint stores it
+    _save(pipe, path)
+    image_processor.save_pretrained(path / "processor")
+    tokenizer.save_pretrained(path / "processor")
+    index = json.loads((path / "model_index.json").read_text())
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]
+    (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return path
 
 
 def build_tiny_flux_kontext(path: str | Path, seed: int = 0) -> Path:
