@@ -132,7 +132,7 @@ def test_validate_masks_the_url_in_what_the_storage_layer_says(tmp_path, capfd):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump({"input": {"path": f"http://127.0.0.1:9/in.parquet?sig={ENDPOINT_QUERY}"},
                                    "model": {"backend": "identity"}}))
-    assert main(["validate", str(path)]) == 2
+    assert main(["validate", "--live", str(path)]) == 2
     err = capfd.readouterr().err
     assert "input.path: 'http://127.0.0.1:9/in.parquet?***'" in err and not leaks(err)
 
@@ -186,3 +186,50 @@ def test_scrub_masks_a_secret_however_a_server_echoes_it(secret, before, after):
     for form in (secret, quote(secret, safe=""), quote_plus(secret), json.dumps(secret)[1:-1]):
         text = scrub(before + form + after, {secret})
         assert text == before + "***" + after
+
+
+HOSTED_KEY = "mk-hostedkey-8c2e"
+
+
+@pytest.mark.parametrize("backend, mode", [("gemini", "online"), ("gemini", "batch"), ("openai", "online")])
+def test_a_hosted_key_never_leaves_memory(painted_table, tmp_path, monkeypatch, capfd, caplog, backend, mode):
+    """The servers echo the key in retried errors and in row errors; nothing a run leaves holds it."""
+    from hosted_servers import GeminiServer, OpenAIServer, _json, google_error, image_response
+
+    paths, _ = painted_table
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("HOSTED_KEY", HOSTED_KEY)
+    echo = f"quota for key {HOSTED_KEY} (x-goog-api-key: {HOSTED_KEY}; Bearer {HOSTED_KEY})"
+    server = GeminiServer(HOSTED_KEY) if backend == "gemini" else OpenAIServer(HOSTED_KEY)
+    if backend == "gemini":
+        server.script = [google_error(503, "UNAVAILABLE", echo), google_error(400, "INVALID_ARGUMENT", echo)]
+        calls = iter(range(10**6))
+        server.paint = lambda image, prompt, request: ("error", 500, echo) if next(calls) == 0 else image_response(image)
+    else:
+        error = {"error": {"message": echo, "type": "invalid_request_error", "code": "bad"}}
+        server.script = [_json(503, error), _json(400, error)]
+    with server:
+        config = {
+            "input": {"path": str(paths["depth"])},
+            "output": {"path": str(tmp_path / "out"), "compression": "none", "encoding": "png"},
+            "tasks": ["depth"],
+            "model": {"backend": backend, "model_name": "m-1", "token_env": "HOSTED_KEY", "mode": mode,
+                      "endpoint": server.url + ("/v1" if backend == "openai" else ""), "max_retries": 1,
+                      "retry_backoff_s": 0.01, "batch_poll_s": 0.01, "batch_size": 2},
+            "run": {"progress": False, "max_error_fraction": 1.0},
+        }
+        path = tmp_path / "job.yaml"
+        path.write_text(yaml.safe_dump(config))
+        assert main(["-v", "run", str(path)]) == 0
+    ran = capfd.readouterr()
+    out = tmp_path / "out"
+    errors = [e for e in read_output(str(out)).column("vb_error").to_pylist() if e]
+    assert errors and any("quota for key ***" in e["message"] for e in errors)  # the server's words, masked
+    if mode == "batch":
+        assert list((out / "_vb" / "hosted").glob("gemini-*.json"))
+    else:
+        assert "quota for key ***" in caplog.text  # the retried 503's log line
+    everything = {"run stdout": ran.out, "run stderr": ran.err, "output files": output_text(out),
+                  "logs": "\n".join(f"{r.name} {r.getMessage()}" for r in caplog.records)}
+    for where, text in everything.items():
+        assert HOSTED_KEY not in text, where

@@ -38,11 +38,9 @@ from __future__ import annotations
 import base64
 import binascii
 import http.client
-import io
 import json
 import logging
 import os
-import random
 import socket
 import threading
 import time
@@ -51,22 +49,20 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from PIL import Image
 
 from vb_batch.config import ConfigError
 from vb_batch.errors import RowError
 from vb_batch.io.images import decode_image
 from vb_batch.masking import scrub, url_secrets
 from vb_batch.models.base import ModelBackend, public_url
+# One retry policy and answer limit for every hosted backend.
+from vb_batch.models.hosted import ANSWER_MAX_PIXELS, RETRY_STATUS, png_bytes, retry_delay, parse_retry_after  # noqa: E501
 
 log = logging.getLogger(__name__)
 
-ANSWER_MAX_PIXELS = 64_000_000
 # How much of a server's error body is read, and shown in a row error: enough for an API's message.
 ERROR_BODY_READ_BYTES = 4096
 ERROR_TEXT_CHARS = 300
-MAX_RETRY_AFTER_S = 60.0
-RETRY_STATUS = frozenset({408, 425, 429}) | frozenset(range(500, 600))
 # Failures of the connection itself (refused, reset, timed out, cut short): always worth a retry.
 CONNECTION_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, socket.timeout)
 
@@ -84,9 +80,7 @@ def build_opener() -> urllib.request.OpenerDirector:
 
 
 def png_base64(image: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return base64.b64encode(png_bytes(image)).decode("ascii")
 
 
 def server_text(raw: bytes | str, limit: int = ERROR_TEXT_CHARS) -> str:
@@ -209,9 +203,4 @@ class HttpBackend(ModelBackend):
             time.sleep(delay)
 
     def _backoff(self, attempt: int, retry_after: str | None) -> float:
-        # Jitter spreads the retries of concurrent rows that failed together.
-        delay = self.cfg.retry_backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
-        try:
-            return max(delay, min(float(retry_after), MAX_RETRY_AFTER_S)) if retry_after else delay
-        except ValueError:  # an HTTP date: the backoff is as good a guess
-            return delay
+        return retry_delay(attempt, self.cfg.retry_backoff_s, parse_retry_after(retry_after))

@@ -8,6 +8,8 @@ answer) are chosen separately: `model.backend` and `model.profile`.
     open-vision-banana  relative depth: decoded through its walk and labelled
                         "relative", never metres (Open Vision Banana, FLUX.2 [klein])
     marigold            native outputs: affine-invariant depth (relative) and normals
+    hosted-zero-shot    hosted generalists (gemini, openai) asked zero-shot: prompts that spell the
+                        painting out, relative depth; UNVERIFIED against any instruction-tuned checkpoint
 
 Segmentation prompts keep their `{legend}` slot in every profile, so that
 test-time ensembling (`segmentation.ensemble: K`) can ask each pass for its
@@ -54,6 +56,36 @@ RELATIVE_DEPTH_TEMPLATE = (
     "from near to far: black, red, yellow, green, cyan, blue, magenta, white."
 )
 
+# Hosted generalists asked zero-shot (the gemini and openai backends' default): UNVERIFIED. No
+# instruction-tuned checkpoint was checked against these prompts; they spell the painting out for a
+# general image editor (same framing, flat colours, no text), and depth is labelled relative, never
+# metres, since a model not trained on the walk has no metric scale. An endpoint that serves a
+# Vision Banana checkpoint takes `model.profile: vision-banana`; any prompt is replaced per job with
+# `model.prompts: {task: template}`.
+HOSTED_ZERO_SHOT_DEPTH = depth_codec.register_preset(depth_codec.DepthPreset(name="hosted-zero-shot"))
+HOSTED_ZERO_SHOT_TEMPLATES = {
+    "depth": (
+        "Replace this photo with a depth map of the same scene, with the same framing. Colour every pixel by "
+        "its distance from the camera, walking the edges of the RGB colour cube from near to far: black "
+        "(nearest), red, yellow, green, cyan, blue, magenta, white (farthest, and the sky). Flat colours only: "
+        "no text, no legend, no texture from the photo."
+    ),
+    "normals": (
+        "Replace this photo with a surface-normal map of the same scene, with the same framing. Colour every "
+        "pixel by the direction its surface faces, RGB = (n + 1) / 2 * 255: red grows to the right, green grows "
+        "upward, blue grows toward the viewer (a wall facing the camera is (128, 128, 255)). No text, no legend."
+    ),
+    "segmentation": (
+        "Replace this photo with a semantic segmentation map of the same scene, with the same framing. Fill "
+        "every pixel with the exact colour of its class: {legend}; anything else = black (0, 0, 0). Flat "
+        "colours only: no outlines, no text, no legend."
+    ),
+    "referring": (
+        "Replace this photo with a mask with the same framing: paint {phrase} pure white (255, 255, 255) and "
+        "everything else pure black (0, 0, 0). No text."
+    ),
+}
+
 PROFILES: Registry[ModelProfile] = Registry(
     "profile",
     field="model.profile",
@@ -66,6 +98,12 @@ PROFILES: Registry[ModelProfile] = Registry(
             templates={"depth": RELATIVE_DEPTH_TEMPLATE},
         ),
         "marigold": ModelProfile("marigold", depth_relative=True),
+        "hosted-zero-shot": ModelProfile(
+            "hosted-zero-shot",
+            depth_preset=HOSTED_ZERO_SHOT_DEPTH.name,
+            depth_relative=True,
+            templates=HOSTED_ZERO_SHOT_TEMPLATES,
+        ),
     },
 )
 

@@ -1,0 +1,504 @@
+"""The `gemini` backend: Nano Banana and its kin through the official `google-genai` SDK, online or by Batch API.
+
+Each row is one `generateContent` request: the task prompt as text and the
+image as inline PNG data, image output asked for (`response_modalities:
+[IMAGE]`), the row's seed in the generation config (`model.options` adds to
+or overrides it: temperature, image_config, safety_settings, ...).
+
+- Online (`model.mode: online`): at most `model.concurrency` requests in
+  flight; 429 and 5xx (and timeouts, connection errors) are retried
+  `model.max_retries` times with backoff, and a 429's `google.rpc.RetryInfo`
+  `retryDelay` (or a `Retry-After` header) is honoured up to 60 s. The SDK's
+  own retry stays off, as it does not read RetryInfo.
+- Batch (`model.mode: batch`): the rows of one model call (`model.batch_size`,
+  split at `model.batch_max_requests` and the File API's 2 GB) become the lines
+  of a JSONL file, `{"key": ..., "request": GenerateContentRequest}`, uploaded
+  through the SDK's file API, and one Batch API job per file is created,
+  polled with growing waits (`model.batch_poll_s`, up to 10x; a progress bar
+  on a terminal), and its results file downloaded and matched back to rows by
+  key. A key is the task, the row's seed (a hash of the row id) and a digest
+  of the request (model, prompt, options, image): one per row, task and pass.
+  Every job is recorded under the output (`<output>/_vb/hosted/gemini-*.json`)
+  before it is polled, so a run killed while its jobs run re-attaches to them
+  on resume (`output.mode: resume`) instead of paying for them twice.
+- Answers: the last image part that is not a thought. No image part, a
+  blocked prompt (`promptFeedback.blockReason`), a safety finish reason, or
+  any finish reason other than STOP is that row's `vb_error`:
+  `model_safety_block`, `model_no_image`; a request that kept failing
+  `model_rate_limited` (429) or `model_http_error`; a batch job that failed,
+  was cancelled or did not answer a row `model_batch_failed`, one that expired
+  `model_batch_expired`, one still running after `model.batch_timeout_s`
+  `model_batch_pending` (resume to re-attach). Answers may come at the model's
+  own size: they are counted in `answer_sizes` and mapped back to the input's
+  size by the decode stage.
+- Keys: from the environment variable `model.token_env` (sent as
+  `x-goog-api-key` by the SDK), kept in memory only and masked out of anything
+  a server says back. Vertex AI: `model.vertex: true` with `model.project` and
+  `model.location` (Application Default Credentials), or an express-mode key.
+
+Example (the key in $GEMINI_API_KEY):
+
+    model:
+      backend: gemini
+      model_name: gemini-2.5-flash-image
+      token_env: GEMINI_API_KEY
+      mode: batch
+      batch_size: 500
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib
+import json
+import logging
+import tempfile
+import threading
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+from vb_batch.config import ConfigError
+from vb_batch.errors import RowError
+from vb_batch.models.hosted import (
+    RETRY_STATUS,
+    Failure,
+    HostedBackend,
+    answer_image,
+    api_key,
+    parse_retry_after,
+    png_bytes,
+    with_retries,
+)
+from vb_batch.models.http import server_text
+
+log = logging.getLogger(__name__)
+
+# Finish reasons and prompt block reasons that mean a policy refused the answer.
+SAFETY_REASONS = frozenset({
+    "SAFETY", "IMAGE_SAFETY", "PROHIBITED_CONTENT", "IMAGE_PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "OTHER",
+})
+FINISHED = frozenset({"", "STOP", "FINISH_REASON_UNSPECIFIED"})
+# Batch job states (the SDK's names); a job in none of these is still pending or running.
+SUCCEEDED = "JOB_STATE_SUCCEEDED"
+EXPIRED = "JOB_STATE_EXPIRED"
+FAILED_STATES = frozenset({"JOB_STATE_FAILED", "JOB_STATE_CANCELLED", EXPIRED})
+DONE_STATES = FAILED_STATES | {SUCCEEDED}
+# The File API's limit per file (documented: 2 GB); a batch's JSONL is split below it.
+BATCH_FILE_MAX_BYTES = 2_000_000_000
+# Request options that sit beside generationConfig in a GenerateContentRequest, not inside it.
+REQUEST_LEVEL_OPTIONS = frozenset({"safety_settings", "system_instruction", "tools", "tool_config", "cached_content"})
+MAX_POLL_FACTOR = 10
+
+
+def _text(value: Any) -> str:
+    """An enum or string field of an answer as its name ("STOP")."""
+    return str(getattr(value, "value", value) or "")
+
+
+def _camel(key: str) -> str:
+    head, *rest = key.split("_")
+    return head + "".join(word[:1].upper() + word[1:] for word in rest)
+
+
+def _rest_json(options: Any) -> Any:
+    """Config options (snake_case, as the SDK takes them) in the REST API's JSON spelling (camelCase keys)."""
+    if isinstance(options, dict):
+        return {_camel(str(k)): _rest_json(v) for k, v in options.items()}
+    if isinstance(options, list):
+        return [_rest_json(v) for v in options]
+    return options
+
+
+def read_answer(response) -> np.ndarray | RowError:
+    """The painting in a `GenerateContentResponse`, or the row's RowError saying why there is none."""
+    feedback = response.prompt_feedback
+    if feedback is not None and feedback.block_reason:
+        why = _text(feedback.block_reason)
+        message = f"; {server_text(feedback.block_reason_message)}" if feedback.block_reason_message else ""
+        return RowError("model_safety_block", f"the prompt was blocked ({why}){message}")
+    if not response.candidates:
+        return RowError("model_no_image", "the answer has no candidates")
+    candidate = response.candidates[0]
+    finish = _text(candidate.finish_reason)
+    if finish in SAFETY_REASONS:
+        return RowError("model_safety_block", f"the answer was withheld (finish reason {finish})")
+    parts = (candidate.content.parts if candidate.content else None) or []
+    images = [p.inline_data for p in parts
+              if p.inline_data is not None and not p.thought and (p.inline_data.mime_type or "").startswith("image/")]
+    said = " ".join(p.text for p in parts if p.text and not p.thought)
+    said = f"; the model said: {server_text(said)}" if said else ""
+    if finish not in FINISHED:
+        return RowError("model_no_image", f"the answer stopped early (finish reason {finish}){said}")
+    if not images or not images[-1].data:
+        return RowError("model_no_image", f"the answer has no image part{said}")
+    try:
+        return answer_image(images[-1].data)
+    except RowError as err:
+        return err
+
+
+class GeminiBackend(HostedBackend):
+    name = "gemini"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if not cfg.model_name:
+            raise ConfigError("model.model_name: the gemini backend needs the model id, e.g. gemini-2.5-flash-image")
+        self._api_key = api_key(cfg, required=not cfg.vertex)
+        if cfg.vertex and not self._api_key and not (cfg.project and cfg.location):
+            raise ConfigError("model.project: Vertex AI needs model.project and model.location "
+                              "(or model.token_env naming an express-mode API key)")
+        if cfg.mode == "batch":
+            if cfg.vertex:
+                raise ConfigError("model.mode: the Vertex AI Batch API reads and writes Cloud Storage or BigQuery, "
+                                  "which vb_batch does not drive; use mode: online or the Gemini Developer API")
+            if not cfg.state_url:
+                raise ConfigError("model.state_url: batch mode records its jobs under the output (<output>/_vb/hosted);"
+                                  " set output.path, or model.state_url to a folder of your own")
+        self._secrets |= {self._api_key} if self._api_key else set()
+        self._client = None
+        self._batches: BatchJobs | None = None
+
+    @classmethod
+    def needs_state_dir(cls, cfg) -> bool:
+        return cfg.mode == "batch"
+
+    def __repr__(self) -> str:  # never the key
+        return f"GeminiBackend({self.cfg.model_name!r}, mode={self.cfg.mode!r})"
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_client"], state["_batches"] = None, None
+        return state
+
+    @property
+    def shown(self) -> str:
+        return f"gemini {self.cfg.model_name}"
+
+    def client(self):
+        """The SDK client, built on first use (and in each worker: it does not pickle)."""
+        if self._client is None:
+            from google import genai
+            from google.genai import types
+
+            options = types.HttpOptions(base_url=self.cfg.endpoint, timeout=int(self.cfg.timeout_s * 1000))
+            if self.cfg.vertex:
+                self._client = genai.Client(vertexai=True, api_key=self._api_key, project=self.cfg.project,
+                                            location=self.cfg.location, http_options=options)
+            else:
+                self._client = genai.Client(api_key=self._api_key, http_options=options)
+        return self._client
+
+    def generation_options(self, seed: int) -> dict[str, Any]:
+        """The generation config of one row (snake_case, as `GenerateContentConfig` takes it)."""
+        # Gemini's seed is an int32.
+        return {"response_modalities": ["IMAGE"], "seed": seed % 2**31, **self.cfg.options}
+
+    # ------------------------------------------------------------------ online
+
+    def predict(self, images, prompts, task, seeds):
+        if self.cfg.mode != "batch":
+            return super().predict(images, prompts, task, seeds)
+        with self._pool_lock:
+            if self._batches is None:
+                self._batches = BatchJobs(self)
+        answers = self._batches.answers(images, prompts, task, seeds)
+        self.count_answer_sizes(images, answers)
+        return answers
+
+    def _answer_row(self, image, prompt, task, seed):
+        from google.genai import types
+
+        contents = [types.Part.from_text(text=prompt), types.Part.from_bytes(data=png_bytes(image), mime_type="image/png")]
+        config = types.GenerateContentConfig(**self.generation_options(seed))
+        response = with_retries(
+            lambda: self.client().models.generate_content(model=self.cfg.model_name, contents=contents, config=config),
+            self.classify, self.cfg, self.shown,
+        )
+        answer = response if isinstance(response, RowError) else read_answer(response)
+        return RowError(answer.code, self._scrub(answer.message)) if isinstance(answer, RowError) else answer
+
+    def classify(self, exc: Exception) -> Failure | None:
+        """A failed SDK call: retryable or not, the server's wait (RetryInfo, Retry-After), the row's code."""
+        from google.genai import errors
+
+        if isinstance(exc, errors.APIError):
+            reason = f"HTTP {exc.code} {exc.status or ''}".rstrip()
+            if exc.message:
+                reason += f": {server_text(exc.message)}"
+            return Failure(
+                reason=self._scrub(reason),
+                retryable=exc.code in RETRY_STATUS,
+                code="model_rate_limited" if exc.code == 429 else "model_http_error",
+                server_wait_s=server_wait(exc),
+            )
+        if isinstance(exc, transport_errors()):
+            return Failure(f"{type(exc).__name__}: {self._scrub(server_text(str(exc)))}", retryable=True)
+        return None
+
+    # ------------------------------------------------------------------ batch
+
+    def batch_request(self, image: np.ndarray, prompt: str, seed: int) -> dict[str, Any]:
+        """One `GenerateContentRequest` in the REST API's JSON, as a batch file's line carries it."""
+        options = self.generation_options(seed)
+        request: dict[str, Any] = {
+            "contents": [{"role": "user", "parts": [
+                {"text": prompt},
+                {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(png_bytes(image)).decode("ascii")}},
+            ]}],
+        }
+        for name in REQUEST_LEVEL_OPTIONS & set(options):
+            request[_camel(name)] = _rest_json(options.pop(name))
+        request["generationConfig"] = _rest_json(options)
+        return request
+
+
+def transport_errors() -> tuple[type[Exception], ...]:
+    """Connection faults and timeouts of the SDK's HTTP client (httpx, or its fork httpx2, whichever is there)."""
+    found = []
+    for module in ("httpx", "httpx2"):
+        try:
+            found.append(importlib.import_module(module).TransportError)
+        except ImportError:
+            pass
+    return tuple(found)
+
+
+def server_wait(exc) -> float | None:
+    """How long the server asked the client to wait: a RetryInfo `retryDelay` in the error's details, or Retry-After."""
+    body = exc.details if isinstance(exc.details, dict) else {}
+    error = body.get("error", body) if isinstance(body, dict) else {}
+    for detail in (error.get("details") or []) if isinstance(error, dict) else []:
+        if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("google.rpc.RetryInfo"):
+            wait = parse_retry_after(detail.get("retryDelay"))
+            if wait is not None:
+                return wait
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    return parse_retry_after(headers.get("retry-after")) if headers is not None else None
+
+
+def request_key(task: str, seed: int, digest_of: bytes) -> str:
+    """A request's key: the task, the row's seed (a hash of the row id) and a digest of what was asked."""
+    return f"{task}-{seed:016x}-{hashlib.blake2b(digest_of, digest_size=8).hexdigest()}"
+
+
+class BatchJobs:
+    """The Batch API side of a gemini backend: submit, record, re-attach, poll, fetch."""
+
+    def __init__(self, backend: GeminiBackend):
+        from vb_batch.io.filesystems import fsspec_filesystem
+
+        self.backend = backend
+        self.cfg = backend.cfg
+        self.fs, self.root = fsspec_filesystem(self.cfg.state_url, self.cfg.state_storage)
+        self._lock = threading.Lock()
+        self._records: dict[str, dict[str, Any]] | None = None  # record file -> record
+        self._results: dict[str, dict[str, np.ndarray | RowError]] = {}  # job name -> answers by key
+
+    # ------------------------------------------------------------------ records
+
+    def _record_path(self, record: dict[str, Any]) -> str:
+        return f"{self.root.rstrip('/')}/gemini-{record['id']}.json"
+
+    def _save(self, record: dict[str, Any]) -> None:
+        from vb_batch.io.sinks import write_atomic
+
+        write_atomic(self.fs, self._record_path(record), json.dumps(record).encode())
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        """Every recorded job of this output (read once per process)."""
+        from vb_batch.io.sinks import read_json
+
+        if self._records is None:
+            self._records = {}
+            paths = self.fs.glob(f"{self.root.rstrip('/')}/gemini-*.json") if self.fs.exists(self.root) else []
+            for path in sorted(paths):
+                record = read_json(self.fs, path)
+                if record and record.get("id"):
+                    self._records[record["id"]] = record
+        return self._records
+
+    def _attachable(self) -> dict[str, dict[str, Any]]:
+        """Key -> the recorded job that has its answer coming (or come); failed jobs and failed keys are asked again."""
+        found = {}
+        for record in self.records().values():
+            if not record.get("name"):
+                log.warning("gemini batch: a run stopped between uploading %s and creating its job; its rows are "
+                            "submitted again", record.get("file"))
+                continue
+            if record.get("state") in FAILED_STATES:
+                continue
+            failed = set(record.get("failed_keys") or ())
+            for key in record["keys"]:
+                if key not in failed:
+                    found[key] = record
+        return found
+
+    # ------------------------------------------------------------------ the run of one model call
+
+    def answers(self, images, prompts, task, seeds) -> list[np.ndarray | RowError]:
+        lines = {}
+        keys = []
+        for image, prompt, seed in zip(images, prompts, seeds):
+            request = self.backend.batch_request(image, prompt, seed)
+            body = json.dumps(request, sort_keys=True)
+            key = request_key(task, seed, f"{self.cfg.model_name}\n{body}".encode())
+            keys.append(key)
+            lines[key] = json.dumps({"key": key, "request": request}) + "\n"
+        with self._lock:
+            attachable = self._attachable()
+        jobs: dict[str, dict[str, Any]] = {}
+        fresh = []
+        for key in dict.fromkeys(keys):
+            record = attachable.get(key)
+            if record is not None:
+                jobs[record["id"]] = record
+            else:
+                fresh.append(key)
+        if jobs:
+            log.info("gemini batch: re-attaching to %d recorded job(s) for %d request(s)", len(jobs),
+                     len(keys) - len(fresh))
+        for chunk in self._split(fresh, lines):
+            record = self._submit(chunk, lines)
+            jobs[record["id"]] = record
+        results = self._wait(list(jobs.values()))
+        missing = RowError("model_batch_failed", "gemini batch: the job's results hold no answer for this request")
+        return [results[key] if key in results else missing for key in keys]
+
+    def _split(self, keys: list[str], lines: dict[str, str]) -> list[list[str]]:
+        """Keys in chunks within the API's limits: `model.batch_max_requests` lines, under 2 GB of JSONL."""
+        chunks: list[list[str]] = []
+        size = 0
+        for key in keys:
+            length = len(lines[key])
+            if not chunks or len(chunks[-1]) >= self.cfg.batch_max_requests or size + length > BATCH_FILE_MAX_BYTES:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(key)
+            size += length
+        return chunks
+
+    def _submit(self, keys: list[str], lines: dict[str, str]) -> dict[str, Any]:
+        """Upload one JSONL file and create its batch job; the job is recorded as soon as its name is known."""
+        from google.genai import types
+
+        client = self.backend.client()
+        record = {"id": uuid.uuid4().hex[:16], "model": self.cfg.model_name, "keys": keys, "name": None,
+                  "state": None, "created": time.time()}
+        record["display_name"] = f"vb-{record['id']}"
+        with tempfile.TemporaryFile() as jsonl:
+            for key in keys:
+                jsonl.write(lines[key].encode())
+            jsonl.seek(0)
+            uploaded = self._call(lambda: client.files.upload(
+                file=jsonl, config=types.UploadFileConfig(mime_type="jsonl", display_name=record["display_name"])))
+        record["file"] = uploaded.name
+        self._save(record)  # a run killed before the job's name is known re-submits (and says so)
+        job = self._call(lambda: client.batches.create(
+            model=self.cfg.model_name, src=types.BatchJobSource(file_name=uploaded.name),
+            config=types.CreateBatchJobConfig(display_name=record["display_name"])))
+        record["name"], record["state"] = job.name, _text(job.state)
+        self._save(record)
+        with self._lock:
+            self.records()[record["id"]] = record
+        log.info("gemini batch: job %s created for %d request(s) (%s)", job.name, len(keys), record["state"])
+        return record
+
+    def _call(self, call):
+        """A job-level SDK call (upload, create, get, download), retried like a row's; a fault stops the batch."""
+        result = with_retries(call, self.backend.classify, self.cfg, self.backend.shown)
+        if isinstance(result, RowError):
+            raise RuntimeError(result.message)  # the model stage then gives each row its own error
+        return result
+
+    def _wait(self, records: list[dict[str, Any]]) -> dict[str, np.ndarray | RowError]:
+        """Poll the jobs until each is done (or `model.batch_timeout_s` passes); their answers by key."""
+        from tqdm.auto import tqdm
+
+        client = self.backend.client()
+        results: dict[str, np.ndarray | RowError] = {}
+        pending = {r["id"]: r for r in records}
+        wait = self.cfg.batch_poll_s
+        deadline = time.monotonic() + self.cfg.batch_timeout_s
+        with tqdm(total=len(records), desc="gemini batch jobs", unit="job", disable=None, leave=False) as bar:
+            while True:
+                for job_id, record in list(pending.items()):
+                    if record["name"] in self._results:
+                        job_state = SUCCEEDED
+                    else:
+                        job = self._call(lambda: client.batches.get(name=record["name"]))
+                        job_state = _text(job.state)
+                    if job_state not in DONE_STATES:
+                        continue
+                    del pending[job_id]
+                    bar.update(1)
+                    results.update(self._finish(record, job_state, None if record["name"] in self._results else job))
+                if not pending:
+                    return results
+                if time.monotonic() >= deadline:
+                    break
+                bar.set_postfix_str(f"next poll in {wait:.0f} s")
+                time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+                wait = min(wait * 1.5, self.cfg.batch_poll_s * MAX_POLL_FACTOR)
+        for record in pending.values():
+            why = (f"gemini batch job {record['name']} still running after {self.cfg.batch_timeout_s:.0f} s; resume the "
+                   "run (output.mode: resume) to re-attach to it")
+            results.update({key: RowError("model_batch_pending", why) for key in record["keys"]})
+        return results
+
+    def _finish(self, record: dict[str, Any], job_state: str, job) -> dict[str, np.ndarray | RowError]:
+        """A finished job's answers by key (downloaded once per process); its record updated."""
+        name = record["name"]
+        if job_state in FAILED_STATES:
+            code = "model_batch_expired" if job_state == EXPIRED else "model_batch_failed"
+            error = getattr(job, "error", None)
+            detail = f": {self.backend._scrub(server_text(error.message))}" if error is not None and error.message else ""
+            why = f"gemini batch job {name} ended {job_state.removeprefix('JOB_STATE_')}{detail}"
+            log.warning("%s; its %d row(s) get an error", why, len(record["keys"]))
+            answers: dict[str, np.ndarray | RowError] = {key: RowError(code, why) for key in record["keys"]}
+        elif name in self._results:
+            answers = self._results[name]
+        else:
+            answers = self._download(name, job)
+            self._results[name] = answers
+        failed = sorted(key for key, answer in answers.items() if isinstance(answer, RowError))
+        if record.get("state") != job_state or record.get("failed_keys") != failed:
+            record["state"], record["failed_keys"] = job_state, failed
+            self._save(record)
+        return answers
+
+    def _download(self, name: str, job) -> dict[str, np.ndarray | RowError]:
+        from google.genai import types
+
+        dest = job.dest
+        if dest is None or not dest.file_name:
+            return {}  # every key then gets "no answer"
+        data = self._call(lambda: self.backend.client().files.download(file=dest.file_name))
+        answers: dict[str, np.ndarray | RowError] = {}
+        for number, line in enumerate(data.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                key = entry["key"]
+            except (ValueError, KeyError, TypeError):
+                log.warning("gemini batch job %s: results line %d is not JSON with a key; skipped", name, number)
+                continue
+            if entry.get("error"):
+                error = entry["error"] if isinstance(entry["error"], dict) else {"message": str(entry["error"])}
+                why = f"gemini batch job {name}: the request failed: {error.get('code', '')} {error.get('message', '')}"
+                answers[key] = RowError("model_batch_failed", self.backend._scrub(server_text(why)))
+                continue
+            try:
+                response = types.GenerateContentResponse.model_validate_json(json.dumps(entry.get("response") or {}))
+            except ValueError as exc:
+                answers[key] = RowError("model_bad_answer", f"gemini batch job {name}: {server_text(str(exc))}")
+                continue
+            answer = read_answer(response)
+            answers[key] = RowError(answer.code, self.backend._scrub(answer.message)) if isinstance(answer, RowError) \
+                else answer
+        return answers
