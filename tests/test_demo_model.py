@@ -71,8 +71,11 @@ def test_legend_colours_come_from_the_prompt(pipe):
     partial = seg_codec.Legend.from_pairs([("floor", (255, 0, 0)), ("wall", (0, 255, 0))])
     painting = pipe(image=[image], prompt=[get_task("segmentation").default_template.format(legend=legend_text(partial))],
                     output_type="uint8").images[0]
-    colours = {tuple(c) for c in painting.reshape(-1, 3)}
-    assert colours <= {(255, 0, 0), (0, 255, 0), (0, 0, 0)}
+    # Colours are the legend's, moved toward the runner-up class where the model is unsure (its confidence):
+    # every pixel decodes to a legend class or to "anything else".
+    decoded = seg_codec.decode(painting, partial).values
+    assert set(np.unique(decoded)) <= {0, 1, partial.unlabelled}
+    assert (decoded[scenes.render_scene(scenes.HELD_OUT_SEED_START).class_ids == scenes.FLOOR] == 0).mean() > 0.9
 
 
 # The fast path (bf16 weights, codecs decoded in the model worker) must keep the floors too.

@@ -2,12 +2,16 @@
 
     vb-batch eval PREDICTIONS                   # truth columns in the same table (kept input columns)
     vb-batch eval PREDICTIONS --truth TRUTH     # truth in another table, joined on the id column
+    vb-batch eval out/ --truth kitti.parquet --truth-format depth=kitti-png --protocol kitti-eigen
+    vb-batch eval out/ --confidence             # also: does the stored confidence rank the errors?
 
-Which column is what comes from field metadata alone: truth columns carry ``vb.role = truth``
-(as `vb_batch.scenes` writes them), predictions are the other map columns; both are matched by
-``vb.task``. Segmentation classes are matched by *name* through the two legends, so a job may
-list the classes in any order or colour them any way. Rows that failed (`vb_error`) or have no
-truth are left out and counted. Metric definitions: `vb_batch.metrics`.
+Predictions are found by field metadata (``vb.task``). Truth columns are found the same way
+(``vb.role = truth``, as `vb_batch.scenes` writes them) or declared with `truth_format`
+(`vb_batch.truth`: KITTI / NYU PNGs, metres, normals PNGs in a named frame, Cityscapes labelIds,
+ADE20K, class ids). Segmentation classes are matched by *name*, so a job may list the classes in
+any order or colour them any way. Rows that failed (`vb_error`) or have no truth are left out and
+counted. The protocol (`vb_batch.protocols`) sets crops, depth range, alignment and averaging;
+metric definitions: `vb_batch.metrics`; confidence quality: `vb_batch.confidence_eval`.
 
 Next to the model, trivial baselines fitted on the evaluated truth itself (the best constant
 of each kind, which flatters them): the median truth depth everywhere, the mean truth normal
@@ -37,10 +41,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vb_batch.codecs import normals as normals_codec
+from vb_batch.confidence_eval import THRESHOLDS, sparsification, threshold_table
 from vb_batch.io.encodings import ColumnMeta
 from vb_batch.io.outputs import load_arrays
-from vb_batch.metrics import DEFAULT_MAX_DEPTH_M, DepthAccumulator, NormalsAccumulator, SegmentationAccumulator
+from vb_batch.metrics import (
+    DepthAccumulator,
+    NormalsAccumulator,
+    SegmentationAccumulator,
+)
+from vb_batch.protocols import get_protocol
 from vb_batch.stages import resize_values
+from vb_batch.truth import TruthColumn, TruthFormat, class_lookup, parse_truth_format
 
 log = logging.getLogger(__name__)
 
@@ -128,36 +139,112 @@ class _Baselines:
         return np.full(truth.shape, int(np.argmax(self.class_counts)), dtype=np.int64)
 
 
-def _class_mapping(pred: ColumnMeta, truth_names: list[str]) -> np.ndarray:
-    """Lookup table: predicted id -> index of the same class name in the truth (-1: none)."""
-    mapping = np.full(65536, -1, dtype=np.int64)
-    index = {name: i for i, name in enumerate(truth_names)}
-    for pred_id, (name, _) in enumerate(pred.legend or []):
-        mapping[pred_id] = index.get(name, -1)
-    return mapping
+@dataclass(frozen=True)
+class TruthSource:
+    """Where one task's truth comes from: field metadata (vb_batch's own) or a declared encoding."""
+
+    task: str
+    column: str
+    class_names: list[str] | None
+    frame: str
+    declared: TruthColumn | None = None
+
+    def read(self, part: pa.Table, ids: list[Any]) -> list[np.ndarray | None]:
+        if self.declared is None:
+            return load_arrays(part, self.column)
+        out: list[np.ndarray | None] = []
+        for row_id, cell in zip(ids, part.column(self.column).to_pylist()):
+            if cell is None:
+                out.append(None)
+                continue
+            try:
+                out.append(self.declared.decode(cell))
+            except Exception as exc:
+                raise ValueError(f"eval: truth row {row_id!r}, column {self.column!r}: cannot read it as "
+                                 f"{self.declared.encoding}: {exc}; check --truth-format") from exc
+        return out
+
+
+def truth_sources(table: pa.Table, truth_format: str | dict | None) -> tuple[str, dict[str, TruthSource]]:
+    """(id column, {task: source}) of a truth table: by `truth_format`, else by vb.role = truth metadata."""
+    if truth_format is None:
+        sources = {}
+        for task, col in map_columns(table.schema, truth=True).items():
+            names = [n for n, _ in (col.meta.legend or [])] if task == "segmentation" else None
+            if task == "segmentation" and not names:
+                raise ValueError(f"eval: truth column {col.name!r} has no vb.legend")
+            sources[task] = TruthSource(task, col.name, names, col.meta.frame or "opengl")
+        return _id_column(table), sources
+    declared = truth_format if isinstance(truth_format, TruthFormat) else parse_truth_format(truth_format)
+    missing = [c.column for c in declared.columns.values() if c.column not in table.column_names]
+    if declared.id_column not in table.column_names:
+        missing.insert(0, declared.id_column)
+    if missing:
+        raise ValueError(f"eval: truth columns {missing} (from --truth-format) are not in the truth table; its columns: "
+                         f"{table.column_names}; name them with task=encoding:column or column: in the YAML")
+    return declared.id_column, {
+        task: TruthSource(task, c.column, c.class_names, c.frame, declared=c) for task, c in declared.columns.items()
+    }
+
+
+@dataclass
+class Scores:
+    """The metrics table and, per task, each scored row's stored confidence and its own errors."""
+
+    metrics: pa.Table
+    rows: dict[str, list[tuple[Any, float | None, dict[str, float]]]]
 
 
 def evaluate(
     predictions: str | pa.Table,
     truth: str | pa.Table | None = None,
     baselines: bool = True,
-    max_depth: float = DEFAULT_MAX_DEPTH_M,
+    max_depth: float | None = None,
+    protocol: str = "generic",
+    truth_format: str | dict | None = None,
+    alignment: str | None = None,
+    averaging: str | None = None,
+    min_depth: float | None = None,
 ) -> pa.Table:
-    """The metrics table of `predictions` against `truth` (default: truth columns of `predictions`)."""
+    """The metrics table of `predictions` against `truth` (default: truth columns of `predictions`).
+
+    `protocol` names a benchmark's protocol (`vb_batch.protocols`); `alignment`, `averaging`,
+    `min_depth` and `max_depth` override its choices. `truth_format` declares the truth's
+    encodings (`vb_batch.truth`) when the truth is not vb_batch's own.
+    """
+    return score(predictions, truth, baselines, max_depth, protocol, truth_format, alignment, averaging,
+                 min_depth).metrics
+
+
+def score(
+    predictions: str | pa.Table,
+    truth: str | pa.Table | None = None,
+    baselines: bool = True,
+    max_depth: float | None = None,
+    protocol: str = "generic",
+    truth_format: str | dict | None = None,
+    alignment: str | None = None,
+    averaging: str | None = None,
+    min_depth: float | None = None,
+) -> Scores:
+    """`evaluate`, keeping each row's errors next to its stored confidence (for `vb_batch.confidence_eval`)."""
+    chosen = get_protocol(protocol).with_options(alignment, averaging, min_depth, max_depth)
     pred_table = _read(predictions)
     truth_table = pred_table if truth is None else _read(truth)
     pred_cols = map_columns(pred_table.schema, truth=False)
-    truth_cols = map_columns(truth_table.schema, truth=True)
+    truth_id_column, truth_cols = truth_sources(truth_table, truth_format)
     tasks = [t for t in EVAL_TASKS if t in pred_cols and t in truth_cols]
     if not tasks:
         raise ValueError(
             f"eval: no task has both a prediction and a truth column: predictions {sorted(pred_cols)}, "
-            f"truth {sorted(truth_cols)} (truth columns carry vb.role = truth field metadata, see vb_batch.scenes)"
+            f"truth {sorted(truth_cols)} (truth columns carry vb.role = truth field metadata, see vb_batch.scenes, "
+            "or declare them with --truth-format, e.g. depth=kitti-png)"
         )
 
     # Pair each successful prediction row with its truth row.
     pred_ids = pred_table.column(_id_column(pred_table)).to_pylist()
-    truth_row = {row_id: i for i, row_id in enumerate(truth_table.column(_id_column(truth_table)).to_pylist())}
+    truth_ids = truth_table.column(truth_id_column).to_pylist()
+    truth_row = {row_id: i for i, row_id in enumerate(truth_ids)}
     errors = pred_table.column("vb_error").to_pylist() if "vb_error" in pred_table.column_names else [None] * len(pred_ids)
     pairs = [(i, truth_row[row_id]) for i, row_id in enumerate(pred_ids) if errors[i] is None and row_id in truth_row]
     failed = sum(e is not None for e in errors)
@@ -165,23 +252,35 @@ def evaluate(
     if not pairs:
         raise ValueError(f"eval: no row to score ({failed} failed, {missing} without a truth row)")
 
-    truth_names = {t: [n for n, _ in (truth_cols[t].meta.legend or [])] for t in tasks}
-    if "segmentation" in tasks and not truth_names["segmentation"]:
-        raise ValueError(f"eval: truth column {truth_cols['segmentation'].name!r} has no vb.legend")
+    truth_names = {t: truth_cols[t].class_names or [] for t in tasks}
+    mapping = None
+    if "segmentation" in tasks:
+        pred_names = [n for n, _ in (pred_cols["segmentation"].meta.legend or [])]
+        declared = truth_cols["segmentation"].declared
+        mapping = class_lookup(pred_names, truth_names["segmentation"], declared.class_map if declared else None,
+                               pred_cols["segmentation"].name)
+    confidence_columns = {
+        t: pred_cols[t].name + "_confidence" for t in tasks if pred_cols[t].name + "_confidence" in pred_table.column_names
+    }
 
     def chunks():
         for start in range(0, len(pairs), ROWS_PER_READ):
             chunk = pairs[start : start + ROWS_PER_READ]
             pred_part = pred_table.take([p for p, _ in chunk])
             truth_part = truth_table.take([t for _, t in chunk])
+            ids = [pred_ids[p] for p, _ in chunk]
             for task in tasks:
-                yield task, load_arrays(pred_part, pred_cols[task].name), load_arrays(truth_part, truth_cols[task].name)
+                confidences = (pred_part.column(confidence_columns[task]).to_pylist() if task in confidence_columns
+                               else [None] * len(chunk))
+                yield (task, ids, confidences, load_arrays(pred_part, pred_cols[task].name),
+                       truth_cols[task].read(truth_part, ids))
 
     fitted = _Baselines()
     if baselines:
-        for task, _, truths in chunks():
+        for task, _, _, _, truths in chunks():
             for values in truths:
-                fitted.fit(task, values, len(truth_names[task]))
+                if values is not None:
+                    fitted.fit(task, values, len(truth_names[task]))
 
     accumulators: dict[tuple[str, str], Any] = {}
     for task in tasks:
@@ -189,40 +288,73 @@ def evaluate(
         for method in methods:
             if task == "depth":
                 metric = method != MODEL or not pred_cols[task].meta.unit.startswith("relative")
-                accumulators[method, task] = DepthAccumulator(max_depth=max_depth, metric=metric)
+                accumulators[method, task] = DepthAccumulator(
+                    chosen.min_depth, chosen.max_depth, metric=metric, alignment=chosen.alignment,
+                    per_image=chosen.depth_averaging == "per-image", eval_mask=chosen.eval_mask)
             elif task == "normals":
-                accumulators[method, task] = NormalsAccumulator()
+                accumulators[method, task] = NormalsAccumulator(per_image=chosen.normals_averaging == "per-image")
             else:
                 accumulators[method, task] = SegmentationAccumulator(truth_names[task])
-    mapping = _class_mapping(pred_cols["segmentation"].meta, truth_names["segmentation"]) if "segmentation" in tasks else None
     images = dict.fromkeys(tasks, 0)
-    for task, preds, truths in chunks():
-        for pred, true in zip(preds, truths):
+    rows: dict[str, list] = {task: [] for task in tasks}
+    for task, ids, confidences, preds, truths in chunks():
+        for row_id, confidence, pred, true in zip(ids, confidences, preds, truths):
             if pred is None or true is None:
                 continue
             kind = "classes" if task == "segmentation" else task
             pred = resize_values(np.asarray(pred), kind, true.shape[:2])
+            if chosen.pre_crop is not None:
+                pred, true = chosen.pre_crop(pred), chosen.pre_crop(true)
             if task == "normals":
-                pred = normals_codec.convert(pred, pred_cols[task].meta.frame or "opengl", truth_cols[task].meta.frame or "opengl")
+                pred = normals_codec.convert(pred, pred_cols[task].meta.frame or "opengl", truth_cols[task].frame)
             if task == "segmentation":
                 pred = mapping[pred.astype(np.int64)]
-            accumulators[MODEL, task].add(pred, true)
+            row_errors = accumulators[MODEL, task].add(pred, true)
+            if row_errors is not None:
+                rows[task].append((row_id, confidence, row_errors))
             if baselines:
                 accumulators[BASELINES[task], task].add(fitted.predict(task, true), true)
             images[task] += 1
 
-    rows = []
+    table_rows = []
     for (method, task), accumulator in accumulators.items():
         for metric, value in accumulator.result().items():
-            rows.append({"method": method, "task": task, "metric": metric, "value": float(value), "images": images[task]})
+            table_rows.append({"method": method, "task": task, "metric": metric, "value": float(value),
+                               "images": images[task]})
     model_ids = sorted(set(pred_table.column("vb_model").to_pylist())) if "vb_model" in pred_table.column_names else []
     metadata = {
         b"vb.model": ", ".join(str(m) for m in model_ids).encode(),
         b"vb.predictions": (predictions if isinstance(predictions, str) else "<table>").encode(),
         b"vb.truth": (truth if isinstance(truth, str) else "<same table>" if truth is None else "<table>").encode(),
         b"vb.rows": json.dumps({"scored": len(pairs), "failed": failed, "without_truth": missing}).encode(),
+        b"vb.protocol": json.dumps({"name": chosen.name, "min_depth": chosen.min_depth, "max_depth": chosen.max_depth,
+                                    "alignment": chosen.alignment, "depth_averaging": chosen.depth_averaging,
+                                    "normals_averaging": chosen.normals_averaging, "source": chosen.source}).encode(),
     }
-    return pa.Table.from_pylist(rows, schema=METRICS_SCHEMA.with_metadata(metadata))
+    return Scores(pa.Table.from_pylist(table_rows, schema=METRICS_SCHEMA.with_metadata(metadata)), rows)
+
+
+# The per-row error each task's confidence is judged by (`confidence_report`).
+ROW_ERRORS = {"depth": "abs_rel", "normals": "mean_deg", "segmentation": "pixel_error"}
+
+
+def confidence_report(scores: Scores, thresholds: tuple[float, ...] = THRESHOLDS) -> dict[str, Any]:
+    """Per task: sparsification (AUSE) and threshold tables of each row's error by its stored confidence."""
+    report = {}
+    for task, entries in scores.rows.items():
+        errors, confidences = [], []
+        for _, confidence, row_errors in entries:
+            if task == "segmentation":
+                error = 1.0 - row_errors["pixel_accuracy"]
+            else:
+                key = ROW_ERRORS[task]
+                error = row_errors.get(key, row_errors.get(f"{key}_aligned"))
+            errors.append(error)
+            confidences.append(np.nan if confidence is None else confidence)
+        report[task] = {"error": ROW_ERRORS[task], "unit": "row",
+                        "sparsification": sparsification(errors, confidences),
+                        "thresholds": threshold_table(errors, confidences, thresholds)}
+    return report
 
 
 def metrics_path(predictions: str) -> str:

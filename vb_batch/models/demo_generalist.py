@@ -265,8 +265,10 @@ class VBDemoPipeline(DiffusionPipeline):
         ]
         pixels = to_device(np.stack(resized), self.device).permute(0, 3, 1, 2).to(torch.float32) / 255.0
 
-        # 3. Run the trunk once and the head once per task asked for.
+        # 3. Run the trunk once and the head once per task asked for, on the image and on its mirror:
+        #    where the two answers disagree the net is unsure, and it paints that (see `paint`).
         features = self.net.trunk(pixels.to(self.net.dtype))
+        mirrored = self.net.trunk(pixels.flip(-1).to(self.net.dtype))
         by_task: dict[str, list[int]] = defaultdict(list)
         for i, request in enumerate(requests):
             by_task["segmentation" if request.task == "referring" else request.task].append(i)
@@ -274,8 +276,11 @@ class VBDemoPipeline(DiffusionPipeline):
         for task, index in by_task.items():
             task_index = torch.full((len(index),), TASKS.index(task), device=self.device, dtype=torch.long)
             output = self.net.head(features[index], task_index).float()
+            second = self.net.head(mirrored[index], task_index).float().flip(-1)
+            if task == "normals":
+                second[:, 0] = -second[:, 0]  # mirrored image: x of every normal flips
             for row, i in enumerate(index):
-                paintings[i] = self.paint(output[row : row + 1], requests[i])
+                paintings[i] = self.paint(output[row : row + 1], requests[i], second[row : row + 1])
 
         # 4. Return.
         if output_type == "pil":
@@ -287,16 +292,39 @@ class VBDemoPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         return VBDemoPipelineOutput(images=result) if return_dict else (result,)
 
-    def paint(self, output: torch.Tensor, request: Request) -> np.ndarray:
-        """One image's raw net output (1, C, H, W) -> its painting (H, W, 3) uint8 through the codecs."""
+    def paint(self, output: torch.Tensor, request: Request, second: torch.Tensor | None = None) -> np.ndarray:
+        """One image's raw net output (1, C, H, W) -> its painting (H, W, 3) uint8 through the codecs.
+
+        The values come from `output`. `second` (the answer for the mirrored image, mirrored back)
+        says how sure they are, and the painting carries it the way the codecs read confidence:
+        depth is pushed off the colour walk across the edge it lies on (`unsure_depth_colours`,
+        so it decodes to the same depth with a lower confidence), normals are painted shorter
+        than unit length (cosine of the angle between the two answers), and a class colour is
+        moved toward the runner-up class's colour by its share of the two probabilities, never so
+        far that another legend colour becomes the nearest.
+        """
         if request.task == "depth":
-            log_depth, far_logit = depth_from_output(output)
-            depth_m = torch.exp(log_depth.clamp(max=10.0)).where(far_logit <= 0, torch.inf)
-            return depth_codec.encode(depth_m[0].cpu().numpy(), preset="vision-banana")
+            depth_m = _depth_m(output)[0].cpu().numpy()
+            if second is None:
+                return depth_codec.encode(depth_m, preset="vision-banana")
+            other = _depth_m(second)[0].cpu().numpy()
+            with np.errstate(invalid="ignore"):
+                disagreement = np.abs(np.log(depth_m) - np.log(other))
+            # One answer far and the other not: as unsure as it gets; both far: sure (white).
+            disagreement = np.where(np.isfinite(disagreement), disagreement, np.inf)
+            push = np.where(np.isinf(depth_m) & np.isinf(other), 0.0,
+                            np.minimum(disagreement * DEPTH_PUSH_PER_LOG, DEPTH_PUSH_MAX))
+            return unsure_depth_colours(depth_m, push)
         if request.task == "normals":
-            return normals_codec.encode(output[0, :3].permute(1, 2, 0).cpu().numpy(), frame="opengl")
+            if second is None:
+                return normals_codec.encode(output[0, :3].permute(1, 2, 0).cpu().numpy(), frame="opengl")
+            first = F.normalize(output[0, :3], dim=0)
+            cosine = (first * F.normalize(second[0, :3], dim=0)).sum(0).clamp(MIN_PAINTED_NORM, 1.0)
+            m = (first * cosine).permute(1, 2, 0).cpu().numpy().astype(np.float64)
+            return np.rint((m + 1.0) / 2.0 * 255.0).astype(np.uint8)  # the normals codec's colours, unnormalised
         class_names = tuple(self.net.config.class_names)
-        ids = output[0, : len(class_names)].argmax(dim=0).cpu().numpy()
+        logits = output[0, : len(class_names)]
+        ids = logits.argmax(dim=0).cpu().numpy()
         # Colour of each net class (row len(class_names) = "anything else"); black unless asked for.
         palette = np.zeros((len(class_names) + 1, 3), dtype=np.uint8)
         if request.task == "referring":
@@ -310,7 +338,66 @@ class VBDemoPipeline(DiffusionPipeline):
                 target = class_index(name, class_names)
                 if target is not None:
                     palette[target] = rgb
-        return palette[ids]
+        if second is None or request.task == "referring":  # a referring mask stays two-coloured
+            return palette[ids]
+        probs = ((logits.softmax(0) + second[0, : len(class_names)].softmax(0)) / 2).cpu().numpy()
+        first_p = np.take_along_axis(probs, ids[None], 0)[0]
+        np.put_along_axis(probs, ids[None], -1.0, 0)
+        runner_up = probs.argmax(0)
+        runner_p = probs.max(0)
+        share = runner_p / np.maximum(first_p + runner_p, 1e-12)
+        colours = palette.astype(np.float64)
+        step = colours[runner_up] - colours[ids]
+        # Move at most MAX_MOVE of the way to the nearest *other* colour, so the nearest legend colour
+        # (what the codec decodes) stays the first class's: its values do not change, its confidence does.
+        gaps = np.linalg.norm(colours[:, None] - colours[None], axis=-1)
+        nearest_other = np.where(gaps > 0, gaps, np.inf).min(axis=1)
+        length = np.linalg.norm(step, axis=-1)
+        limit = MAX_MOVE * np.where(np.isfinite(nearest_other), nearest_other, 0.0)[ids]
+        move = np.minimum(share * length, limit)
+        mixed = colours[ids] + np.divide(move, length, out=np.zeros_like(move), where=length > 0)[..., None] * step
+        return np.rint(mixed).astype(np.uint8)
+
+
+# How far (8-bit levels) a depth colour is pushed off the walk per unit of |ln d1 - ln d2| between the
+# two answers, and at most: 10% disagreement = 8 levels = the codec's confidence_sigma (confidence 0.61).
+DEPTH_PUSH_PER_LOG = 80.0
+DEPTH_PUSH_MAX = 60.0
+CORNER_MARGIN = 0.9
+MIN_PAINTED_NORM = 0.2  # twice the normals codec's MIN_NORM: still a direction
+MAX_MOVE = 0.4  # of the distance to the nearest other colour: under one half, so the first class stays nearest
+
+
+def _depth_m(output: torch.Tensor) -> torch.Tensor:
+    log_depth, far_logit = depth_from_output(output)
+    return torch.exp(log_depth.clamp(max=10.0)).where(far_logit <= 0, torch.inf)
+
+
+def unsure_depth_colours(depth_m: np.ndarray, push: np.ndarray, preset: str = "vision-banana") -> np.ndarray:
+    """Walk colours of `depth_m` moved `push` 8-bit levels off the walk, across the edge each lies on.
+
+    The move is perpendicular to the edge and toward the middle of the RGB cube, so the nearest
+    point of the walk (what `depth_codec.decode` reads) is still the painted depth while the
+    distance to the walk (what its confidence reads) is `push`.
+    """
+    walk = depth_codec.get_preset(preset)
+    vertices = np.asarray(walk.vertices) * 255.0
+    f = depth_codec.squash(np.clip(depth_m, 0.0, None), walk)
+    position = walk.num_edges * f
+    edge = np.clip(np.floor(position), 0, walk.num_edges - 1).astype(np.intp)
+    rgb = depth_codec.encode(depth_m, walk).astype(np.float64)
+    along = vertices[edge + 1] - vertices[edge]
+    edge_length = np.linalg.norm(along, axis=-1)
+    along /= edge_length[..., None]
+    # Near a corner of the walk a long push would land nearer the next edge (a different depth):
+    # push at most as far as the corner is along the edge (times sqrt 2, the corners are square).
+    to_corner = np.minimum(position - edge, 1.0 - (position - edge)) * edge_length
+    push = np.minimum(push, CORNER_MARGIN * np.sqrt(2.0) * to_corner)
+    inward = 127.5 - rgb
+    inward -= np.sum(inward * along, axis=-1, keepdims=True) * along
+    norm = np.linalg.norm(inward, axis=-1, keepdims=True)
+    inward = np.divide(inward, norm, out=np.zeros_like(inward), where=norm > 0)
+    return np.clip(np.rint(rgb + push[..., None] * inward), 0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------- the backend
