@@ -104,7 +104,7 @@ def test_validate_names_an_output_prefix_clash_without_a_traceback(tmp_path, cap
 
     pq.write_table(pa.table({"id": [1], "image": [b"x"], "depth": [1.0]}), tmp_path / "in.parquet")
     path = write(tmp_path, f"input: {{path: {tmp_path / 'in.parquet'}}}\nmodel: {{backend: identity}}\n")
-    assert main(["validate", str(path)]) == 2
+    assert main(["validate", "--live", str(path)]) == 2
     err = capfd.readouterr().err
     assert "output.prefix" in err and "depth" in err and "Traceback" not in err
-    assert main(["validate", str(path), "output.prefix=vb_"]) == 0
+    assert main(["validate", "--live", str(path), "output.prefix=vb_"]) == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,7 +14,7 @@ from torch.utils.data import DataLoader
 
 import vb_batch
 from vb_batch.codecs import depth, segmentation
-from vb_batch.readers import LabelDataset
+from vb_batch.readers import LabelDataset, collate_labels
 
 
 @pytest.fixture
@@ -74,3 +76,51 @@ def test_hugging_face_datasets_loads_the_output(labelled):
     cell = row["depth"]
     got = np.frombuffer(cell["data"], dtype=cell["dtype"]).reshape(cell["shape"])
     assert got.shape == (16, 20)
+
+
+def test_failed_rows_come_with_their_error_and_no_maps(labelled):
+    out, truth = labelled
+    ds = LabelDataset(str(out), maps=["depth", "segmentation"], include_errors=True)
+    items = {int(item["id"]): item for item in (ds[i] for i in range(len(ds)))}
+    assert sorted(items) == list(range(7))
+    failed = items[3]
+    assert failed["error"]["code"] and failed["depth"] is None and failed["segmentation"] is None
+    assert "image" not in failed  # its bytes are junk: no picture to show
+    assert all(items[i]["error"] is None and items[i]["depth"].shape == truth[i].shape for i in items if i != 3)
+
+
+def test_dataloader_batches_of_4_on_unequal_sizes_with_a_transform(labelled):
+    out, truth = labelled
+
+    def add_valid(item):  # a user's transform: any function of the item dict
+        item["valid"] = torch.isfinite(item["depth"]) if item["depth"] is not None else None
+        return item
+
+    ds = LabelDataset(str(out), maps=["depth", "segmentation"], transform=add_valid, include_errors=True)
+    sizes = {tuple(t.shape) for t in truth.values()}
+    assert len(sizes) == 2  # heights 16 and 20: torch's default collate cannot stack them
+    padded = list(DataLoader(ds, batch_size=4, collate_fn=partial(collate_labels, pad=True)))
+    assert [len(b["id"]) for b in padded] == [4, 3]
+    seen = 0
+    for batch in padded:
+        # A batch holding the failed row keeps its maps as a list (one is None); the other is one tensor.
+        assert isinstance(batch["depth"], list) == (3 in batch["id"].tolist())
+        for j, row_id in enumerate(batch["id"].tolist()):
+            if row_id == 3:
+                assert batch["depth"][j] is None and batch["error"][j]["code"] and batch["size"][j].tolist() == [0, 0]
+                continue
+            height, width = truth[row_id].shape
+            assert batch["size"][j].tolist() == [height, width] and batch["error"][j] is None
+            np.testing.assert_allclose(batch["depth"][j][:height, :width].numpy(), truth[row_id], rtol=0.01)
+            seen += 1
+    assert seen == 6
+    # A batch of complete rows is padded into one tensor: NaN for depth, -1 for class ids, 0 for images.
+    complete = collate_labels([ds[i] for i in range(4) if ds.ids[i] != 3][:3] + [ds[5]], pad=True)
+    assert complete["depth"].shape == (4, 20, 20) and complete["segmentation"].dtype == torch.int64
+    short = [j for j, (h, _) in enumerate(complete["size"].tolist()) if h == 16]
+    assert short and torch.isnan(complete["depth"][short[0], 16:]).all()
+    assert (complete["segmentation"][short[0], 16:] == -1).all() and (complete["image"][short[0], :, 16:] == 0).all()
+    assert complete["valid"].shape == (4, 20, 20)
+    listed = collate_labels([ds[0], ds[1]])  # pad=False: unequal maps as lists
+    assert isinstance(listed["depth"], list) and [tuple(t.shape) for t in listed["depth"]] == [
+        truth[ds.ids[0]].shape, truth[ds.ids[1]].shape]

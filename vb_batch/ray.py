@@ -28,7 +28,7 @@ Example (runs as is on a laptop; on a GPU cluster give `num_gpus=1` and a real m
 >>> labelled = ds.map_batches(
 ...     Annotator,
 ...     fn_constructor_kwargs={"config": config},
-...     batch_format="pyarrow",                        # the stages work on Arrow
+...     batch_format="pyarrow",                        # zero-copy; Ray's default (numpy) and pandas work too
 ...     batch_size=8,                                  # images per model call
 ...     compute=ActorPoolStrategy(size=1),             # actors, each holding one model
 ...     num_gpus=0,                                    # 1: one model per GPU
@@ -46,6 +46,13 @@ left out). A URI column may name local files only, unless
 `input.allowed_prefixes` lists others (e.g. `["s3://bucket/images/"]`).
 Pass the same `run_id` to every actor (`fn_constructor_kwargs`) to give all
 rows one provenance run id; by default each actor makes its own.
+
+Batches come in whatever `batch_format` you choose: `"pyarrow"` (zero-copy,
+best), Ray's default (a dict of numpy arrays) or `"pandas"`; they go back as
+Arrow tables (Ray accepts any format back), which keep the output columns'
+field metadata (what `vb_batch.load_arrays` reads). The image column must hold
+encoded image bytes (PNG, JPEG, ...), not decoded pixels: read files with
+`ray.data.read_binary_files`, not `ray.data.read_images`.
 """
 
 from __future__ import annotations
@@ -54,10 +61,12 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from vb_batch.config import ConfigError, JobConfig, load_config
 from vb_batch.engines.ray import record_batch
+from vb_batch.io.outputs import as_arrow_table
 from vb_batch.io.sources import with_ids
 from vb_batch.models.base import create_backend
 from vb_batch.stages import Plan, annotate_batch, check_backend, new_run_id
@@ -91,6 +100,7 @@ class Annotator:
         self.run_id = run_id or new_run_id()
         self.backend = create_backend(self.cfg.model)
         self._plans: dict[pa.Schema, Plan] = {}
+        self._schema: pa.Schema | None = None  # the first batch's: later numpy/pandas batches are cast to it
 
     def _plan(self, schema: pa.Schema) -> Plan:
         """The resolved plan for batches of `schema` (id column included), built once per schema."""
@@ -100,11 +110,48 @@ class Annotator:
             self._plans[schema] = plan
         return self._plans[schema]
 
-    def __call__(self, table: pa.Table) -> pa.Table:
+    def __call__(self, batch: Any) -> pa.Table:
+        """Annotate one batch (pyarrow Table, dict of numpy arrays or pandas DataFrame); an Arrow table back."""
+        table = self._arrow(batch)
         inp = self.cfg.input
         column = inp.image_column or inp.uri_column
         if column not in table.schema.names:
             key = "input.image_column" if inp.image_column else "input.uri_column"
             raise ConfigError(f"{key}: column {column!r} not in the batch; columns: {table.schema.names}")
+        kind = table.schema.field(column).type
+        if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_string(kind)
+                or pa.types.is_large_string(kind) or pa.types.is_struct(kind) or pa.types.is_null(kind)):
+            key = "input.image_column" if inp.image_column else "input.uri_column"
+            raise ConfigError(
+                f"{key}: column {column!r} holds {kind}, not encoded images ({'bytes' if inp.image_column else 'URIs'}); "
+                "decoded pixels (ray.data.read_images) are not taken: read the files with "
+                "ray.data.read_binary_files(paths, include_paths=True) and set input.image_column: bytes"
+            )
         batch = with_ids(record_batch(table), inp.id_column, inp.image_column, inp.uri_column)
         return pa.Table.from_batches([annotate_batch(batch, self._plan(batch.schema), self.backend)])
+
+    def _arrow(self, batch: Any) -> pa.Table:
+        """Any of Ray's batch formats as an Arrow table, typed like the first batch seen."""
+        if isinstance(batch, dict):  # Ray's default: column -> numpy array (object arrays for bytes, str)
+            table = pa.table({name: _numpy_column(values) for name, values in batch.items()})
+        elif hasattr(batch, "iloc"):  # pandas
+            table = pa.Table.from_pandas(batch, preserve_index=False)
+        else:
+            table = as_arrow_table(batch)
+        if self._schema is None:
+            self._schema = table.schema
+        elif table.schema != self._schema and table.schema.names == self._schema.names:
+            # numpy and pandas batches carry no types: an all-null column comes back typed null.
+            try:
+                table = table.cast(self._schema)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                pass
+        return table
+
+
+def _numpy_column(values: Any) -> pa.Array:
+    """One column of a numpy batch: 1-D arrays as they are, tensor columns (N, ...) as nested lists."""
+    values = np.asarray(values)
+    if values.ndim > 1:
+        return pa.array(values.tolist())
+    return pa.array(values if values.dtype != object else values.tolist())

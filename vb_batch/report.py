@@ -4,7 +4,29 @@ The report is one self-contained file (pictures inlined as data URIs) that
 opens from disk with no server: a sample grid of input / depth / normals /
 mask overlay with the legend, histograms of depth and class fractions, the
 error table, run summaries, config and provenance. It reads only summary
-columns for all rows, and full maps for the sampled rows alone.
+columns for all rows, and full maps for the sampled rows alone; the samples
+are spread evenly over the output, and the error examples over each code's rows.
+
+Previews are made from maps thinned to the thumbnail size *before* colourising
+(`previews.shrink`), so a row costs about the same whatever its resolution. Every
+depth preview carries a colour bar with its range (near, far), and the depth maps
+of one row (prediction and ground truth) share one range: equal colours, equal depths.
+
+Python: `vb_batch.report(OUTPUT)` (this module is callable) writes the report, and
+`vb_batch.show(OUTPUT, ID, DIR)` the previews of one row (here of two scenes with
+ground truth, the input images decoded as depth paintings by the identity backend):
+
+>>> import tempfile, pyarrow.parquet as pq, vb_batch
+>>> from vb_batch.scenes import scene_table
+>>> tmp = tempfile.mkdtemp()
+>>> pq.write_table(scene_table([1_000_000, 1_000_001], size=(48, 64)), f"{tmp}/scenes.parquet")
+>>> summary = vb_batch.annotate({"input": {"path": f"{tmp}/scenes.parquet", "image_column": "image"},
+...                              "output": {"path": f"{tmp}/out", "report": False},
+...                              "model": {"backend": "identity"}, "run": {"progress": False}})
+>>> vb_batch.report(f"{tmp}/out")                                  # doctest: +ELLIPSIS
+'/.../out/_report.html'
+>>> [p.name for p in vb_batch.show(f"{tmp}/out", "scene-1000001", f"{tmp}/previews", max_side=512)]
+['scene-1000001_input.png', 'scene-1000001_gt_depth.png', 'scene-1000001_gt_normals.png', 'scene-1000001_gt_segmentation.png', 'scene-1000001_gt_instances.png', 'scene-1000001_depth.png']
 
 An output's files are data, never instructions: the report may be built from
 an output someone else wrote. What it guarantees:
@@ -41,6 +63,9 @@ import json
 import logging
 import math
 import posixpath
+import sys
+import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +79,21 @@ from vb_batch.io.encodings import ColumnMeta, decode_map
 from vb_batch.io.filesystems import fsspec_filesystem
 from vb_batch.io.outputs import OutputView
 from vb_batch.masking import redact
-from vb_batch.previews import colorize_depth, colorize_normals, overlay_classes
+from vb_batch.previews import (
+    colorize_depth,
+    colorize_normals,
+    depth_colour_bar,
+    depth_range,
+    overlay_classes,
+    shrink,
+    with_colour_bar,
+)
 
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "_report.html"
 THUMB_SIDE = 256
+SHOW_SIDE = 1024  # `vb-batch show`: the longest side of its PNGs unless --max-side says otherwise
 NEUTRAL_RGB = (128, 128, 128)  # a legend colour that is not three integers in 0..255
 # No script, no fetch: only data: images and the page's own inline styles.
 CONTENT_SECURITY_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
@@ -122,29 +156,64 @@ def png_data_uri(rgb: np.ndarray, max_side: int = THUMB_SIDE) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def row_pictures(view: OutputView, row: dict[str, Any], rules: InputConfig | None = None) -> dict[str, np.ndarray]:
-    """Input and preview pictures of one output row, by name; a map that cannot be decoded is left out.
+@dataclass
+class Picture:
+    """One preview: its pixels and, for depth, the (near, far) range of its colours and what they were made from."""
 
-    `rules`: where URI inputs may be fetched (see the module docstring; None: `view.uri_rules()`).
+    rgb: np.ndarray
+    value_range: tuple[float, float] | None = None
+    unit: str = ""
+    values: np.ndarray | None = None  # depth: the thinned map the colours show
+
+
+def row_pictures(
+    view: OutputView, row: dict[str, Any], rules: InputConfig | None = None, max_side: int = THUMB_SIDE
+) -> dict[str, Picture]:
+    """Input and preview pictures of one output row, by name, at most `max_side` pixels long (0: full size).
+
+    Maps are thinned before they are coloured; the row's depth maps of one unit (its
+    prediction and any ground truth) share one colour range. A map that cannot be
+    decoded is left out. `rules`: where URI inputs may be fetched (see the module
+    docstring; None: `view.uri_rules()`).
     """
-    pictures: dict[str, np.ndarray] = {}
+    pictures: dict[str, Picture] = {}
     image = view.input_image(row, rules)
     if image is not None:
-        pictures["input"] = image
+        pictures["input"] = Picture(shrink(image, max_side))
+    maps: dict[str, tuple[np.ndarray, ColumnMeta]] = {}
     for name, meta in view.maps.items():
         if row.get(name) is None:
             continue
         try:
-            pictures[name] = map_picture(decode_map(row[name], meta), meta, image)
+            maps[name] = (shrink(np.asarray(decode_map(row[name], meta)), max_side), meta)
         except Exception as exc:  # noqa: BLE001 - one undecodable cell must not stop the report
             log.warning("report: no picture of %s for row %s: %s", name, row.get(view.id_column), exc)
+    # One colour range per depth unit in the row: truth and prediction compare by colour.
+    ranges: dict[str, tuple[float, float] | None] = {}
+    for values, meta in maps.values():
+        if meta.kind == "depth" and meta.unit not in ranges:
+            same_unit = [v for v, m in maps.values() if m.kind == "depth" and m.unit == meta.unit]
+            ranges[meta.unit] = depth_range(same_unit, _relative(meta))
+    for name, (values, meta) in maps.items():
+        try:
+            if meta.kind == "depth":
+                rgb = colorize_depth(values, _relative(meta), ranges[meta.unit])
+                pictures[name] = Picture(rgb, ranges[meta.unit], str(meta.unit), values)
+            else:  # masks go over the input thinned alike (same full size: same thinned size)
+                pictures[name] = Picture(map_picture(values, meta, pictures["input"].rgb if image is not None else None))
+        except Exception as exc:  # noqa: BLE001 - one bad map must not stop the report
+            log.warning("report: no picture of %s for row %s: %s", name, row.get(view.id_column), exc)
     return pictures
+
+
+def _relative(meta: ColumnMeta) -> bool:
+    return str(meta.unit).startswith("relative")
 
 
 def map_picture(values: np.ndarray, meta: ColumnMeta, image: np.ndarray | None) -> np.ndarray:
     """A decoded map as a picture: colourised depth, normals as colour, classes over the input."""
     if meta.kind == "depth":
-        return colorize_depth(values, relative=str(meta.unit).startswith("relative"))
+        return colorize_depth(values, relative=_relative(meta))
     if meta.kind == "normals":
         return colorize_normals(values, meta.frame or "opengl")
     legend = _legend(meta)
@@ -164,25 +233,40 @@ def _figure_uri(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _histogram_uri(values: list[np.ndarray] | np.ndarray, title: str, xlabel: str, log_x: bool = False) -> str:
+def histogram_figure(values: list[np.ndarray] | np.ndarray, title: str, xlabel: str, log_x: bool = False):
+    """A matplotlib figure of `values`' histogram with at most 6 plain tick labels (none overlap)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-    fig, ax = plt.subplots(figsize=(5, 2.6), dpi=100)
+    fig, ax = plt.subplots(figsize=(5.5, 2.6), dpi=100)
     data = np.asarray(values, dtype=np.float64)
     data = data[np.isfinite(data)]
-    if log_x and data.size and data.min() > 0:
+    # A log axis only over a decade or more: within one, its labelled minor ticks collide.
+    if log_x and data.size and data.min() > 0 and data.max() >= 10 * data.min():
         bins = np.geomspace(data.min(), data.max() * 1.0001, 40)
         ax.set_xscale("log")
+        # 1-2-5 steps over two decades or less, else decades only, written plainly (0.5, 1, 10); minor ticks unlabelled.
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if data.max() / data.min() < 100 else (1.0,),
+                                              numticks=7))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     else:
         bins = 40
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6))
     ax.hist(data, bins=bins, color="#3b6fb6")
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(_plot_text(xlabel), fontsize=9)
     ax.tick_params(labelsize=8)
-    return _figure_uri(fig)
+    fig.tight_layout()
+    return fig
+
+
+def _histogram_uri(values: list[np.ndarray] | np.ndarray, title: str, xlabel: str, log_x: bool = False) -> str:
+    return _figure_uri(histogram_figure(values, title, xlabel, log_x))
 
 
 def _bars_uri(names: list[str], values: list[float], colours: list[tuple[int, int, int]], title: str) -> str:
@@ -207,6 +291,8 @@ body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}
 .grid td{vertical-align:top}.grid img{max-width:256px;image-rendering:pixelated;display:block}
+.grid img.colour-bar{width:100%;max-width:256px;height:10px;margin-top:2px}
+.range{display:block;font-size:11px;color:#444;white-space:nowrap}
 .swatch{display:inline-block;width:12px;height:12px;border:1px solid #444;margin:0 4px 0 10px;vertical-align:middle}
 .ok{color:#17733a}.bad{color:#b3261e}pre{background:#f6f6f6;padding:8px;font-size:12px;overflow:auto}
 .note{color:#555}
@@ -254,8 +340,9 @@ def _numbers(values: list[Any]) -> np.ndarray:
     return np.array([v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)], np.float64)
 
 
-def _distributions(view: OutputView, overview: pa.Table, summary_cols: list[str], sample: list[dict]) -> list[str]:
-    """Histogram and bar-chart data URIs from summary columns (all rows) and pixels (sampled rows)."""
+def _distributions(view: OutputView, overview: pa.Table, summary_cols: list[str], sample: list[dict[str, Picture]]
+                   ) -> list[str]:
+    """Histogram and bar-chart data URIs from summary columns (all rows) and thinned depth maps (sampled rows)."""
     plots = []
     for col in summary_cols:
         if col.endswith(("_median_m", "_median_rel")):
@@ -266,17 +353,11 @@ def _distributions(view: OutputView, overview: pa.Table, summary_cols: list[str]
     depth_col = view.column_of("depth")
     if depth_col and sample:
         meta = view.maps[depth_col]
-        pixels = []
-        for row in sample:
-            if row.get(depth_col) is None:
-                continue
-            try:
-                pixels.append(np.asarray(decode_map(row[depth_col], meta), np.float64).ravel())
-            except Exception as exc:  # noqa: BLE001 - one undecodable cell must not stop the report
-                log.debug("report: depth of row %s left out of the histogram: %s", row.get(view.id_column), exc)
+        pixels = [np.asarray(p[depth_col].values, np.float64).ravel() for p in sample
+                  if depth_col in p and p[depth_col].values is not None]
         if pixels:
-            plots.append(_histogram_uri(np.concatenate(pixels), f"depth of all pixels in {len(pixels)} samples",
-                                        meta.unit, log_x=meta.unit == "m"))
+            plots.append(_histogram_uri(np.concatenate(pixels), f"depth of the pixels of {len(pixels)} samples "
+                                        "(thumbnails)", meta.unit, log_x=meta.unit == "m"))
     for col in summary_cols:
         meta = view.maps.get(col[: -len("_fractions")]) if col.endswith("_fractions") else None
         if meta is None or not meta.legend:
@@ -292,6 +373,39 @@ def _distributions(view: OutputView, overview: pa.Table, summary_cols: list[str]
             plots.append(_bars_uri([n for n, _ in legend], list(np.mean(rows, axis=0)), [c for _, c in legend],
                                    f"class fractions ({len(rows)} rows)"))
     return plots
+
+
+def spread(items: list[Any], count: int) -> list[Any]:
+    """`count` items evenly spaced over `items` (first and last included), in order; all when there are fewer."""
+    if count <= 0:
+        return []
+    if len(items) <= count:
+        return list(items)
+    return [items[i] for i in np.unique(np.linspace(0, len(items) - 1, count).round().astype(int))]
+
+
+def _sample_filter(view: OutputView, id_col: str | None, ids: list[Any], errors: list[Any], samples: int):
+    """The sampled rows: successful rows spread over the output (by id), or the first successful ones without ids."""
+    ok_filter = pc.field("vb_error").is_null() if "vb_error" in view.schema.names else None
+    if id_col is None:
+        return ok_filter
+    chosen = spread([i for i, err in zip(ids, errors) if not err and i is not None], samples)
+    return pc.field(id_col).isin(pa.array(chosen, view.schema.field(id_col).type))
+
+
+def _picture_cell(name: str, picture: Picture, bar_uri: str) -> Markup:
+    """A grid cell: the picture; for depth also its colour bar and range, also as data-near / data-far attributes."""
+    img = f"<img alt='{_text(name)}' src='{png_data_uri(picture.rgb)}'"
+    if picture.value_range is None:
+        return Markup(img + ">")
+    near, far = (_number(v, ".4g") for v in picture.value_range)
+    unit = "m" if picture.unit == "m" else "relative"
+    return Markup(
+        f"<div class='depth'>{img} class='depth-map' data-near='{near}' data-far='{far}' data-unit='{_text(unit)}'>"
+        f"<img alt='colour bar' class='colour-bar' src='{bar_uri}'>"
+        f"<span class='range'>near {near} &larr; &rarr; far {far} {_text('m' if unit == 'm' else '(relative)')}"
+        "</span></div>"
+    )
 
 
 def build_report(
@@ -326,26 +440,32 @@ def build_report(
         headers = ["run", "status", "engine", "ok", "failed", "skipped", "seconds", "rows/s", "errors", "message"]
         parts.append("<h2>Runs</h2>" + _table(headers, [_run_row(r) for r in runs]))
 
-    # Sample grid: the first rows that succeeded, full maps for those only.
+    # Sample grid: rows spread evenly over the successful rows (not the first few), full maps for those only.
     map_names = list(view.maps)
-    ok_filter = pc.field("vb_error").is_null() if "vb_error" in view.schema.names else None
-    sample = view.read(view.schema.names, filter=ok_filter, limit=samples).to_pylist()
-    parts.append(f"<h2>Samples ({len(sample)} of {n_rows - len(failed)} successful rows)</h2>")
+    sample = view.read(view.schema.names, filter=_sample_filter(view, id_col, ids, errors, samples),
+                       limit=samples).to_pylist()
+    parts.append(f"<h2>Samples ({len(sample)} of {n_rows - len(failed)} successful rows, spread over the output)</h2>")
     for name, meta in view.maps.items():
         if meta.legend:
             swatches = "".join(
                 f"<span class='swatch' style='background:rgb{rgb}'></span>{e(label)}" for label, rgb in _legend(meta)
             )
             parts.append(f"<p><b>{e(name)}</b> legend: {swatches}</p>")
+    if any(m.kind == "depth" for m in view.maps.values()):
+        parts.append("<p class='note'>Depth: near is red, far is blue (inverse depth for metres), sky / far black, "
+                     "invalid grey; the range under each picture is its colour scale, shared by the depth maps of "
+                     "a row (prediction and ground truth).</p>")
     grid_rows = []
     missing_inputs = 0
+    row_previews = []
+    bar_uri = png_data_uri(depth_colour_bar())
     for row in sample:
         pictures = row_pictures(view, row, rules)
+        row_previews.append(pictures)
         missing_inputs += "input" not in pictures
         cells: list[Any] = [Markup(f"<b>{e(row.get(id_col) if id_col else '?')}</b>")]
         for name in ["input", *map_names]:
-            cells.append(Markup(f"<img alt='{e(name)}' src='{png_data_uri(pictures[name])}'>") if name in pictures
-                         else Markup("&ndash;"))
+            cells.append(_picture_cell(name, pictures[name], bar_uri) if name in pictures else Markup("&ndash;"))
         grid_rows.append(cells)
     if missing_inputs and view.uri_column and input_config is None:
         parts.append(
@@ -355,7 +475,7 @@ def build_report(
         )
     parts.append("<div class='grid'>" + _table(["id", "input", *map_names], grid_rows) + "</div>")
 
-    plots = _distributions(view, overview, summary_cols, sample)
+    plots = _distributions(view, overview, summary_cols, row_previews)
     if plots:
         parts.append("<h2>Distributions</h2>" + "".join(f"<img alt='plot' src='{p}'> " for p in plots))
 
@@ -365,7 +485,7 @@ def build_report(
         for row_id, err in failed:
             code, message = _error_parts(err)
             by_code.setdefault(code, []).append((row_id, message))
-        rows = [[code, len(items), Markup("<br>".join(f"{e(i)}: {e(m)}" for i, m in items[:3]))]
+        rows = [[code, len(items), Markup("<br>".join(f"{e(i)}: {e(m)}" for i, m in spread(items, 3)))]
                 for code, items in sorted(by_code.items(), key=lambda kv: -len(kv[1]))]
         parts.append(_table(["code", "rows", "examples"], rows))
     else:
@@ -413,12 +533,14 @@ def _file_name(text: Any) -> str:
 
 
 def show_row(
-    path: str, row_id: str, out_dir: str | Path, storage: StorageOptions | None = None,
-    *, allow_uri_prefixes: list[str] | None = None, allow_private_addresses: bool = False,
+    path: str, row_id: str, out_dir: str | Path = "previews", storage: StorageOptions | None = None,
+    *, max_side: int = SHOW_SIDE, allow_uri_prefixes: list[str] | None = None, allow_private_addresses: bool = False,
 ) -> list[Path]:
-    """Write the input and preview PNGs of one row to `out_dir`; returns the files.
+    """Write the input and preview PNGs of one row to `out_dir`, at most `max_side` pixels long (0: full size).
 
-    URI inputs are fetched under `OutputView.uri_rules` (the stored config never widens them).
+    Returns the files. A depth preview has its colour bar and range (near, far) under it;
+    the row's depth maps share that range. URI inputs are fetched under
+    `OutputView.uri_rules` (the stored config never widens them). `vb_batch.show` is this.
     """
     view = OutputView(path, storage)
     ids = view.read([view.id_column]).column(view.id_column)
@@ -435,9 +557,22 @@ def show_row(
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     rules = view.uri_rules(allow_uri_prefixes, allow_private_addresses)
-    for name, rgb in row_pictures(view, row, rules).items():
+    for name, picture in row_pictures(view, row, rules, max_side).items():
         # Column names come from the output's schema: never a path of their own.
         target = out_dir / f"{_file_name(row_id)}_{_file_name(name)}.png"
+        rgb = picture.rgb
+        if picture.value_range is not None:
+            rgb = with_colour_bar(rgb, picture.value_range, picture.unit)
         Image.fromarray(rgb).save(target)
         written.append(target)
     return written
+
+
+class _CallableModule(types.ModuleType):
+    """`vb_batch.report(OUTPUT, ...)` writes the report: the module's name is also the Python twin of the command."""
+
+    def __call__(self, path: str, storage: StorageOptions | None = None, samples: int = 12, **options: Any) -> str:
+        return write_report(path, storage, samples, **options)
+
+
+sys.modules[__name__].__class__ = _CallableModule

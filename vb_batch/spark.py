@@ -8,19 +8,37 @@
 ...     "input": {"image_column": "image", "id_column": "id"},
 ...     "tasks": ["depth", "normals"],
 ...     "model": {"backend": "marigold", "path": "/models/marigold-depth"},
-... })
+... }, persist=True)                                  # the model runs once for the actions below
 >>> labelled.select("id", "depth_median_rel", "vb_error").show()            # doctest: +SKIP
+>>> labelled.write.parquet("s3a://lake/labels/")                             # doctest: +SKIP
+>>> depths = vb_batch.load_arrays("s3a://lake/labels/", "depth", ids=[7, 2])  # doctest: +SKIP
 
 The model is loaded once per Python worker and reused across batches. The
-result is a plain DataFrame: write it with Spark as you like. Spark keeps no
-Arrow field metadata, so the meaning of each map column (unit, scale, frame,
-legend) is copied into the Spark column metadata (`df.schema[name].metadata`),
-which Spark stores in its Parquet files. For the lake-portable output with
-atomic commits and resume, run a job with `engine.kind: spark` instead.
+result is a plain, lazy DataFrame: every action on it (`show`, `count`,
+`collect`, a write) runs the model again over its rows. Write it once and read
+the written table back, or keep it with `annotate(..., persist=True)` (or
+`.persist()` / `.cache()` yourself) before more than one action.
+
+Spark keeps no Arrow field metadata, so the meaning of each map column (unit,
+scale, frame, legend) is copied into the Spark column metadata
+(`df.schema[name].metadata`), which Spark stores in its Parquet files:
+`vb_batch.load_arrays("labels/", "depth")` decodes what `labelled.write.parquet("labels/")`
+wrote, and `vb_batch.decode_cell(row["depth"], labelled.schema["depth"].metadata)` one cell.
+
+The workers run the model in Python: they need a Python with vb_batch
+installed. On a local session (master `local[...]`) whose workers' Python is
+not configured (no `PYSPARK_PYTHON`, no `spark.pyspark.python`), `annotate`
+points them at this interpreter. On a cluster, it checks once per session that
+the workers' Python imports vb_batch, and otherwise fails on the driver saying
+what to set. For the lake-portable output with atomic commits and resume, run
+a job with `engine.kind: spark` instead.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +48,11 @@ from vb_batch.config import ConfigError, JobConfig, load_config
 from vb_batch.engines.base import cached_backend
 from vb_batch.io.sources import with_ids
 from vb_batch.stages import Plan, decode_encode, fetch_decode, run_model
+
+log = logging.getLogger(__name__)
+
+# (application id, Python) pairs whose workers were seen to import vb_batch: checked once per session.
+_CHECKED: set[tuple[str, str]] = set()
 
 
 def _spark_schema(schema: pa.Schema):
@@ -44,11 +67,67 @@ def _spark_schema(schema: pa.Schema):
     return StructType(fields)
 
 
-def annotate(df, config: str | Path | dict[str, Any] | JobConfig, overrides: list[str] | None = None):
+def worker_python(master: str, python: str, configured: bool, driver: str = sys.executable) -> str | None:
+    """The Python the workers should run, when vb_batch should set it: this interpreter for a local
+    master whose workers' Python nobody configured (Spark's default `python3` may be another Python,
+    without vb_batch); None to leave it (configured by the user, or a cluster: checked instead)."""
+    if configured or not master.startswith("local") or os.path.realpath(python) == os.path.realpath(driver):
+        return None
+    return driver
+
+
+def _probe_worker(_):
+    """On a worker: the versions the model stage needs (raises ImportError where vb_batch is missing)."""
+    import sys
+
+    import pyarrow
+
+    import vb_batch
+
+    return sys.executable, vb_batch.__version__, pyarrow.__version__
+
+
+def check_worker_python(session) -> None:
+    """Make the workers' Python able to run vb_batch, or fail here, on the driver, saying what to set."""
+    sc = session.sparkContext
+    configured = "PYSPARK_PYTHON" in os.environ or bool(sc.getConf().get("spark.pyspark.python"))
+    chosen = worker_python(sc.master, sc.pythonExec, configured)
+    if chosen is not None:
+        log.info("Spark workers' Python: %s (was %s; set PYSPARK_PYTHON to choose another)", chosen, sc.pythonExec)
+        sc.pythonExec = chosen  # what Spark hands to the Python UDFs made from now on
+        return
+    key = (sc.applicationId, sc.pythonExec)
+    if key in _CHECKED or sc.master.startswith("local") and os.path.realpath(sc.pythonExec) == os.path.realpath(
+        sys.executable
+    ):
+        return
+    try:
+        sc.parallelize([0], 1).map(_probe_worker).collect()
+    except Exception as exc:  # noqa: BLE001 - Py4J wraps the workers' error: shown, with the fix
+        reason = str(exc).strip().splitlines()
+        hint = next((line for line in reason if "Error" in line and ("vb_batch" in line or "program" in line)), "")
+        raise ConfigError(
+            f"Spark workers' Python ({sc.pythonExec!r}) cannot run vb_batch{': ' + hint.strip() if hint else ''}; "
+            "install vb_batch (and its dependencies) on every worker and point Spark at that Python: "
+            "PYSPARK_PYTHON=/path/to/python in the environment before the session starts, or "
+            "--conf spark.pyspark.python=/path/to/python (spark-submit, cluster configuration)"
+        ) from None
+    _CHECKED.add(key)
+
+
+def annotate(
+    df,
+    config: str | Path | dict[str, Any] | JobConfig,
+    overrides: list[str] | None = None,
+    persist: bool | Any = False,
+):
     """Annotate the images of `df` (an image-bytes or URI column); returns a new DataFrame.
 
     `config` is a job config (path, dict or `JobConfig`); its `input` section names
     the columns (`input.path` is not needed). Output columns follow the usual schema.
+    The result recomputes the model on every action: `persist=True` (or a
+    `pyspark.StorageLevel`) returns it persisted (memory and disk), so that the
+    model runs once for `show`, `count` and a write; `unpersist()` it when done.
     """
     from pyspark.sql.pandas.types import to_arrow_schema
 
@@ -72,4 +151,8 @@ def annotate(df, config: str | Path | dict[str, Any] | JobConfig, overrides: lis
             batch = pa.RecordBatch.from_arrays(batch.columns, schema=input_schema)
             yield decode_encode(run_model(fetch_decode(batch, plan), plan, backend), plan)
 
-    return df.mapInArrow(work, _spark_schema(output_schema))
+    check_worker_python(df.sparkSession)
+    labelled = df.mapInArrow(work, _spark_schema(output_schema))
+    if persist is False or persist is None:
+        return labelled
+    return labelled.persist() if persist is True else labelled.persist(persist)

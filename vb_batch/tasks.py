@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -24,6 +25,9 @@ from vb_batch.io.encodings import ColumnMeta, depth_png_params
 from vb_batch.registry import Registry
 
 FRACTIONS_TYPE = pa.list_(pa.struct([pa.field("name", pa.string()), pa.field("fraction", pa.float32())]))
+# `segmentation.fractions: map`: one lookup by name in SQL, `segmentation_fractions['car']`, no lambda.
+FRACTIONS_MAP_TYPE = pa.map_(pa.string(), pa.float32())
+FRACTION_FORMATS = ("list", "columns", "map")
 # The referred object is one white class; every other colour is background.
 REFERRING_LEGEND = seg_codec.Legend.from_pairs([("object", (255, 255, 255))])
 
@@ -41,10 +45,37 @@ class TaskContext:
     phrase: str | None = None
     phrase_column: str | None = None
     templates: dict[str, str] = field(default_factory=dict)
+    fractions: str = "list"  # segmentation.fractions: one of FRACTION_FORMATS
 
     def template(self, task: str) -> str:
         """The profile's prompt for `task`, or the task's own default."""
         return self.templates.get(task) or TASKS[task].default_template
+
+
+def context_of(meta: ColumnMeta) -> TaskContext:
+    """The part of a job's TaskContext that a stored map column's meaning records (for reading an output back)."""
+    legend = seg_codec.Legend.from_pairs(meta.legend) if meta.legend else None
+    return TaskContext(
+        depth_relative=meta.unit.startswith("relative"), frame=meta.frame or "opengl", legend=legend,
+        fractions=meta.extra.get("fractions", "list"),
+    )
+
+
+def fraction_suffix(class_name: str) -> str:
+    """`_frac_<class>`: the column suffix of one class's pixel fraction, a plain SQL name (lower case, `_`)."""
+    return "_frac_" + re.sub(r"[^0-9a-z]+", "_", class_name.lower()).strip("_")
+
+
+def fraction_column_clashes(names: list[str]) -> list[str]:
+    """Class names that give no column name, or the same one (SQL engines ignore case): listed for the error."""
+    seen: dict[str, str] = {}
+    bad = []
+    for name in names:
+        suffix = fraction_suffix(name)
+        if suffix == "_frac_" or suffix in seen:
+            bad.append(repr(name) if suffix == "_frac_" else f"{seen[suffix]!r} and {name!r}")
+        seen.setdefault(suffix, name)
+    return bad
 
 
 def legend_text(legend: seg_codec.Legend) -> str:
@@ -87,6 +118,10 @@ class Task:
 
     def summarise(self, values: np.ndarray, ctx: TaskContext) -> dict[str, Any]:
         return {}
+
+    def column_notes(self, ctx: TaskContext) -> dict[str, tuple[str, str]]:
+        """{suffix: (unit, meaning)} of the map ("") and every column the task adds (`vb-batch describe`)."""
+        return {"_confidence": ("0..1", "mean per-pixel confidence of the decoded painting (null: native output)")}
 
 
 class DepthTask(Task):
@@ -131,6 +166,14 @@ class DepthTask(Task):
         stats = (None, None, None) if finite.size == 0 else (finite.min(), np.median(finite), finite.max())
         return {suffix: None if v is None else float(v) for (suffix, _), v in zip(self.summary_fields(ctx), stats)}
 
+    def column_notes(self, ctx):
+        unit = "relative (0 near .. 1 far)" if ctx.depth_relative else "m"
+        words = ("smallest", "median", "largest")
+        notes = {"": (unit, "depth map; NaN = invalid, +inf = far / sky")}
+        notes.update({suffix: (unit, f"{word} finite depth of the row")
+                      for (suffix, _), word in zip(self.summary_fields(ctx), words)})
+        return {**super().column_notes(ctx), **notes}
+
 
 class NormalsTask(Task):
     name = "normals"
@@ -145,6 +188,9 @@ class NormalsTask(Task):
 
     def column_meta(self, ctx, encoding):
         return ColumnMeta(kind="normals", encoding=encoding, unit="unit vector", task=self.name, frame=ctx.frame)
+
+    def column_notes(self, ctx):
+        return {**super().column_notes(ctx), "": ("unit vector", f"surface normal per pixel (x, y, z), {ctx.frame} frame")}
 
 
 class SegmentationTask(Task):
@@ -174,18 +220,41 @@ class SegmentationTask(Task):
         return decodes[0] if len(decodes) == 1 else seg_codec.vote(decodes)
 
     def column_meta(self, ctx, encoding):
+        # The fraction format is recorded only when it is not the default, so that outputs written
+        # before it existed keep their meaning (and their fingerprint).
+        extra = {"fractions": ctx.fractions} if ctx.fractions != "list" else {}
         return ColumnMeta(
             kind="classes", encoding=encoding, unit="class id", task=self.name,
-            legend=ctx.legend.to_pairs(), unlabelled=ctx.legend.unlabelled,
+            legend=ctx.legend.to_pairs(), unlabelled=ctx.legend.unlabelled, extra=extra,
         )
 
     def summary_fields(self, ctx):
-        return [("_fractions", FRACTIONS_TYPE)]
+        if ctx.fractions == "columns":
+            return [(fraction_suffix(name), pa.float32()) for name in ctx.legend.names]
+        return [("_fractions", FRACTIONS_MAP_TYPE if ctx.fractions == "map" else FRACTIONS_TYPE)]
 
     def summarise(self, values, ctx):
         counts = np.bincount(values.ravel().astype(np.int64), minlength=len(ctx.legend))[: len(ctx.legend)]
-        fractions = counts / max(values.size, 1)
-        return {"_fractions": [{"name": n, "fraction": float(f)} for n, f in zip(ctx.legend.names, fractions)]}
+        fractions = [float(f) for f in counts / max(values.size, 1)]
+        names = ctx.legend.names
+        if ctx.fractions == "columns":
+            return {fraction_suffix(name): f for name, f in zip(names, fractions)}
+        if ctx.fractions == "map":
+            return {"_fractions": list(zip(names, fractions))}
+        return {"_fractions": [{"name": n, "fraction": f} for n, f in zip(names, fractions)]}
+
+    def column_notes(self, ctx):
+        notes = {"": ("class id", f"class per pixel; unlabelled = {ctx.legend.unlabelled if ctx.legend else 255}"),
+                 "_confidence": ("0..1", "mean per-pixel confidence (the vote share when ensembling)")}
+        share = "fraction (0..1)"
+        if ctx.fractions == "columns" and ctx.legend:
+            notes.update({fraction_suffix(name): (share, f"share of the row's pixels of class {name!r}")
+                          for name in ctx.legend.names})
+        elif ctx.fractions == "map":
+            notes["_fractions"] = (share, "class name -> pixel fraction, e.g. segmentation_fractions['car']")
+        else:
+            notes["_fractions"] = (share, "[{name, fraction}] for every legend class")
+        return {**super().column_notes(ctx), **notes}
 
 
 class ReferringTask(Task):
@@ -213,6 +282,10 @@ class ReferringTask(Task):
 
     def summarise(self, values, ctx):
         return {"_fraction": float(values.mean()) if values.size else None}
+
+    def column_notes(self, ctx):
+        return {**super().column_notes(ctx), "": ("mask", "1 = the referred object, 0 = elsewhere"),
+                "_fraction": ("fraction (0..1)", "share of the row's pixels on the referred object")}
 
 
 # The one list of task names (config validation, profiles' templates and the stages all ask it).
