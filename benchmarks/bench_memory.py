@@ -9,8 +9,12 @@ one) that annotates a Parquet table of `rows` painted depth images with the
 the default settings. The input is written in row groups of 256 rows, from a
 few distinct paintings repeated under unique ids, so writing it needs little
 memory whatever its size. Reported per run: peak RSS of the job's process (for
-Ray and Spark: the driver; their workers are separate processes), rows/s, and
-the ratio of each peak to the smallest input's.
+Ray and Spark: the driver), the peak RSS of the whole process tree (shared
+pages, e.g. Ray's object store, counted in every process that maps them) and
+the peak unique memory (USS) of its largest Python worker (sampled every
+0.2 s: Ray's and Spark's workers are separate processes), rows/s, and the ratio of each peak to the smallest input's.
+`--group-rows 20000` writes one row group per 20,000 rows: a task's memory must
+still follow `engine.unit_rows`, not the row group.
 """
 
 from __future__ import annotations
@@ -31,13 +35,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, machine_info, write_result  # noqa: E402
 
 CHILD = """
-import json, resource, sys, time
+import json, resource, sys, threading, time
+import psutil
 import vb_batch
 cfg = json.loads(sys.argv[1])
+me = psutil.Process()
+peaks = {"tree_mb": 0.0, "worker_mb": 0.0}
+stop = threading.Event()
+
+def sample():
+    # Ray and Spark run the stages in other processes: the whole process tree, and its largest worker.
+    while not stop.is_set():
+        total = worker = 0.0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                rss = proc.memory_info().rss / 2**20
+            except psutil.Error:
+                continue
+            total += rss
+            try:
+                name = (proc.cmdline() or [""])[0]
+            except psutil.Error:
+                continue
+            # Ray names its workers "ray::<task>"; Spark's are Python processes (pyspark.daemon, workers).
+            if proc.pid != me.pid and (name.startswith("ray::") or "python" in name.lower()):
+                # Unique memory: pages of Ray's object store or a fork's parent are shared, not the worker's.
+                try:
+                    worker = max(worker, proc.memory_full_info().uss / 2**20)
+                except psutil.Error:
+                    continue
+        peaks["tree_mb"] = max(peaks["tree_mb"], total)
+        peaks["worker_mb"] = max(peaks["worker_mb"], worker)
+        stop.wait(0.2)
+
+sampler = threading.Thread(target=sample, daemon=True)
+sampler.start()
 started = time.perf_counter()
 summary = vb_batch.annotate(cfg)
 seconds = time.perf_counter() - started
+stop.set()
+sampler.join()
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "seconds": seconds,
+                  "tree_peak_mb": peaks["tree_mb"], "worker_peak_mb": peaks["worker_mb"],
                   "rows_ok": summary.rows_ok, "success": summary.success}))
 """
 
@@ -68,7 +107,7 @@ def write_table(path: Path, rows: int, side: int, group_rows: int = 256) -> Path
     return path
 
 
-def run_job(input_path: Path, output: Path, engine: str) -> dict[str, Any]:
+def run_job(input_path: Path, output: Path, engine: str, unit_rows: int | None = None) -> dict[str, Any]:
     cfg = {
         "input": {"path": str(input_path)},
         "output": {"path": str(output), "mode": "overwrite", "report": False},
@@ -79,6 +118,8 @@ def run_job(input_path: Path, output: Path, engine: str) -> dict[str, Any]:
     }
     if engine == "spark":
         cfg["engine"]["master"] = "local[2]"
+    if unit_rows:
+        cfg["engine"]["unit_rows"] = unit_rows
     done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{engine} job failed:\n{done.stderr[-3000:]}")
@@ -90,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rows", type=int, nargs="+", default=[2000, 20000, 100000])
     parser.add_argument("--side", type=int, default=128)
     parser.add_argument("--engines", nargs="+", default=["local"], choices=["local", "ray", "spark"])
+    parser.add_argument("--group-rows", type=int, default=256, help="rows per row group of the input files")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "memory.json")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
@@ -97,21 +139,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = []
     with tempfile.TemporaryDirectory(prefix="vb-bench-memory-") as root:
         for rows in args.rows:
-            table = write_table(Path(root) / f"in-{rows}.parquet", rows, args.side)
+            table = write_table(Path(root) / f"in-{rows}.parquet", rows, args.side, args.group_rows)
             for engine in args.engines:
                 measured = run_job(table, Path(root) / f"out-{engine}-{rows}", engine)
                 assert measured["success"] and measured["rows_ok"] == rows, measured
-                row = {"engine": engine, "rows": rows, "side": args.side, "peak_rss_mb": round(measured["peak_rss_mb"], 1),
+                row = {"engine": engine, "rows": rows, "side": args.side, "group_rows": args.group_rows,
+                       "peak_rss_mb": round(measured["peak_rss_mb"], 1),
+                       "tree_peak_mb": round(measured["tree_peak_mb"], 1),
+                       "worker_peak_mb": round(measured["worker_peak_mb"], 1),
                        "seconds": round(measured["seconds"], 2), "rows_per_second": round(rows / measured["seconds"], 1)}
                 results.append(row)
-                print(f"  {engine:6s} {rows:7d} rows  {row['peak_rss_mb']:8.1f} MB peak  {row['rows_per_second']:8.1f} rows/s",
+                print(f"  {engine:6s} {rows:7d} rows  {row['peak_rss_mb']:8.1f} MB driver  {row['tree_peak_mb']:8.1f} MB "
+                      f"all processes  {row['worker_peak_mb']:8.1f} MB largest worker  {row['rows_per_second']:8.1f} rows/s",
                       flush=True)
     for engine in args.engines:
         runs = [r for r in results if r["engine"] == engine]
         for r in runs:
             r["peak_vs_smallest"] = round(r["peak_rss_mb"] / runs[0]["peak_rss_mb"], 3)
+            r["tree_peak_vs_smallest"] = round(r["tree_peak_mb"] / runs[0]["tree_peak_mb"], 3)
     report = {"benchmark": "bench_memory", "machine": machine_info(), "time": time.time(),
-              "settings": {"side": args.side, "tasks": ["depth"], "model": "identity", "defaults": True},
+              "settings": {"side": args.side, "group_rows": args.group_rows, "tasks": ["depth"], "model": "identity",
+                           "defaults": True},
+              "note": "2-core machine shared with other work while measured: rows/s are indicative, peaks are not",
               "results": results}
     if not args.no_write:
         write_result("memory", report, args.output)

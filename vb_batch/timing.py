@@ -57,15 +57,14 @@ class PhaseTimes:
         if other is None:
             return
         for name, seconds in (other.as_dict() if isinstance(other, PhaseTimes) else other).items():
-            if seconds:
-                self.add(name, float(seconds))
+            self.add(name, float(seconds or 0.0))  # a phase that took no time still ran
 
     def as_dict(self) -> dict[str, float]:
         """Seconds per phase in `PHASES` order (phases never entered are left out)."""
         with self._lock:
             known = [(name, self._seconds[name]) for name in PHASES if name in self._seconds]
             other = sorted((k, v) for k, v in self._seconds.items() if k not in PHASES)
-        return {name: round(seconds, 4) for name, seconds in known + other}
+        return {name: round(seconds, 6) for name, seconds in known + other}
 
     def total(self) -> float:
         with self._lock:

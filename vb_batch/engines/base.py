@@ -34,6 +34,7 @@ import contextlib
 import logging
 import os
 import posixpath
+import sys
 import threading
 import time
 import uuid
@@ -61,7 +62,7 @@ from vb_batch.io.formats import open_sink
 from vb_batch.io.sinks import Sink, part_file_name, schema_fingerprint
 from vb_batch.io.sources import Source, open_source
 from vb_batch.masking import mask_text, mask_url, secret_values
-from vb_batch.models.base import ModelBackend, create_backend
+from vb_batch.models.base import ModelBackend, backend_class, create_backend, resolved_model_settings
 from vb_batch.registry import replay
 from vb_batch.stages import ERROR_COLUMN, Plan, check_backend
 from vb_batch.timing import PhaseTimes, collecting, current, phase
@@ -106,6 +107,8 @@ class RunSummary:
     # `unexplained_seconds` is `seconds` minus their sum.
     wall_seconds: dict[str, float] = field(default_factory=dict)
     unexplained_seconds: float = 0.0
+    estimate: dict[str, Any] | None = None  # hosted backends: requests and cost, before the run
+    model_settings: dict[str, Any] = field(default_factory=dict)  # defaults resolved from the checkpoint
 
     @property
     def rows_processed(self) -> int:
@@ -166,6 +169,10 @@ class RunSummary:
             lines.append(f"  error {code}: {n} row(s)")
         if self.model_seconds is not None:
             lines.append(f"  model: {self.model_line()}")
+        if self.estimate:
+            from vb_batch.models.hosted import describe_estimate
+
+            lines.append(f"  estimate: {describe_estimate(self.estimate)}")
         if self.wall_seconds:
             spent = " + ".join(f"{name.replace('_', ' ')} {s:.2f}" for name, s in self.wall_seconds.items())
             lines.append(f"  wall: {spent} s; unexplained {self.unexplained_seconds:.2f} s")
@@ -575,7 +582,8 @@ def start_run(cfg: JobConfig, engine: str, started: float | None = None) -> Run:
                      fingerprint=schema_fingerprint(schema, plan.model, plan.profile),
                      retry_failed=cfg.run.retry_failed)
     sink.check()
-    summary = RunSummary(run_id=plan.run_id, output=mask_url(cfg.output.name), engine=engine)
+    summary = RunSummary(run_id=plan.run_id, output=mask_url(cfg.output.name), engine=engine,
+                         model_settings=resolved_model_settings(cfg.model))
     # The ids let a resume with nothing left return before the model loads.
     keep_ids = source.has_id and cfg.output.mode == "resume"
     return Run(cfg, source, plan, sink, summary, started, ids=ids if keep_ids else None)
@@ -738,6 +746,7 @@ def execute_run(engine: Engine, cfg: JobConfig, backend: ModelBackend | None = N
                 run.resume = ResumeFilter(done, run.source.id_column, key=run.plan.run_id)
                 run.summary.rows_read = run.source.count_rows()
                 log.info("run %s on %s: %s", run.plan.run_id, engine.name, redacted(cfg))
+                estimate_cost(run)
                 try:
                     with tracked_run(run):
                         lap("start")
@@ -753,6 +762,22 @@ def execute_run(engine: Engine, cfg: JobConfig, backend: ModelBackend | None = N
             lap("after")
         finish_times(run)
     return run.summary
+
+
+def estimate_cost(run: Run) -> None:
+    """For backends that price their calls (hosted models): requests and cost before any is made."""
+    backend = backend_class(run.cfg.model.backend)
+    if not hasattr(backend, "estimate"):
+        return
+    from vb_batch.models.hosted import describe_estimate
+
+    pending = max(0, run.summary.rows_read - len(run.resume or []))
+    passes = sum(task.passes(run.plan.ctx) for task in run.plan.tasks)
+    run.summary.estimate = backend.estimate(run.cfg.model, pending, passes)
+    line = f"vb-batch estimate: {describe_estimate(run.summary.estimate)}"
+    log.info(line)
+    if run.cfg.run.progress:
+        print(line, file=sys.stderr, flush=True)
 
 
 def all_committed(ids: pa.Array | None, done: pa.Array) -> bool:
