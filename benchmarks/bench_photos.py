@@ -9,7 +9,7 @@ JPEG decoding, codec decoding, mapping the maps to the stored grid, PNG
 encoding and writing. Runs, side by side in one process on the same Parquet
 input through the local engine:
 
-- before: the stages and encoders of the last commit (`git show HEAD:...`),
+- before: the stages and encoders of commit 427b66b, before this work (`git show 427b66b:...`),
   which decode every JPEG in full and store maps at the input's size;
 - after, `output.resolution: input`: reduced JPEG decoding, OpenCV resize,
   float32 normals encoding, vectorised PNG rows, rows in parallel (PNG level 1, the default);
@@ -90,9 +90,13 @@ def photos(count: int, height: int, width: int) -> list[bytes]:
     return out
 
 
-def last_commit_module(name: str, path: str, replace: dict[str, str]) -> Any:
-    """`path` as of the last commit, imported as module `name` (with `replace` applied to its source)."""
-    source = subprocess.run(["git", "show", f"HEAD:{path}"], cwd=REPO, check=True, capture_output=True, text=True).stdout
+# The commit before the photo path landed: what "before" runs.
+BEFORE = "427b66b"
+
+
+def last_commit_module(name: str, path: str, replace: dict[str, str], rev: str = BEFORE) -> Any:
+    """`path` as of commit `rev`, imported as module `name` (with `replace` applied to its source)."""
+    source = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=REPO, check=True, capture_output=True, text=True).stdout
     for old, new in replace.items():
         source = source.replace(old, new)
     folder = Path(tempfile.mkdtemp(prefix="vb-bench-before-"))
