@@ -235,3 +235,21 @@ def test_the_summary_says_where_the_time_went(engine, tmp_path):
     record = json.loads((tmp_path / "out" / "_vb" / "runs" / f"{summary.run_id}.json").read_text())
     assert record["phase_seconds"]["report"] == phases["report"] and record["wall_seconds"] == wall
     assert record["seconds"] == pytest.approx(summary.seconds) and "wall:" in summary.render()
+
+
+def test_maps_stored_off_the_image_grid_equal_the_stages(engine, tmp_path):
+    """`output.max_side`: every engine stores the same reduced maps, grid metadata and image sizes."""
+    write_painted_input(tmp_path / "in.parquet")
+    cfg = job(tmp_path / "in.parquet", tmp_path / "out", engine, output={"max_side": 8})
+    summary = vb_batch.annotate(cfg)
+    expected = stages_in_one_batch(cfg)
+    out = read_output(str(tmp_path / "out"))
+    assert summary.success and out.schema.names == expected.schema.names
+    assert all(ours.type == theirs.type and ours.metadata == theirs.metadata
+               for ours, theirs in zip(out.schema, expected.schema))
+    assert b"vb.grid_to_image" in out.schema.field("depth").metadata
+    assert comparable(out).equals(comparable(expected))
+    good = out.filter(pa.compute.is_null(out.column("vb_error")))
+    shapes = [m.shape[:2] for m in vb_batch.load_arrays(good, "depth")]
+    assert shapes and all(max(shape) == 8 for shape in shapes)
+    assert all(h > 8 or w > 8 for h, w in zip(good.column("image_height").to_pylist(), good.column("image_width").to_pylist()))
