@@ -5,8 +5,9 @@ Two levels, both against diffusers' own code:
   working areas, checked against the pipelines' size code (Qwen's `calculate_dimensions`, klein's
   `_resize_to_target_area`, Kontext's preferred resolutions and `max_area` rule);
 - tiny random klein, Kontext and Qwen pipelines, loaded as a user's checkpoint is, run through their
-  real `__call__` up to the first latents (a spy stops them there) for part of the sweep, plus a
-  few full calls whose VAE encoder input and painting are compared.
+  real `__call__` up to the first latents (a spy stops them there) for every size of the sweep
+  (which found klein's 8:1 limit: a 352x2864 working size it refused), plus a few full calls
+  whose VAE encoder input and painting are compared.
 
 Qwen-Image-Edit always conditions at about 1024**2 px, which a tiny pipeline takes ~20 s to paint
 on a CPU; its full calls here shrink that area (the pipeline's own `calculate_dimensions`, called
@@ -84,9 +85,10 @@ def test_klein_never_exceeds_its_condition_area(sizing, resolution):
         try:
             h, w = size_for(KLEIN, height, width, resolution, sizing)
         except SizeError:
-            assert max(height, width) / min(height, width) > 1024 * 1024 / 64**2  # only impossible slivers
+            assert max(height, width) > 8 * min(height, width)  # only what the pipeline refuses (over 8:1)
             continue
         assert h * w <= KLEIN_MAX_AREA and h % 16 == 0 and w % 16 == 0 and min(h, w) >= 64
+        assert max(h, w) <= 8 * min(h, w)  # check_image_input refuses more (the sweep found 352x2864)
         assert klein_condition(h, w) == (h, w)  # the pipeline keeps the condition image as handed
         over += height * width > KLEIN_MAX_AREA
     assert over > 50  # the sweep holds sizes the pipeline would shrink
@@ -155,6 +157,11 @@ def test_exact_size_rounds_and_refuses_impossible_slivers():
     assert exact_size(KLEIN, 768, 1024, 1024) == (880, 1184)
     with pytest.raises(SizeError, match="crop it"):
         exact_size(KLEIN, 10, 20000, 1024)
+    with pytest.raises(SizeError, match="over the 8:1 aspect Flux2KleinPipeline takes"):
+        exact_size(KLEIN, 100, 801, 1024)
+    # Just under 8:1, where rounding to the grid went over it (the sweep through the real pipeline).
+    h, w = exact_size(KLEIN, 1000, 7990, 1536)
+    assert w <= 8 * h and (h, w) == (352, 2816)
 
 
 # ---------------------------------------------------------------------------- tiny pipelines
@@ -223,15 +230,19 @@ def sizes_seen(backend, height, width) -> tuple[tuple, tuple]:
     "pipeline, resolution, sizing", [("Flux2KleinPipeline", 1536, "exact"), ("FluxKontextPipeline", 512, "buckets")]
 )
 def test_real_pipelines_condition_at_their_painting_size(pipeline, resolution, sizing, tiny):
-    """Through the pipeline's own __call__: what it conditions at is what it paints at (every 30th size)."""
+    """Through the pipeline's own __call__, for every size of the sweep: it conditions at what it paints at."""
     backend = create_backend(model_cfg(tiny(pipeline), processing_resolution=resolution, sizing=sizing))
-    for height, width in [small(h, w) for h, w in SIZES[::30]] + [(64, 78), (768, 1024)]:
+    checked = 0
+    for height, width in [small(h, w) for h, w in SIZES]:
         try:
             expected = backend.size_for(np.zeros((height, width, 3), np.uint8))
         except SizeError:
+            assert max(height, width) > 8 * min(height, width)  # klein refuses these itself
             continue
         condition, painting = sizes_seen(backend, height, width)
         assert condition == painting == expected, (height, width)
+        checked += 1
+    assert checked >= 200
 
 
 @pytest.fixture
@@ -255,7 +266,8 @@ def test_qwen_conditions_and_paints_at_one_size(tiny, small_qwen):
     backend = create_backend(model_cfg(tiny("QwenImageEditPipeline"), sizing="exact"))
     assert isinstance(backend.pipe.processor, diffusers_edit.ImageOnlyQwen2VLProcessor) or backend.pipe.processor
     assert backend.settings["true_cfg_scale"] == 4.0 and backend.settings["negative_prompt"] == " "
-    for height, width in [small(h, w) for h, w in SIZES[::30]]:
+    assert len(SIZES) >= 200
+    for height, width in [small(h, w) for h, w in SIZES]:
         condition, painting = sizes_seen(backend, height, width)
         assert condition == painting == backend.size_for(np.zeros((height, width, 3))), (height, width)
     # Two images, one full call (true CFG: the transformer runs for both branches).

@@ -7,8 +7,10 @@ leaves alone (a *fixed point*), so the condition image and the painting are
 one grid:
 
     Flux2KleinPipeline     a condition image over 1024**2 px is shrunk to that area, then each side is
-                           floored to 16 px (centre crop). vb_batch: about `processing_resolution`**2,
-                           never over 1024**2 (rounded down), sides on the 16-px grid, at least 64 px.
+                           floored to 16 px (centre crop); one under 64 px a side or over 8:1 is refused
+                           (`check_image_input`). vb_batch: about `processing_resolution`**2, never over
+                           1024**2 (rounded down), sides on the 16-px grid, at least 64 px, at most 8:1
+                           (an image over 8:1 is that row's `image_unsupported_size` error).
     QwenImageEditPipeline  the condition image is always resized to about 1024**2 px on a 32-px grid
                            (`calculate_dimensions`, from the first image's aspect), whatever the output
                            size. vb_batch paints at that same size: about 1 MP whatever the input;
@@ -65,6 +67,7 @@ class SizingRule:
     fixed_area: int | None = None  # the pipeline always conditions at this area (Qwen)
     grid: int = 0  # the grid the pipeline's own resize rounds to, if coarser than `multiple`
     preferred: tuple[tuple[int, int], ...] = ()  # (height, width) the model was trained at (Kontext)
+    max_aspect: float | None = None  # the pipeline refuses condition images more elongated than this
 
     def condition_size(self, height: int, width: int) -> tuple[int, int]:
         """The (height, width) the pipeline conditions at when handed an image of this size (its own code, mirrored)."""
@@ -85,7 +88,8 @@ class SizingRule:
 
 
 RULES = {
-    "Flux2KleinPipeline": SizingRule("Flux2KleinPipeline", min_side=64, max_area=KLEIN_MAX_AREA),
+    # Flux2ImageProcessor.check_image_input: sides >= 64, aspect <= 8.
+    "Flux2KleinPipeline": SizingRule("Flux2KleinPipeline", min_side=64, max_area=KLEIN_MAX_AREA, max_aspect=8),
     "QwenImageEditPipeline": SizingRule("QwenImageEditPipeline", fixed_area=QWEN_CONDITION_AREA, grid=32),
     "FluxKontextPipeline": SizingRule(
         "FluxKontextPipeline",
@@ -158,7 +162,18 @@ def exact_size(rule: SizingRule, height: int, width: int, resolution: int) -> tu
     """The working size of one image of (height, width): its own aspect, a size the pipeline keeps."""
     if rule.fixed_area:
         return nearest(fixed_points(rule), height, width)
-    return working_size(height, width, resolution, rule.multiple, rule.min_side, rule.max_area)
+    if rule.max_aspect and max(height, width) > rule.max_aspect * min(height, width):
+        raise SizeError(
+            f"a {width}x{height} image is over the {rule.max_aspect:g}:1 aspect {rule.pipeline} takes: crop it"
+        )
+    size = working_size(height, width, resolution, rule.multiple, rule.min_side, rule.max_area)
+    if rule.max_aspect:
+        # Rounding to the grid may push an aspect just under the limit over it: shorten the long side.
+        short, long = sorted(size)
+        while long > rule.max_aspect * short:
+            long -= rule.multiple
+        size = (short, long) if size[0] <= size[1] else (long, short)
+    return size
 
 
 @cache
