@@ -1,20 +1,25 @@
-"""Mixed-size photos through the model stage: exact per-image working sizes vs aspect-ratio buckets, side by side.
+"""Mixed-size photos through the local engine: per-image sizes, aspect-ratio buckets, and rows grouped across batches.
 
 A photo-like set (smooth gradients, edges and sensor noise) of `--images` images
 in 12 aspect ratios (portrait, landscape, square, panoramas; weighted as in a phone
-archive), sizes and crops jittered as real archives are, goes through the tiny random
-FLUX.2 [klein] pipeline (vb_batch.models.tiny) with the `diffusers` backend, in
-batches of each of `--batch-sizes` in row order, exactly as the model stage hands them
-over. The same images, prompts and seeds run twice in one process:
+archive), sizes and crops jittered as real archives are, in random order, goes
+through the whole local engine (read, decode, model, codecs, encode, write) with
+the tiny random FLUX.2 [klein] pipeline (vb_batch.models.tiny) and the `diffusers`
+backend, at each of `--batch-sizes`. The same input, one loaded model per sizing,
+four sides interleaved in one process:
 
-    exact    model.sizing: exact   (each image's own aspect: one working size per image size)
-    buckets  model.sizing: buckets (the nearest of the pipeline's fixed working sizes)
+    before    model.sizing: exact,   group_window: 0   (each image its own working size, batches in
+                                                         row order: vb_batch before this work)
+    buckets   model.sizing: buckets, group_window: 0   (the nearest of the pipeline's fixed sizes)
+    grouped   model.sizing: buckets, group_window: default (4 batches: rows of one bucket share calls
+                                                         across batches; output order unchanged)
+    exact+grouped  model.sizing: exact, group_window: default
 
-Reported per side: pipeline calls, calls per image, calls with a single image,
-distinct working sizes, images/s (best of `--repeats`), and for buckets how far
-an image is stretched (the decode stage stretches the labels back exactly).
-The tiny model makes the per-call overhead a larger share than on a full-size
-model on a GPU, where batching pays through occupancy instead.
+Reported per side: pipeline calls (counted at the transformer: one step without
+guidance is one forward per call), calls per image, single-image calls, images
+per call, images/s end to end (best and median of `--repeats`) and model seconds.
+The tiny model makes the per-call overhead a larger share than a full-size model
+on a GPU does, where batching pays through occupancy instead.
 
     python benchmarks/bench_buckets.py                  # writes benchmarks/results/buckets.json
     python benchmarks/bench_buckets.py --images 24 --repeats 1 --batch-sizes 8 --no-write
@@ -31,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import argument_parser, machine_info, publish
+from common import argument_parser, machine_info, publish, write_images
 
 # Width:height of the set and how often each occurs (phones both ways up dominate real archives, then
 # DSLR 3:2, 16:9 video, square, 4:5 social, panoramas).
@@ -65,24 +70,62 @@ def photo_like_set(count: int, seed: int = 0) -> list[np.ndarray]:
     return images
 
 
-def run_side(backend, images, batch_size: int) -> dict:
-    """Every image through `backend.predict` in batches of `batch_size`; pipeline calls counted at the transformer.
+SIDES = {  # name: (model.sizing, model.group_window)
+    "before": ("exact", 0),
+    "buckets": ("buckets", 0),
+    "grouped": ("buckets", None),
+    "exact+grouped": ("exact", None),
+}
 
-    One step without guidance: one transformer forward per pipeline call, of as many images as the call holds.
-    """
+
+def run_side(backend, input_dir: Path, out_dir: Path, model: dict, batch_size: int, window: int | None) -> dict:
+    """One local-engine run of the whole set; pipeline calls counted at the transformer."""
+    import vb_batch
+
     calls: list[int] = []
     hook = backend.pipe.transformer.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
     )
+    cfg = {
+        "input": {"path": str(input_dir)},
+        "output": {"path": str(out_dir), "mode": "overwrite", "report": False},
+        "tasks": ["depth"],
+        "model": {**model, "batch_size": batch_size, "group_window": window},
+        "engine": {"kind": "local"},
+        "run": {"progress": False},
+    }
     start = time.perf_counter()
-    for first in range(0, len(images), batch_size):
-        batch = images[first : first + batch_size]
-        seeds = list(range(first, first + len(batch)))
-        answers = backend.predict(batch, ["paint the depth"] * len(batch), "depth", seeds)
-        assert all(isinstance(a, np.ndarray) for a in answers)
+    summary = vb_batch.annotate(cfg, backend=backend)
     seconds = time.perf_counter() - start
     hook.remove()
-    return {"seconds": seconds, "calls": calls}
+    assert summary.success and summary.rows_ok == summary.rows_read, summary.render()
+    return {"seconds": seconds, "model_seconds": summary.model_seconds, "calls": calls}
+
+
+def batching_headroom(backend, images, batch_size: int, repeats: int) -> dict:
+    """The model alone on images of one working size: seconds per image in calls of 1 vs calls of `batch_size`.
+
+    The most that fewer calls can gain on this machine and model: on a CPU the tiny pipeline's cost is
+    nearly all per image; on a GPU a call of one image leaves most of the device idle.
+    """
+    same = [im for im in images if backend.size_for(im) == backend.size_for(images[0])][:batch_size]
+    same = (same * batch_size)[:batch_size]
+    prompts, seeds = ["paint the depth"] * len(same), list(range(len(same)))
+    single, batched = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(len(same)):
+            backend.predict(same[i : i + 1], prompts[i : i + 1], "depth", seeds[i : i + 1])
+        single.append((time.perf_counter() - start) / len(same))
+        start = time.perf_counter()
+        backend.predict(same, prompts, "depth", seeds)
+        batched.append((time.perf_counter() - start) / len(same))
+    return {
+        "images": len(same),
+        "seconds_per_image_calls_of_1": round(min(single), 4),
+        f"seconds_per_image_calls_of_{batch_size}": round(min(batched), 4),
+        "speedup_of_full_calls": round(min(single) / min(batched), 3),
+    }
 
 
 def main() -> None:
@@ -93,35 +136,41 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from vb_batch.config import ModelConfig
     from vb_batch.models.base import create_backend
+    from vb_batch.config import ModelConfig
     from vb_batch.models.tiny import build_tiny_flux2_klein
 
     images = photo_like_set(args.images)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = build_tiny_flux2_klein(Path(tmp) / "klein")
-        backends = {
-            sizing: create_backend(ModelConfig(
-                backend="diffusers", path=str(checkpoint), device="cpu", processing_resolution=args.resolution,
-                sizing=sizing, num_inference_steps=1, guidance_scale=1.0, options={"max_sequence_length": 32},
-            ))
-            for sizing in ("exact", "buckets")
+        tmp = Path(tmp)
+        input_dir = write_images(tmp / "in", images)
+        checkpoint = build_tiny_flux2_klein(tmp / "klein")
+        model = {
+            "backend": "diffusers", "path": str(checkpoint), "device": "cpu", "processing_resolution": args.resolution,
+            "num_inference_steps": 1, "guidance_scale": 1.0, "options": {"max_sequence_length": 32},
         }
-        for backend in backends.values():  # warm up: the prompt cache and every working size's kernels
-            run_side(backend, images, max(args.batch_sizes))
+        backends = {sizing: create_backend(ModelConfig(**model, sizing=sizing)) for sizing in ("exact", "buckets")}
+        for sizing, backend in backends.items():  # warm up: the prompt cache and every working size's kernels
+            run_side(backend, input_dir, tmp / "out", {**model, "sizing": sizing}, max(args.batch_sizes), None)
         for batch_size in args.batch_sizes:
-            runs: dict[str, list[dict]] = {"exact": [], "buckets": []}
-            for repeat in range(args.repeats):  # interleaved, first side alternating: both see the same load
-                for sizing in ("exact", "buckets") if repeat % 2 == 0 else ("buckets", "exact"):
-                    runs[sizing].append(run_side(backends[sizing], images, batch_size))
+            runs: dict[str, list[dict]] = {name: [] for name in SIDES}
+            for repeat in range(args.repeats):  # interleaved, the order rotating: every side sees the same load
+                order = list(SIDES)[repeat % len(SIDES):] + list(SIDES)[: repeat % len(SIDES)]
+                for name in order:
+                    sizing, window = SIDES[name]
+                    runs[name].append(run_side(backends[sizing], input_dir, tmp / "out",
+                                               {**model, "sizing": sizing}, batch_size, window))
             sides = {}
-            for sizing, backend in backends.items():
-                calls = runs[sizing][0]["calls"]
-                times = [r["seconds"] for r in runs[sizing]]
-                working = [backend.size_for(im) for im in images]
+            for name, (sizing, window) in SIDES.items():
+                calls = runs[name][0]["calls"]
+                assert all(r["calls"] == calls for r in runs[name]), "call pattern changed between repeats"
+                times = [r["seconds"] for r in runs[name]]
+                working = [backends[sizing].size_for(im) for im in images]
                 stretch = [abs(math.log((w / h) / (im.shape[1] / im.shape[0]))) for (h, w), im in zip(working, images)]
-                sides[sizing] = {
+                sides[name] = {
+                    "sizing": sizing,
+                    "group_window": 4 * batch_size if window is None else window,
                     "pipeline_calls": len(calls),
                     "calls_per_image": round(len(calls) / len(images), 3),
                     "single_image_calls": sum(1 for n in calls if n == 1),
@@ -130,28 +179,31 @@ def main() -> None:
                     "seconds_best": round(min(times), 3),
                     "seconds_median": round(float(np.median(times)), 3),
                     "seconds_all": [round(t, 3) for t in times],
+                    "model_seconds_median": round(float(np.median([r["model_seconds"] for r in runs[name]])), 3),
                     "images_per_s": round(len(images) / min(times), 2),
                     "images_per_s_median": round(len(images) / float(np.median(times)), 2),
                     # How far an image's aspect is changed for the model (labels are stretched back exactly).
                     "aspect_stretch_max_pct": round(100 * (math.exp(max(stretch)) - 1), 2),
-                    "aspect_stretch_mean_pct": round(100 * (math.exp(float(np.mean(stretch))) - 1), 2),
                 }
+            before = sides["before"]
             results[f"batch_{batch_size}"] = {
                 "batch_size": batch_size,
-                "exact": sides["exact"],
-                "buckets": sides["buckets"],
-                "ratio_buckets_vs_exact": {
-                    "pipeline_calls": round(sides["buckets"]["pipeline_calls"] / sides["exact"]["pipeline_calls"], 3),
-                    "images_per_s_best": round(sides["buckets"]["images_per_s"] / sides["exact"]["images_per_s"], 3),
-                    "images_per_s_median": round(
-                        sides["buckets"]["images_per_s_median"] / sides["exact"]["images_per_s_median"], 3
-                    ),
+                "model_alone_one_size": batching_headroom(backends["buckets"], images, batch_size, args.repeats),
+                **sides,
+                "ratio_vs_before": {
+                    name: {
+                        "pipeline_calls": round(side["pipeline_calls"] / before["pipeline_calls"], 3),
+                        "images_per_s_best": round(side["images_per_s"] / before["images_per_s"], 3),
+                        "images_per_s_median": round(side["images_per_s_median"] / before["images_per_s_median"], 3),
+                    }
+                    for name, side in sides.items() if name != "before"
                 },
             }
 
     report = {
         "benchmark": "bench_buckets",
-        "what": "model stage on mixed-size photo-like images: model.sizing exact (before) vs buckets (after)",
+        "what": "local engine on mixed-size photo-like images: exact sizes in row order (before) vs buckets vs "
+                "buckets with rows grouped across batches (model.group_window)",
         "model": "tiny random Flux2KleinPipeline (vb_batch.models.tiny), 1 step, guidance 1, CPU",
         "images": len(images),
         "aspect_ratios": len(ASPECTS),
@@ -161,10 +213,11 @@ def main() -> None:
         "repeats": args.repeats,
         "by_batch_size": results,
         "note": (
-            "Measured on a shared, loaded machine (2 cores shared by several engineers running tests; see "
-            "machine.load_average_1m): absolute images/s are low and noisy (see seconds_all); the ratio from "
-            "interleaved runs is the figure. Call counts do not depend on load. Rows arrive in random order, "
-            "so a batch of 8 from 12 aspects rarely holds two of one bucket: buckets pay with larger batches."
+            "2-core machine, possibly shared (see machine.load_average_1m): absolute images/s are noisy (see "
+            "seconds_all); the ratios from interleaved runs are the figures. Call counts do not depend on load. "
+            "images/s is end to end (read, decode, model, codecs, encode, write), so the model's share bounds "
+            "what fewer calls can gain; model_alone_one_size says how much full calls gain over single-image "
+            "calls for this model on this machine."
         ),
         "machine": machine_info(),
     }
@@ -172,17 +225,20 @@ def main() -> None:
     def print_table(r: dict) -> None:
         print(f"{r['images']} images, {r['aspect_ratios']} aspects, {r['distinct_input_sizes']} sizes, "
               f"resolution {r['processing_resolution']}")
-        print(f"{'batch':>5} {'sizing':<8} {'calls':>6} {'calls/img':>9} {'single':>6} {'sizes':>6} {'img/s':>7} "
-              f"{'median':>7} {'stretch max %':>13}")
+        print(f"{'batch':>5} {'side':<14} {'calls':>6} {'calls/img':>9} {'single':>6} {'img/call':>8} {'img/s':>7} "
+              f"{'median':>7} {'model s':>8}")
         for row in r["by_batch_size"].values():
-            for sizing in ("exact", "buckets"):
-                s = row[sizing]
-                print(f"{row['batch_size']:>5} {sizing:<8} {s['pipeline_calls']:>6} {s['calls_per_image']:>9} "
-                      f"{s['single_image_calls']:>6} {s['distinct_working_sizes']:>6} {s['images_per_s']:>7} "
-                      f"{s['images_per_s_median']:>7} {s['aspect_stretch_max_pct']:>13}")
-            ratio = row["ratio_buckets_vs_exact"]
-            print(f"batch {row['batch_size']}: buckets vs exact: {ratio['pipeline_calls']}x the calls, "
-                  f"{ratio['images_per_s_best']}x the images/s (best), {ratio['images_per_s_median']}x (median)")
+            for name in SIDES:
+                s = row[name]
+                print(f"{row['batch_size']:>5} {name:<14} {s['pipeline_calls']:>6} {s['calls_per_image']:>9} "
+                      f"{s['single_image_calls']:>6} {s['mean_images_per_call']:>8} {s['images_per_s']:>7} "
+                      f"{s['images_per_s_median']:>7} {s['model_seconds_median']:>8}")
+            headroom = row["model_alone_one_size"]
+            print(f"batch {row['batch_size']}: the model alone, one size: {headroom['speedup_of_full_calls']}x "
+                  "per image in full calls vs calls of 1 (the most fewer calls can gain here)")
+            for name, ratio in row["ratio_vs_before"].items():
+                print(f"batch {row['batch_size']}: {name} vs before: {ratio['pipeline_calls']}x the calls, "
+                      f"{ratio['images_per_s_best']}x the images/s (best), {ratio['images_per_s_median']}x (median)")
 
     publish("buckets", report, print_table, write=not args.no_write)
 

@@ -66,3 +66,18 @@ class TimedBackend(IdentityBackend):
         with open(self.cfg.options["log"], "a") as f:
             f.write(f"{os.getpid()} {started} {time.time()}\n")
         return super().predict(images, prompts, task, seeds)
+
+
+class KeyedCountingBackend(IdentityBackend):
+    """identity keyed by image size (as a model with per-size working sizes is), logging each call's sizes
+    (`pid h1xw1 h2xw2 ...`) to `model.options.log`."""
+
+    name = "keyed-counting"
+
+    def batch_key(self, image):
+        return image.shape[:2]
+
+    def predict(self, images, prompts, task, seeds):
+        with open(self.cfg.options["log"], "a") as f:
+            f.write(" ".join([str(os.getpid())] + [f"{im.shape[0]}x{im.shape[1]}" for im in images]) + "\n")
+        return super().predict(images, prompts, task, seeds)

@@ -388,6 +388,13 @@ class ModelConfig(_Section):
         description="prompts and codec presets: vision-banana | open-vision-banana | marigold (None: the backend's)",
     )  # None: the backend's default profile
     batch_size: int = Field(default=8, gt=0, description="images per model call")
+    # Rows of one working size (the backend's batch_key) share calls across input batches: a row
+    # waits for others of its size until a call is full or more than this many rows wait.
+    group_window: int | None = Field(
+        default=None, ge=0,
+        description="rows that may wait for others of their working size to fill a model call "
+        "(None: 4 x batch_size; 0: each batch's rows as they come)",
+    )
     device: str = Field(
         default="auto",
         description="auto | cpu | cuda | cuda:N | mps | xpu (auto: cuda when available)",

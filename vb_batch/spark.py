@@ -45,9 +45,9 @@ from typing import Any
 import pyarrow as pa
 
 from vb_batch.config import ConfigError, JobConfig, load_config
-from vb_batch.engines.base import cached_backend
+from vb_batch.engines.base import cached_backend, rebatch
 from vb_batch.io.sources import with_ids
-from vb_batch.stages import Plan, decode_encode, fetch_decode, run_model
+from vb_batch.stages import ModelBatcher, Plan, decode_encode, fetch_decode
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +145,15 @@ def annotate(
     output_schema = plan.output_schema()
 
     def work(batches):
-        backend = cached_backend(plan)
-        for batch in batches:
+        # One model batch decoded at a time; rows of one working size share calls across them.
+        batcher = ModelBatcher(plan, cached_backend(plan))
+        for batch in rebatch(batches, cfg.model.batch_size):
             batch = with_ids(batch, cfg.input.id_column, image_column, uri_column)
             batch = pa.RecordBatch.from_arrays(batch.columns, schema=input_schema)
-            yield decode_encode(run_model(fetch_decode(batch, plan), plan, backend), plan)
+            for out in batcher.add(fetch_decode(batch, plan)):
+                yield decode_encode(out, plan)
+        for out in batcher.flush():
+            yield decode_encode(out, plan)
 
     check_worker_python(df.sparkSession)
     labelled = df.mapInArrow(work, _spark_schema(output_schema))

@@ -1,7 +1,8 @@
 """The engine-free stages of a job, as functions on Arrow record batches.
 
     fetch_decode:   rows -> RGB uint8 per row (column `_vb_rgb`) and `vb_error` per row
-    run_model:      RGB -> the model's answer per task and ensemble pass (`_vb_answer_*`)
+    run_model:      RGB -> the model's answer per task and ensemble pass (`_vb_answer_*`);
+                    `ModelBatcher` runs it over a stream, rows grouped into calls by working size
     decode_encode:  answers -> values through the codecs -> storage encoding,
                     confidence, summary scalars, provenance; internal columns dropped
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -23,7 +25,7 @@ import os
 import sys
 import threading
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -49,7 +51,7 @@ from vb_batch.models.loading import to_device
 from vb_batch.models.profiles import get_profile
 from vb_batch.registry import added_entries
 from vb_batch.tasks import Task, TaskContext, build_legend, get_task
-from vb_batch.timing import current, phase, run_collecting
+from vb_batch.timing import count, current, phase, run_collecting
 
 log = logging.getLogger(__name__)
 
@@ -451,33 +453,152 @@ def model_answer(result: Any) -> np.ndarray:
 
 
 def run_model(batch: pa.RecordBatch, plan: Plan, backend: ModelBackend) -> pa.RecordBatch:
-    """Stage 2 (GPU): one answer per valid row, task and ensemble pass (decoded here with `decode_on_device`)."""
-    images = _images(batch)
-    errors = _errors(batch)
-    ids = _column_list(batch, plan.cfg.input.id_column)
-    rows = [i for i, image in enumerate(images) if image is not None and errors[i] is None]
-    seeds = [row_seed(plan.cfg.model.seed, ids[i]) for i in rows]
-    phrases = None
-    if plan.ctx.phrase_column:
-        all_phrases = _column_list(batch, plan.ctx.phrase_column)
-        phrases = [all_phrases[i] or plan.ctx.phrase or "" for i in rows]
-    for task in plan.tasks:
-        for p in range(task.passes(plan.ctx)):
-            answers: list[np.ndarray | None] = [None] * batch.num_rows
-            if rows:
-                prompts = task.prompts(plan.ctx, len(rows), p, phrases)
-                with phase("model"):
-                    results = _predict_rows(backend, [images[i] for i in rows], prompts, task.name, seeds)
-                for i, result in zip(rows, results):
-                    try:
-                        answers[i] = model_answer(result)
-                    except Exception as exc:  # noqa: BLE001 - the row guard: a bad answer is this row's error
-                        errors[i] = errors[i] or row_error(exc, "model_bad_answer", f"{task.name}: ")
-            if plan.decodes_on_device(task):
-                confidences = decode_on_device(task, plan.ctx, p, answers, errors, backend.device)
+    """Stage 2 (GPU) on one batch: one answer per valid row, task and ensemble pass.
+
+    Rows are grouped by the backend's `batch_key` into calls of at most `model.batch_size`
+    (`ModelBatcher`); paintings are decoded here when `decode_on_device`.
+    """
+    batcher = ModelBatcher(plan, backend, window=0)
+    (answered,) = batcher.add(batch) + batcher.flush()
+    return answered
+
+
+@dataclass(eq=False)
+class _Waiting:
+    """A batch in the model stage: its rows' inputs, and the answers gathered so far."""
+
+    batch: pa.RecordBatch
+    images: list[np.ndarray | None]
+    errors: list[dict[str, str] | None]
+    seeds: list[int | None]
+    phrases: list[str] | None
+    answers: dict[tuple[int, int], list[np.ndarray | None]]  # (task index, pass) -> per row
+    rows: int  # valid rows
+    left: int  # valid rows not answered yet
+
+
+class ModelBatcher:
+    """Stage 2 over a stream of batches: rows grouped by the backend's `batch_key` into full model calls.
+
+    Batches go in with `add` and come out answered, in the order they went in. In
+    between, a valid row waits in a pool of rows of its key (its working size) until
+    `model.batch_size` rows make one call; when more than `window` rows wait, the pool
+    holding the oldest runs as it is, and `flush` runs them all. So a stream of
+    mixed-size photos fills its calls without reordering the output, and at most
+    `window + batch_size` rows wait. A backend without keys (None) gets calls of
+    `batch_size` rows across batch boundaries. Seeds are per row: no label depends
+    on which rows share a call.
+    """
+
+    def __init__(self, plan: Plan, backend: ModelBackend, window: int | None = None):
+        self.plan, self.backend = plan, backend
+        self.size = plan.cfg.model.batch_size
+        self.window = group_window(plan.cfg) if window is None else window
+        self.batches: deque[_Waiting] = deque()
+        self.pools: dict[Any, list[tuple[int, _Waiting, int]]] = {}  # key -> (arrival, batch, row)
+        self.waiting = 0  # valid rows in the pools
+        self.held = 0  # valid rows of the batches not handed back yet
+        self.arrivals = itertools.count()
+        self.passes = [(t, p) for t, task in enumerate(plan.tasks) for p in range(task.passes(plan.ctx))]
+
+    def add(self, batch: pa.RecordBatch) -> list[pa.RecordBatch]:
+        """Take one decoded batch; return the batches now answered (the oldest first)."""
+        images, errors = _images(batch), _errors(batch)
+        rows = [i for i, image in enumerate(images) if image is not None and errors[i] is None]
+        ids = _column_list(batch, self.plan.cfg.input.id_column)
+        seeds: list[int | None] = [None] * batch.num_rows
+        for i in rows:
+            seeds[i] = row_seed(self.plan.cfg.model.seed, ids[i])
+        phrases = None
+        if self.plan.ctx.phrase_column:
+            phrases = [p or self.plan.ctx.phrase or "" for p in _column_list(batch, self.plan.ctx.phrase_column)]
+        entry = _Waiting(batch, images, errors, seeds, phrases,
+                         {key: [None] * batch.num_rows for key in self.passes}, len(rows), len(rows))
+        self.batches.append(entry)
+        for i in rows:
+            key = self.backend.batch_key(images[i])
+            pool = self.pools.setdefault(key, [])
+            pool.append((next(self.arrivals), entry, i))
+            self.waiting += 1
+            if len(pool) >= self.size:
+                self._call(key)
+        self.held += len(rows)
+        done = self._answered()
+        # Rows answered behind a waiting one are held too: bound them as well, or a size that never
+        # fills a call would keep every later batch in memory.
+        while self.pools and (self.waiting > self.window or self.held > self.window + self.size):
+            self._call(self._oldest())
+            done += self._answered()
+        return done
+
+    def flush(self) -> list[pa.RecordBatch]:
+        """Run every waiting row; return the rest of the batches, answered."""
+        while self.pools:
+            self._call(self._oldest())
+        return self._answered()
+
+    def _oldest(self) -> Any:
+        return min(self.pools, key=lambda key: self.pools[key][0][0])
+
+    def _call(self, key: Any) -> None:
+        """One model call per task and pass on the pool of `key` (at most batch_size rows)."""
+        pool = self.pools.pop(key)
+        members, rest = pool[: self.size], pool[self.size :]
+        if rest:
+            self.pools[key] = rest
+        self.waiting -= len(members)
+        images = [entry.images[i] for _, entry, i in members]
+        seeds = [entry.seeds[i] for _, entry, i in members]
+        phrases = None if self.plan.ctx.phrase_column is None else [entry.phrases[i] for _, entry, i in members]
+        for t, p in self.passes:
+            task = self.plan.tasks[t]
+            prompts = task.prompts(self.plan.ctx, len(members), p, phrases)
+            with phase("model"):
+                results = _predict_rows(self.backend, images, prompts, task.name, seeds)
+            count("model_calls")
+            count("model_images", len(images))
+            for (_, entry, i), result in zip(members, results):
+                try:
+                    entry.answers[t, p][i] = model_answer(result)
+                except Exception as exc:  # noqa: BLE001 - the row guard: a bad answer is this row's error
+                    entry.errors[i] = entry.errors[i] or row_error(exc, "model_bad_answer", f"{task.name}: ")
+        for _, entry, _ in members:
+            entry.left -= 1
+
+    def _answered(self) -> list[pa.RecordBatch]:
+        done = []
+        while self.batches and self.batches[0].left == 0:
+            entry = self.batches.popleft()
+            self.held -= entry.rows
+            done.append(self._finish(entry))
+        return done
+
+    def _finish(self, entry: _Waiting) -> pa.RecordBatch:
+        """The batch with its answer columns (decoded on the model's device where the plan says so)."""
+        batch = entry.batch
+        for t, p in self.passes:
+            task, answers = self.plan.tasks[t], entry.answers[t, p]
+            if self.plan.decodes_on_device(task):
+                confidences = decode_on_device(task, self.plan.ctx, p, answers, entry.errors, self.backend.device)
                 batch = _set_column(batch, confidence_column(task.name, p), arrays_to_column(confidences))
             batch = _set_column(batch, answer_column(task.name, p), arrays_to_column(answers))
-    return _set_column(batch, ERROR_COLUMN, pa.array(errors, ERROR_TYPE))
+        return _set_column(batch, ERROR_COLUMN, pa.array(entry.errors, ERROR_TYPE))
+
+
+def group_window(cfg: JobConfig) -> int:
+    """`model.group_window`: how many rows may wait for others of their working size (default 4 batches)."""
+    window = cfg.model.group_window
+    return 4 * cfg.model.batch_size if window is None else window
+
+
+def model_rows_at_once(cfg: JobConfig) -> int:
+    """Rows one model task takes at once where rows cannot wait across tasks (a Ray actor's call).
+
+    `batch_size`, plus `group_window` for a backend with working sizes (`batch_key`), known from its
+    class without loading it: the task groups them into calls of at most `batch_size`.
+    """
+    keyed = getattr(backend_class(cfg.model.backend), "batch_key", None) is not ModelBackend.batch_key
+    return cfg.model.batch_size + (group_window(cfg) if keyed else 0)
 
 
 # ---------------------------------------------------------------------------- stage 3

@@ -36,12 +36,16 @@ PHASES = (
     "report",  # the HTML report and previews
 )
 
+# Counts that travel with the phases (through the same collectors, part reports and Ray columns) and
+# come out of them into the run summary: model calls, and the images they answered.
+COUNTS = ("model_calls", "model_images")
+
 # This thread's collector and its stack of open phases (the seconds their inner phases took).
 _collector: ContextVar[tuple[PhaseTimes, list[list[float]]] | None] = ContextVar("vb_batch_phase_times", default=None)
 
 
 class PhaseTimes:
-    """Seconds per phase; thread-safe so that several threads may add to one."""
+    """Seconds per phase (and the `COUNTS`); thread-safe so that several threads may add to one."""
 
     def __init__(self, seconds: Mapping[str, float] | None = None):
         self._seconds: dict[str, float] = {}
@@ -100,6 +104,13 @@ def phase(name: str) -> Iterator[None]:
         times.add(name, elapsed - inner[0])
         if open_phases:
             open_phases[-1][0] += elapsed
+
+
+def count(name: str, n: float = 1) -> None:
+    """Add `n` to the count `name` (`COUNTS`) of this thread's collector, if any."""
+    state = _collector.get()
+    if state is not None:
+        state[0].add(name, n)
 
 
 def current() -> PhaseTimes | None:

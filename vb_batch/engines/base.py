@@ -65,7 +65,7 @@ from vb_batch.masking import mask_text, mask_url, secret_values
 from vb_batch.models.base import ModelBackend, backend_class, create_backend, resolved_model_settings
 from vb_batch.registry import replay
 from vb_batch.stages import ERROR_COLUMN, Plan, check_backend
-from vb_batch.timing import PhaseTimes, collecting, current, phase
+from vb_batch.timing import COUNTS, PhaseTimes, collecting, current, phase
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,9 @@ class RunSummary:
     model_input_wait_seconds: float | None = None
     model_output_wait_seconds: float | None = None
     model_nodes: dict[str, int] = field(default_factory=dict)  # rows per node that ran the model (Ray)
+    # Model calls (one per task, pass and group of rows) and the images they answered, summed over workers.
+    model_calls: int | None = None
+    model_images: int | None = None
     # Busy seconds per phase (`vb_batch.timing.PHASES`), summed over threads and workers: they overlap,
     # so their sum may exceed `seconds`.
     phase_seconds: dict[str, float] = field(default_factory=dict)
@@ -142,6 +145,15 @@ class RunSummary:
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "rows_per_second": round(self.rows_per_second, 3)}
 
+    def take_times(self, times: PhaseTimes) -> None:
+        """Seconds per phase, and the model's call counts that travel with them, from the run's collector."""
+        phases = times.as_dict()
+        counts = {name: phases.pop(name) for name in COUNTS if name in phases}
+        self.phase_seconds = phases
+        if "model_calls" in counts:
+            self.model_calls = round(counts["model_calls"])
+            self.model_images = round(counts.get("model_images", 0))
+
     def model_line(self) -> str:
         """e.g. "1.92 s, 80% of the run; waited 0.04 s for input, 0.00 s for the writer; loaded in 0.38 s"."""
         parts = [f"{self.model_seconds:.2f} s"]
@@ -156,6 +168,8 @@ class RunSummary:
             parts[0] += " summed over the model workers"
         if self.model_load_seconds is not None:
             parts.append(f"loaded in {self.model_load_seconds:.2f} s")
+        if self.model_calls:
+            parts.append(f"{self.model_calls} calls of {self.model_images / self.model_calls:.1f} images on average")
         return "; ".join(parts)
 
     def render(self) -> str:
@@ -677,7 +691,7 @@ def tracked_run(run: Run, record: Callable[[], dict[str, Any]] = dict) -> Iterat
     finally:
         bar.close()
         summary.seconds = time.perf_counter() - run.started
-        summary.phase_seconds = run.times.as_dict()
+        summary.take_times(run.times)
         run.sink.close(success=summary.success, summary={**summary.as_dict(), "config": redacted(cfg), **record()})
 
 
@@ -794,7 +808,7 @@ def finish_times(run: Run) -> None:
     """The run's final times, including closing and `after`, into the summary and the run record."""
     summary = run.summary
     summary.seconds = time.perf_counter() - run.started
-    summary.phase_seconds = run.times.as_dict()
+    summary.take_times(run.times)
     summary.unexplained_seconds = round(max(0.0, summary.seconds - sum(summary.wall_seconds.values())), 4)
     with contextlib.suppress(Exception):  # the record written at close stands if this one cannot be
         run.sink.update_run_record(summary.as_dict())

@@ -1,7 +1,8 @@
 """The local engine: the stages in one process, CPU work on threads overlapping the model.
 
     [reader thread] source -> rebatch to model.batch_size -> [io threads] fetch_decode
-           -> [this thread] run_model -> [io threads] decode_encode -> [writer thread] sink, in input order
+           -> [this thread] run_model (ModelBatcher: rows of one working size share calls across
+              batches) -> [io threads] decode_encode -> [writer thread] sink, in input order
 
 The model thread only runs the model: reading, decoding, encoding and writing
 happen on other threads, so a GPU is not left idle while a Parquet file is read
@@ -20,6 +21,8 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import pyarrow as pa
+
 from vb_batch.engines.base import (
     Engine,
     Run,
@@ -31,10 +34,10 @@ from vb_batch.engines.base import (
 from vb_batch.models.base import ModelBackend, create_backend
 from vb_batch.stages import (
     ERROR_COLUMN,
+    ModelBatcher,
     check_backend,
     decode_encode,
     fetch_decode,
-    run_model,
 )
 from vb_batch.timing import run_collecting
 
@@ -75,14 +78,15 @@ class LocalEngine(Engine):
                     written.popleft().result()  # a failed decode or write stops the run here
 
             clock = {"model": 0.0, "output": 0.0}  # the model thread's time in the model, and waiting for the writer
+            batcher = ModelBatcher(plan, backend)
 
-            def model_step() -> None:
-                batch = decoded.popleft().result()
+            def model_step(batch: pa.RecordBatch | None) -> None:
                 t0 = time.perf_counter()
-                answered = run_model(batch, plan, backend)
+                answered = batcher.add(batch) if batch is not None else batcher.flush()
                 t1 = time.perf_counter()
-                encoded = pool.submit(run_collecting, run.times, decode_encode, answered, plan)
-                written.append(writer.submit(run_collecting, run.times, write, encoded))
+                for out in answered:
+                    encoded = pool.submit(run_collecting, run.times, decode_encode, out, plan)
+                    written.append(writer.submit(run_collecting, run.times, write, encoded))
                 wait_for_writes(io_threads)
                 clock["model"] += t1 - t0
                 clock["output"] += time.perf_counter() - t1
@@ -96,9 +100,10 @@ class LocalEngine(Engine):
                 for batch in batches:
                     decoded.append(pool.submit(run_collecting, run.times, fetch_decode, batch, plan))
                     if len(decoded) > cfg.engine.prefetch_batches:
-                        model_step()
+                        model_step(decoded.popleft().result())
             while decoded:
-                model_step()
+                model_step(decoded.popleft().result())
+            model_step(None)
             # The rest of the model thread's loop was waiting for input: the next batch read, or decoded.
             loop_seconds = time.perf_counter() - loop_started
             wait_for_writes(0)

@@ -2,8 +2,9 @@
 
     units    [driver]     Source.units(): row groups of the input files, or slices of an image listing
     prepare  [CPU tasks]  read_unit, ids, resume filter, fetch_decode     engine.cpu_batch_rows, block_bytes
-    model    [actors]     run_model, one backend per actor                model.batch_size, engine.actors,
-                                                                          gpus_per_actor, cpus_per_actor
+    model    [actors]     run_model, one backend per actor                model.batch_size, group_window,
+                                                                          engine.actors, gpus_per_actor,
+                                                                          cpus_per_actor
     finish   [CPU tasks]  decode_encode, write small staged part files    model.batch_size, cpus_per_task
     compact  [CPU tasks]  merge small parts into files of rows_per_file   output.rows_per_file
     commit   [driver]     the run core (vb_batch.engines.base): stage, commit, modes, resume, _SUCCESS
@@ -38,6 +39,12 @@ batch of answers and outputs, whatever the photos' size.
 model sees them. The driver needs no GPU and never loads the model. The run
 record (`_vb/runs/<run_id>.json`) says on which nodes the model ran:
 `model_nodes: {node id: rows}`.
+
+Mixed sizes: for a backend with working sizes (`batch_key`), an actor takes
+`model.batch_size + model.group_window` rows at a time and `run_model` groups
+them by working size into calls of at most `batch_size` (a Ray Data actor
+cannot hold rows back across calls, as the local and Spark engines'
+`ModelBatcher` does across batches). Other backends take `batch_size` rows.
 
 Ray fuses the prepare tasks into the model actors when both ask for the same
 resources (a CPU-only pool with `cpus_per_task == cpus_per_actor`); with
@@ -74,8 +81,8 @@ from vb_batch.engines.base import (
 )
 from vb_batch.io.filesystems import split_scheme
 from vb_batch.io.sources import Source, read_unit, with_ids
-from vb_batch.stages import IMAGE_COLUMN, Plan, decode_encode, fetch_decode, run_model
-from vb_batch.timing import PHASES, PhaseTimes, collecting
+from vb_batch.stages import IMAGE_COLUMN, Plan, decode_encode, fetch_decode, model_rows_at_once, run_model
+from vb_batch.timing import COUNTS, PHASES, PhaseTimes, collecting
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +120,7 @@ def spread_phases(batch: pa.RecordBatch, times: PhaseTimes) -> pa.RecordBatch:
 
 def gather_phases(batch: pa.RecordBatch, times: PhaseTimes) -> pa.RecordBatch:
     """Move the per-row seconds columns of `spread_phases` into `times`; the batch without them."""
-    for name in list(PHASES):
+    for name in PHASES + COUNTS:
         index = batch.schema.get_field_index(PHASE_PREFIX + name)
         if index >= 0:
             times.add(name, float(pc.sum(batch.column(index)).as_py() or 0.0))
@@ -246,7 +253,7 @@ def build_dataset(run: Run):
     ds = ds.map_batches(
         ModelActor,
         batch_format="pyarrow",
-        batch_size=cfg.model.batch_size,
+        batch_size=model_rows_at_once(cfg),  # grouped by working size into calls of batch_size
         fn_constructor_kwargs={"plan": plan},
         compute=actor_pool(engine),
         num_gpus=engine.gpus_per_actor,

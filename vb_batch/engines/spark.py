@@ -2,7 +2,8 @@
 
     driver:    list the input as units (row groups / listing slices) -> a DataFrame, one row a unit
     executors: mapInArrow: read the unit (pyarrow, any fsspec URL) -> fetch_decode -> run_model
-               (the model cached once per Python worker) -> decode_encode -> write a staged
+               (the model cached once per Python worker; ModelBatcher: rows of one working
+               size share calls across the unit's batches) -> decode_encode -> write a staged
                Parquet file into the sink's staging dir -> yield part reports (PART_SCHEMA)
     driver:    run.apply(part report): stage each file in the sink and commit (the run core)
 
@@ -42,7 +43,7 @@ from vb_batch.engines.base import (
     rebatch,
 )
 from vb_batch.io.sources import read_unit, with_ids
-from vb_batch.stages import Plan, decode_encode, fetch_decode, run_model
+from vb_batch.stages import ModelBatcher, Plan, decode_encode, fetch_decode
 from vb_batch.timing import PhaseTimes, collecting
 
 log = logging.getLogger(__name__)
@@ -105,19 +106,23 @@ def annotate_unit(unit: dict, index: int, plan: Plan, input_schema: pa.Schema, s
 
     # A fixed tag per unit: a retried or speculative attempt rewrites the same files.
     parts = StagedParts(plan, staging, f"u{index:06d}", times)
+    batcher = ModelBatcher(plan, backend)
     batches = rebatch(pending(), plan.cfg.model.batch_size)
     while True:
         # Collect only while this task works: a generator's context would leak into the consumer's.
         with collecting(times):
             batch = next(batches, None)
-            if batch is None:
-                break
-            decoded = fetch_decode(batch, plan)
+            decoded = None if batch is None else fetch_decode(batch, plan)
             started = time.perf_counter()
-            answered = run_model(decoded, plan, backend)
+            answered = batcher.flush() if decoded is None else batcher.add(decoded)
             seconds = time.perf_counter() - started
-            reports = parts.write(decode_encode(answered, plan), model_seconds=seconds)
+            reports = []
+            for out in answered:
+                reports += parts.write(decode_encode(out, plan), model_seconds=seconds)
+                seconds = 0.0
         yield from reports
+        if batch is None:
+            break
     with collecting(times):
         reports = parts.close(skipped)
     yield from reports

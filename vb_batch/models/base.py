@@ -19,6 +19,7 @@ happen only when a job uses that backend.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -59,6 +60,15 @@ class ModelBackend:
     def resolved_settings(cls, cfg: "ModelConfig") -> dict:
         """The defaults this backend fills in for `cfg` (steps, guidance, sizes), for `validate` and the run record."""
         return {}
+
+    def batch_key(self, image: np.ndarray) -> Hashable:
+        """Images of equal keys make one model call (e.g. one working size); None, the default: any images do.
+
+        The model stage groups rows by this key across a window of batches (`model.group_window`),
+        so that mixed-size photos still fill `model.batch_size` calls. It must be cheap (no pixels
+        read) and never raise; `predict` must still take images of mixed keys.
+        """
+        return None
 
     def predict(
         self, images: list[np.ndarray], prompts: list[str], task: str, seeds: list[int]

@@ -437,12 +437,15 @@ class DemoBackend(ModelBackend):
         self.pipe = load_demo_pipeline(self.path, self.device, getattr(torch, cfg.dtype))
         self.resolution = cfg.processing_resolution
 
+    def batch_key(self, image: np.ndarray) -> tuple[int, int]:
+        return self.pipe.working_size(image.shape[0], image.shape[1], self.resolution)
+
     def predict(self, images, prompts, task, seeds):
         # The net is deterministic: `seeds` have nothing to sample. Images of one working size share a call.
         answers: list[np.ndarray | None] = [None] * len(images)
         buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, image in enumerate(images):
-            buckets[self.pipe.working_size(image.shape[0], image.shape[1], self.resolution)].append(i)
+            buckets[self.batch_key(image)].append(i)
         for (height, width), index in buckets.items():
             out = self.pipe(
                 image=[images[i] for i in index], prompt=[prompts[i] for i in index],

@@ -329,6 +329,12 @@ class DiffusersEditBackend(ModelBackend):
         """The working (height, width) of an input image (`model.sizing`); a `SizeError` for impossible aspects."""
         return size_for(self.spec.rule, image.shape[0], image.shape[1], self.resolution, self.cfg.sizing)
 
+    def batch_key(self, image: np.ndarray) -> tuple[int, int] | None:
+        try:
+            return self.size_for(image)
+        except SizeError:
+            return None  # predict answers it with its error, whatever it is batched with
+
     def predict(self, images, prompts, task, seeds):
         answers: list[np.ndarray | RowError | None] = [None] * len(images)
         buckets: dict[tuple[int, int], list[int]] = defaultdict(list)

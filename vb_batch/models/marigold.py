@@ -148,6 +148,9 @@ class MarigoldBackend(ModelBackend):
     def supported_tasks(self):
         return set(self.pipelines)
 
+    def batch_key(self, image: np.ndarray) -> tuple[int, ...]:
+        return image.shape  # one input size per pipeline call
+
     def predict(self, images, prompts, task, seeds):
         pipe = self.pipelines[task]
         answers: list[np.ndarray | None] = [None] * len(images)
