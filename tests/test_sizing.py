@@ -227,7 +227,13 @@ def sizes_seen(backend, height, width) -> tuple[tuple, tuple]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "pipeline, resolution, sizing", [("Flux2KleinPipeline", 1536, "exact"), ("FluxKontextPipeline", 512, "buckets")]
+    "pipeline, resolution, sizing",
+    [
+        ("Flux2KleinPipeline", 1536, "exact"),
+        ("Flux2KleinPipeline", 512, "buckets"),
+        ("FluxKontextPipeline", 512, "buckets"),
+        ("FluxKontextPipeline", 1024, "exact"),
+    ],
 )
 def test_real_pipelines_condition_at_their_painting_size(pipeline, resolution, sizing, tiny):
     """Through the pipeline's own __call__, for every size of the sweep: it conditions at what it paints at."""
