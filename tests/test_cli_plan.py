@@ -133,6 +133,9 @@ def test_a_sample_run_projects_time_and_size(tmp_path, capsys):
     assert estimate["seconds_per_image"] > 0 and estimate["bytes_per_row"] > 0
     assert estimate["seconds_on_cluster"] < estimate["seconds_here"]
     assert estimate["output_bytes"] == pytest.approx(estimate["bytes_per_row"] * 24, rel=1e-3)
+    # Two tasks, 6 rows: 12 images answered, in full calls of model.batch_size 8 where rows allow.
+    assert estimate["model_images"] == 12 and estimate["model_calls"] == 2
+    assert "model: 2 calls of 6.0 images on average" in text
     assert not out.exists()  # the sample went to a temporary output: the job's own is untouched
 
 

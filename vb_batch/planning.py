@@ -69,6 +69,8 @@ class Estimate:
     rows: int | None  # the whole input (None: unknown)
     workers: int = 1
     rows_failed: int = 0
+    model_calls: int | None = None  # the sample's model calls (one per task, pass and group of rows)
+    model_images: int | None = None  # the images those calls answered
 
     @property
     def seconds_here(self) -> float | None:
@@ -91,6 +93,7 @@ class Estimate:
             "bytes_per_row": round(self.bytes_per_row, 1), "rows": self.rows, "workers": self.workers,
             "seconds_here": _round(self.seconds_here), "seconds_on_cluster": _round(self.seconds_on_cluster),
             "output_bytes": _round(self.output_bytes), "rows_failed": self.rows_failed,
+            "model_calls": self.model_calls, "model_images": self.model_images,
         }
 
 
@@ -162,6 +165,11 @@ def estimate_lines(est: Estimate) -> list[str]:
         f"{est.seconds_per_image * 1000:.1f} ms per image, {est.fixed_seconds:.1f} s fixed "
         f"(start, model load, commit, report), {_size(est.bytes_per_row)} per row"
     )]
+    if est.model_calls:
+        lines.append(
+            f"model: {est.model_calls} calls of {est.model_images / est.model_calls:.1f} images on average "
+            "(model.batch_size, model.group_window)"
+        )
     if est.rows is None:
         return lines + ["whole input: row count unknown; no projection"]
     lines.append(
@@ -416,7 +424,7 @@ def measure(cfg: JobConfig, source, sample: int, rows: int | None, workers: int 
     return Estimate(
         sample_rows=summary.rows_processed, sample_seconds=seconds, fixed_seconds=max(seconds - processing, 0.0),
         seconds_per_image=processing / done, bytes_per_row=written / done, rows=rows, workers=workers,
-        rows_failed=summary.rows_failed,
+        rows_failed=summary.rows_failed, model_calls=summary.model_calls, model_images=summary.model_images,
     )
 
 
