@@ -208,3 +208,18 @@ def test_a_ray_actor_takes_the_window_only_for_backends_with_working_sizes():
     assert model_rows_at_once(cfg("demo")) == 8 + 32
     assert model_rows_at_once(cfg("marigold", 5)) == 8 + 5
     assert model_rows_at_once(cfg("diffusers", 0)) == 8
+
+
+def test_a_row_whose_key_raises_runs_alone():
+    class KeyFails(Keyed):
+        def batch_key(self, image):
+            if image.shape[:2] == SIZES[3]:
+                raise ValueError("no key for this one")
+            return super().batch_key(image)
+
+    plan = plan_for(4, 8)
+    backend = KeyFails(plan.cfg.model)
+    batcher = ModelBatcher(plan, backend)
+    out = [b for batch in decoded_stream([[0, 3, 0], [3, 0, 0]], plan) for b in batcher.add(batch)] + batcher.flush()
+    assert sorted(map(tuple, backend.calls)) == [(SIZES[0],) * 4, (SIZES[3],), (SIZES[3],)]
+    assert all(e is None for b in out for e in b.column(b.schema.get_field_index(ERROR_COLUMN)).to_pylist())

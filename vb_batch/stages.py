@@ -482,12 +482,14 @@ class ModelBatcher:
 
     Batches go in with `add` and come out answered, in the order they went in. In
     between, a valid row waits in a pool of rows of its key (its working size) until
-    `model.batch_size` rows make one call; when more than `window` rows wait, the pool
-    holding the oldest runs as it is, and `flush` runs them all. So a stream of
-    mixed-size photos fills its calls without reordering the output, and at most
-    `window + batch_size` rows wait. A backend without keys (None) gets calls of
-    `batch_size` rows across batch boundaries. Seeds are per row: no label depends
-    on which rows share a call.
+    `model.batch_size` rows make one call. When more than `window` rows wait, or more
+    than `window + batch_size` valid rows are held (answered ones behind a waiting
+    one count too), the pool holding the oldest row runs as it is; `flush` runs them
+    all. So a stream of mixed-size photos fills its calls without reordering the
+    output, and memory holds a bounded number of decoded rows. A backend without
+    keys (None) gets calls of `batch_size` rows across batch boundaries; a row whose
+    key cannot be had runs in a call of its own. Seeds are per row: no label
+    depends on which rows share a call.
     """
 
     def __init__(self, plan: Plan, backend: ModelBackend, window: int | None = None):
@@ -516,7 +518,10 @@ class ModelBatcher:
                          {key: [None] * batch.num_rows for key in self.passes}, len(rows), len(rows))
         self.batches.append(entry)
         for i in rows:
-            key = self.backend.batch_key(images[i])
+            try:
+                key = self.backend.batch_key(images[i])
+            except Exception:  # noqa: BLE001 - a user backend's fault: the row runs alone, predict says why
+                key = object()
             pool = self.pools.setdefault(key, [])
             pool.append((next(self.arrivals), entry, i))
             self.waiting += 1
