@@ -136,8 +136,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from vb_batch.models.base import create_backend
     from vb_batch.config import ModelConfig
+    from vb_batch.models.base import create_backend
     from vb_batch.models.tiny import build_tiny_flux2_klein
 
     images = photo_like_set(args.images)
