@@ -149,7 +149,7 @@ def test_mixed_sizes_in_small_batches_share_calls():
     out = [b for batch in stream for b in batcher.add(batch)] + batcher.flush()
     assert len(per_batch.calls) == 6 * 3 * 2  # every batch: three sizes, two tasks
     assert len(grouped.calls) == 3 * 2 * 2 and all(len(call) == 3 for call in grouped.calls)
-    assert len(out) == 6 and all(answers(b, "normals") for b in out)
+    assert len(out) == 6 and all(a is not None for b in out for task in ("depth", "normals") for a in answers(b, task))
     assert group_window(plan.cfg) == 12  # 4 batches by default
 
 

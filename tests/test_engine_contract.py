@@ -255,25 +255,31 @@ def test_maps_stored_off_the_image_grid_equal_the_stages(engine, tmp_path):
     assert all(h > 8 or w > 8 for h, w in zip(good.column("image_height").to_pylist(), good.column("image_width").to_pylist()))
 
 
-def write_mixed_sizes(path: Path, rows: int = 24) -> None:
-    """`rows` random RGB PNGs in three sizes, interleaved a, b, c, a, b, c, ... (one row group)."""
+# Three sizes, 24 rows: one of size 2 first (it waits for its others until the last batch), then sizes
+# 0 and 1 alternating, then the other three of size 2. Counts are multiples of 4: grouped, every call is full.
+MIXED_LAYOUT = [2] + [0, 1] * 8 + [0] * 4 + [2] * 3
+MIXED_SIZES = [(12, 16), (16, 12), (10, 10)]
+
+
+def write_mixed_sizes(path: Path) -> None:
+    """Random RGB PNGs in `MIXED_SIZES`, laid out as `MIXED_LAYOUT` (one row group)."""
     from conftest import png_bytes
 
     rng = np.random.default_rng(3)
-    sizes = [(12, 16), (16, 12), (10, 10)]
-    images = [png_bytes(rng.integers(0, 256, (*sizes[i % 3], 3), dtype=np.uint8)) for i in range(rows)]
-    pq.write_table(pa.table({"id": [f"r{i:02d}" for i in range(rows)], "image": pa.array(images, pa.binary())}), path)
+    images = [png_bytes(rng.integers(0, 256, (*MIXED_SIZES[k], 3), dtype=np.uint8)) for k in MIXED_LAYOUT]
+    ids = [f"r{i:02d}" for i in range(len(images))]
+    pq.write_table(pa.table({"id": ids, "image": pa.array(images, pa.binary())}), path)
 
 
 def test_mixed_sizes_share_model_calls_across_batches(engine, tmp_path):
-    """Batches of 4 of three interleaved sizes: one batch at a time, 3 calls a batch; grouped, full calls."""
+    """Batches of 4 of mixed sizes: one batch at a time, a call per size in each batch; grouped, full calls."""
     write_mixed_sizes(tmp_path / "in.parquet")
     calls = {}
     for window in (0, 100):
         log = tmp_path / f"calls-{window}.log"
         cfg = job(tmp_path / "in.parquet", tmp_path / f"out-{window}", engine,
                   model={"backend": "worker_backends:KeyedCountingBackend", "batch_size": 4, "group_window": window,
-                         "options": {"log": str(log)}})
+                         "options": {"log": str(log), "seconds": 0.05}})
         cfg["tasks"] = ["depth"]
         summary = vb_batch.annotate(cfg)
         assert summary.success and summary.rows_ok == 24
@@ -281,7 +287,10 @@ def test_mixed_sizes_share_model_calls_across_batches(engine, tmp_path):
         # The summary counts the calls wherever they ran (Ray actors, Spark executors).
         assert (summary.model_calls, summary.model_images) == (len(calls[window]), 24)
         assert f"{len(calls[window])} calls of" in summary.render()
-    assert len(calls[0]) == 18  # six batches of 4 rows, each of three sizes
+        # Every call's time is booked, also that of calls made while their batches waited for the first row.
+        assert summary.model_seconds >= 0.05 * len(calls[window])
+    per_batch = sum(len(set(MIXED_LAYOUT[start:start + 4])) for start in range(0, 24, 4))
+    assert len(calls[0]) == per_batch == 13
     assert len(calls[100]) == 6 and all(len(call) == 4 and len(set(call)) == 1 for call in calls[100])
     assert sorted(s for call in calls[100] for s in call) == sorted(s for call in calls[0] for s in call)
     grouped, alone = (comparable(read_output(str(tmp_path / f"out-{w}"))) for w in (100, 0))

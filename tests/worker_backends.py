@@ -70,7 +70,7 @@ class TimedBackend(IdentityBackend):
 
 class KeyedCountingBackend(IdentityBackend):
     """identity keyed by image size (as a model with per-size working sizes is), logging each call's sizes
-    (`pid h1xw1 h2xw2 ...`) to `model.options.log`."""
+    (`pid h1xw1 h2xw2 ...`) to `model.options.log`; each call sleeps `model.options.seconds`."""
 
     name = "keyed-counting"
 
@@ -78,6 +78,9 @@ class KeyedCountingBackend(IdentityBackend):
         return image.shape[:2]
 
     def predict(self, images, prompts, task, seeds):
+        import time
+
+        time.sleep(float(self.cfg.options.get("seconds", 0)))  # a call's cost, for the model-seconds count
         with open(self.cfg.options["log"], "a") as f:
             f.write(" ".join([str(os.getpid())] + [f"{im.shape[0]}x{im.shape[1]}" for im in images]) + "\n")
         return super().predict(images, prompts, task, seeds)

@@ -108,6 +108,7 @@ def annotate_unit(unit: dict, index: int, plan: Plan, input_schema: pa.Schema, s
     parts = StagedParts(plan, staging, f"u{index:06d}", times)
     batcher = ModelBatcher(plan, backend)
     batches = rebatch(pending(), plan.cfg.model.batch_size)
+    seconds = 0.0  # model seconds not yet handed to a part (calls whose batches still wait for others)
     while True:
         # Collect only while this task works: a generator's context would leak into the consumer's.
         with collecting(times):
@@ -115,7 +116,7 @@ def annotate_unit(unit: dict, index: int, plan: Plan, input_schema: pa.Schema, s
             decoded = None if batch is None else fetch_decode(batch, plan)
             started = time.perf_counter()
             answered = batcher.flush() if decoded is None else batcher.add(decoded)
-            seconds = time.perf_counter() - started
+            seconds += time.perf_counter() - started
             reports = []
             for out in answered:
                 reports += parts.write(decode_encode(out, plan), model_seconds=seconds)
