@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
+import pyarrow as pa
+
+# The per-row error column of every output: null when the row succeeded.
+ERROR_COLUMN = "vb_error"
+ERROR_TYPE = pa.struct([pa.field("code", pa.string()), pa.field("message", pa.string())])
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 
 class RowError(Exception):
     """A fault of one row: kept in the output as `vb_error = {code, message}`, the job goes on.

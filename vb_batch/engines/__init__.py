@@ -1,8 +1,17 @@
-"""Engines: where the stages run (in-process threads, Ray, Spark). They wire stages; they hold no logic of their own.
+"""Engines: where the stages run (in-process threads, Ray, Spark), around one shared run core.
 
 `ENGINES` maps `engine.kind` to an `Engine` class ("module:Class", imported
-only when a job picks it); `register_engine` adds your own. The run core that
-every engine shares is `vb_batch.engines.base`.
+only when a job picks it); `register_engine` adds your own. Module map:
+
+    core.py      the run every engine shares (source, plan, sink, lease, resume, commit) and the
+                 `Engine` protocol an engine implements (check, session, execute)
+    summary.py   the run summary (counts, errors by code, where the time went)
+    checks.py    what must hold before the output is touched (paths, ids)
+    resume.py    the resume filter (committed ids dropped by the id column's name)
+    parts.py     part reports (what a worker tells the driver) and staged part files
+    worker.py    per-process helpers: the cached backend, rebatching, read-ahead
+    local.py ray.py spark.py   each engine: only what is specific to it (threads, Ray Data, Spark)
+    base.py      the old import path of the run core (re-exports)
 
 >>> from vb_batch.engines import ENGINES
 >>> sorted(ENGINES)

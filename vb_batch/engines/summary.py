@@ -1,0 +1,149 @@
+"""The run summary: rows ok / failed / skipped, errors by code, where the time went; rendered at the end of a run.
+
+One `RunSummary` per run, filled by the run core from the engines' part
+reports (`vb_batch.engines.core.Run.apply`) and the per-thread phase
+collectors (`vb_batch.timing`); stored as the run record under `_vb/runs/`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+from vb_batch.timing import COUNTS, PhaseTimes
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# ---------------------------------------------------------------------------- the summary
+
+
+@dataclass
+class RunSummary:
+    """What a run did; printed at the end and written to `<output>/_vb/runs/<run_id>.json`."""
+
+    run_id: str
+    output: str
+    engine: str
+    rows_read: int = 0
+    rows_skipped: int = 0
+    rows_ok: int = 0
+    rows_failed: int = 0
+    errors_by_code: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    success: bool = False
+    message: str = ""
+    report: str = ""
+    # Where the model's time went, from engines that measure it (None elsewhere): seconds in the
+    # model stage, summed over model workers; seconds to load the model (local); seconds the model
+    # thread waited for decoded input and for the writer (local: a fed model waits near zero).
+    model_seconds: float | None = None
+    model_load_seconds: float | None = None
+    model_input_wait_seconds: float | None = None
+    model_output_wait_seconds: float | None = None
+    model_nodes: dict[str, int] = field(default_factory=dict)  # rows per node that ran the model (Ray)
+    # Model calls (one per task, pass and group of rows) and the images they answered, summed over workers.
+    model_calls: int | None = None
+    model_images: int | None = None
+    # Busy seconds per phase (`vb_batch.timing.PHASES`), summed over threads and workers: they overlap,
+    # so their sum may exceed `seconds`.
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    # The driver's wall time, in order: start (source, plan, checks, lease, sink), model_load,
+    # processing (the engine's loop), closing (last commit, run record), after (the report);
+    # `unexplained_seconds` is `seconds` minus their sum.
+    wall_seconds: dict[str, float] = field(default_factory=dict)
+    unexplained_seconds: float = 0.0
+    estimate: dict[str, Any] | None = None  # hosted backends: requests and cost, before the run
+    model_settings: dict[str, Any] = field(default_factory=dict)  # defaults resolved from the checkpoint
+
+    @property
+    def rows_processed(self) -> int:
+        return self.rows_ok + self.rows_failed
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_processed / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def error_fraction(self) -> float:
+        return self.rows_failed / self.rows_processed if self.rows_processed else 0.0
+
+    def within_error_budget(self, max_fraction: float) -> bool:
+        """False (with a message) when more than `max_fraction` of the processed rows failed."""
+        if self.error_fraction <= max_fraction:
+            return True
+        self.message = (
+            f"error fraction {self.error_fraction:.3f} exceeds run.max_error_fraction={max_fraction}; "
+            "rows that succeeded are committed"
+        )
+        return False
+
+    def count_errors(self, rows: int, codes: list[str]) -> None:
+        """Count `rows` processed rows, of which those in `codes` (one code per failed row) failed."""
+        self.rows_failed += len(codes)
+        self.rows_ok += rows - len(codes)
+        for code, n in Counter(codes).items():
+            self.errors_by_code[code] = self.errors_by_code.get(code, 0) + n
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "rows_per_second": round(self.rows_per_second, 3)}
+
+    def take_times(self, times: PhaseTimes) -> None:
+        """Seconds per phase, and the model's call counts that travel with them, from the run's collector."""
+        phases = times.as_dict()
+        counts = {name: phases.pop(name) for name in COUNTS if name in phases}
+        self.phase_seconds = phases
+        if "model_calls" in counts:
+            self.model_calls = round(counts["model_calls"])
+            self.model_images = round(counts.get("model_images", 0))
+
+    def model_line(self) -> str:
+        """e.g. "1.92 s, 80% of the run; waited 0.04 s for input, 0.00 s for the writer; loaded in 0.38 s"."""
+        parts = [f"{self.model_seconds:.2f} s"]
+        if self.model_input_wait_seconds is not None:  # one model thread (local)
+            if self.seconds > 0:
+                parts[0] += f", {self.model_seconds / self.seconds:.0%} of the run"
+            parts.append(
+                f"waited {self.model_input_wait_seconds:.2f} s for input, "
+                f"{self.model_output_wait_seconds or 0.0:.2f} s for the writer"
+            )
+        else:
+            parts[0] += " summed over the model workers"
+        if self.model_load_seconds is not None:
+            parts.append(f"loaded in {self.model_load_seconds:.2f} s")
+        if self.model_calls:
+            parts.append(f"{self.model_calls} calls of {self.model_images / self.model_calls:.1f} images on average")
+        return "; ".join(parts)
+
+    def render(self) -> str:
+        status = "finished" if self.success else "FAILED"
+        lines = [
+            f"vb-batch run {self.run_id} {status} ({self.engine} engine) in {self.seconds:.1f} s",
+            f"  rows: {self.rows_ok} ok, {self.rows_failed} failed, {self.rows_skipped} skipped (already done)"
+            f" of {self.rows_read} read; {self.rows_per_second:.2f} rows/s",
+        ]
+        for code, n in sorted(self.errors_by_code.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  error {code}: {n} row(s)")
+        if self.model_seconds is not None:
+            lines.append(f"  model: {self.model_line()}")
+        if self.estimate:
+            from vb_batch.models.hosted import describe_estimate
+
+            lines.append(f"  estimate: {describe_estimate(self.estimate)}")
+        if self.wall_seconds:
+            spent = " + ".join(f"{name.replace('_', ' ')} {s:.2f}" for name, s in self.wall_seconds.items())
+            lines.append(f"  wall: {spent} s; unexplained {self.unexplained_seconds:.2f} s")
+        if self.phase_seconds:
+            busy = ", ".join(f"{name.replace('_', '+')} {s:.2f}" for name, s in self.phase_seconds.items())
+            lines.append(f"  busy (s, summed over threads and workers): {busy}")
+        lines.append(f"  output: {self.output}")
+        if self.report:
+            lines.append(f"  report: {self.report}")
+        if self.message:
+            lines.append(f"  {self.message}")
+        return "\n".join(lines)
+
+
