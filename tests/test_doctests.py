@@ -16,7 +16,7 @@ import vb_batch
 
 NOT_HERE = {
     "vb_batch.ray": "starts a Ray cluster (tests/test_ray.py runs the same code)",
-    "vb_batch.spark": "starts a Spark session (tests/test_spark.py runs the same code)",
+    "vb_batch.integrations.ray_data": "starts a Ray cluster (tests/test_ray.py runs the same code)",
     "vb_batch.io.lease": "its example names a lease of a live output without building one",
 }
 MODULES = ["vb_batch"] + sorted(

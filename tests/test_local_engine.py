@@ -14,9 +14,9 @@ from conftest import png_bytes
 
 import vb_batch
 from vb_batch.codecs import depth
-from vb_batch.engines import local
 from vb_batch.io.outputs import read_output
 from vb_batch.models.identity import IdentityBackend
+from vb_batch.pipeline import loop, stream
 
 
 class SlowBackend(IdentityBackend):
@@ -36,14 +36,17 @@ def test_decode_overlaps_model_and_in_flight_batches_are_bounded(tmp_path, monke
     events: list[tuple[str, float]] = []
     counts = {"decoded": 0, "written": 0, "max_ahead": 0}
     lock = threading.Lock()
-    real_fetch, real_decode = local.fetch_decode, local.decode_encode
+    real_fetch, real_decode = loop.fetch_decode, loop.decode_encode
 
     def fetch(batch, plan):
         with lock:
             counts["decoded"] += 1
             counts["max_ahead"] = max(counts["max_ahead"], counts["decoded"] - counts["written"])
-        events.append(("fetch", time.perf_counter()))
-        return real_fetch(batch, plan)
+        started = time.perf_counter()
+        time.sleep(0.01)  # a fetch long enough to be seen overlapping (a 16x16 PNG decodes in microseconds)
+        out = real_fetch(batch, plan)
+        events.append(("fetch", (started, time.perf_counter())))
+        return out
 
     def finish(batch, plan):
         out = real_decode(batch, plan)
@@ -51,8 +54,8 @@ def test_decode_overlaps_model_and_in_flight_batches_are_bounded(tmp_path, monke
             counts["written"] += 1
         return out
 
-    monkeypatch.setattr(local, "fetch_decode", fetch)
-    monkeypatch.setattr(local, "decode_encode", finish)
+    monkeypatch.setattr(loop, "fetch_decode", fetch)
+    monkeypatch.setattr(loop, "decode_encode", finish)
     cfg = {
         "input": {"path": str(tmp_path / "in.parquet")},
         "output": {"path": str(tmp_path / "out")},
@@ -65,8 +68,8 @@ def test_decode_overlaps_model_and_in_flight_batches_are_bounded(tmp_path, monke
     # Some batch was fetched and decoded while the model was busy with another.
     starts = [t for k, t in events if k == "model_start"]
     spans = list(zip(starts, [t for k, t in events if k == "model_end"]))
-    fetch_times = [t for k, t in events if k == "fetch"]
-    assert any(s < t < e for s, e in spans for t in fetch_times)
+    fetches = [span for k, span in events if k == "fetch"]
+    assert sum(1 for s, e in spans for fs, fe in fetches if s < fe and fs < e) >= 4
     # Never more than prefetch + io_threads + the batch in the model (+1 being submitted) ahead of the sink.
     assert counts["max_ahead"] <= 2 + 2 + 2
     assert sorted(read_output(str(tmp_path / "out")).column("id").to_pylist()) == list(range(64))
@@ -93,7 +96,7 @@ def test_fsspec_urls_in_and_out():
 
 
 def test_read_ahead_keeps_order_raises_the_readers_error_and_stops_on_close():
-    assert list(local.read_ahead(iter(range(100)), depth=3)) == list(range(100))
+    assert list(stream.read_ahead(iter(range(100)), depth=3)) == list(range(100))
 
     def failing():
         yield from (1, 2)
@@ -101,43 +104,49 @@ def test_read_ahead_keeps_order_raises_the_readers_error_and_stops_on_close():
 
     got = []
     with pytest.raises(OSError, match="went away"):  # the items read before the error come first
-        for item in local.read_ahead(failing(), depth=2):
+        for item in stream.read_ahead(failing(), depth=2):
             got.append(item)  # noqa: PERF402 - the items must arrive before the error
     assert got == [1, 2]
 
     produced = []
 
-    def endless():
-        for i in range(10**9):
-            produced.append(i)
-            yield i
+    closed_on = []
 
-    reader = local.read_ahead(endless(), depth=2)
+    def endless():
+        try:
+            for i in range(10**9):
+                produced.append(i)
+                yield i
+        finally:  # e.g. an open file: closed where it was read
+            closed_on.append(threading.current_thread().name)
+
+    reader = stream.read_ahead(endless(), depth=2)
     assert next(reader) == 0
     reader.close()  # joins the reader thread: it stops instead of reading on
     assert not any(t.name == "vb-read" for t in threading.enumerate())
     assert len(produced) <= 5
+    assert closed_on == ["vb-read"]
 
 
 def test_the_model_thread_neither_reads_nor_decodes_and_the_summary_says_where_its_time_went(tmp_path, monkeypatch):
     image = png_bytes(depth.encode(np.full((16, 16), 3.0, np.float32)))
     pq.write_table(pa.table({"id": list(range(64)), "image": [image] * 64}), tmp_path / "in.parquet")
     readers: set[str] = set()
-    real_rebatch, real_fetch = local.rebatch, local.fetch_decode
+    real_rebatch, real_fetch = loop.rebatch, loop.fetch_decode
 
     def rebatch(batches, rows):
         for batch in real_rebatch(batches, rows):
             readers.add(threading.current_thread().name)
             yield batch
 
-    monkeypatch.setattr(local, "rebatch", rebatch)
+    monkeypatch.setattr(loop, "rebatch", rebatch)
 
     def run(name, fetch_seconds):
         def fetch(batch, plan):
             time.sleep(fetch_seconds)
             return real_fetch(batch, plan)
 
-        monkeypatch.setattr(local, "fetch_decode", fetch)
+        monkeypatch.setattr(loop, "fetch_decode", fetch)
         cfg = {
             "input": {"path": str(tmp_path / "in.parquet"), "read_batch_rows": 4},
             "output": {"path": str(tmp_path / name)},

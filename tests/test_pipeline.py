@@ -240,11 +240,11 @@ def test_max_error_fraction_fails_the_run_after_committing(tmp_path, capsys):
 
 def test_decode_on_device_gives_the_cpu_decode(painted_table, tmp_path, legend, monkeypatch):
     """`model.decode_on_device` (torch codecs in the model worker, here on the CPU) stores what numpy decodes."""
-    import vb_batch.stages as stages
+    import vb_batch.pipeline.model as model_stage
 
     stacked = []
-    real_to_device = stages.to_device
-    monkeypatch.setattr(stages, "to_device", lambda array, device: stacked.append(array.shape) or real_to_device(array, device))
+    real_to_device = model_stage.to_device
+    monkeypatch.setattr(model_stage, "to_device", lambda array, device: stacked.append(array.shape) or real_to_device(array, device))
     paths, _ = painted_table
     tasks = ["depth", "normals", "segmentation"]
     for task in tasks:

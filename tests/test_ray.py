@@ -223,9 +223,9 @@ def test_job_entrypoint_on_an_image_folder(ray_local, tmp_path):
 
 @pytest.mark.slow
 def test_annotator_docstring_example_runs(ray_local):
-    import vb_batch.ray
+    import vb_batch.integrations.ray_data
 
-    result = doctest.testmod(vb_batch.ray, optionflags=doctest.ELLIPSIS)
+    result = doctest.testmod(vb_batch.integrations.ray_data, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 10 and result.failed == 0
 
 

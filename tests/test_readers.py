@@ -124,3 +124,19 @@ def test_dataloader_batches_of_4_on_unequal_sizes_with_a_transform(labelled):
     listed = collate_labels([ds[0], ds[1]])  # pad=False: unequal maps as lists
     assert isinstance(listed["depth"], list) and [tuple(t.shape) for t in listed["depth"]] == [
         truth[ds.ids[0]].shape, truth[ds.ids[1]].shape]
+
+
+def test_the_old_import_paths_name_the_integrations_and_the_pipeline():
+    import vb_batch.integrations.ray_data
+    import vb_batch.integrations.spark
+    import vb_batch.integrations.torch
+    import vb_batch.ray
+    import vb_batch.spark
+    import vb_batch.stages
+    from vb_batch.pipeline.resolved import ResolvedJob
+
+    assert (LabelDataset, collate_labels) == (vb_batch.integrations.torch.LabelDataset,
+                                             vb_batch.integrations.torch.collate_labels)
+    assert vb_batch.ray.Annotator is vb_batch.integrations.ray_data.Annotator
+    assert vb_batch.spark.annotate is vb_batch.integrations.spark.annotate
+    assert vb_batch.stages.Plan is vb_batch.stages.ResolvedJob is ResolvedJob

@@ -6,12 +6,10 @@
 """
 
 from vb_batch._version import __version__  # noqa: E402
-
-from vb_batch.io.outputs import decode_cell, load_arrays  # noqa: E402
+from vb_batch.engines.summary import RunSummary  # noqa: E402
 from vb_batch.io.describe import describe  # noqa: E402
-from vb_batch.engines.base import RunSummary  # noqa: E402
+from vb_batch.io.outputs import decode_cell, load_arrays  # noqa: E402
 from vb_batch.job import annotate  # noqa: E402
-
 from vb_batch.planning import plan, validate  # noqa: E402
 
 __all__ = ["__version__", "annotate", "decode_cell", "describe", "load_arrays", "plan", "report", "RunSummary", "show",

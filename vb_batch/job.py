@@ -13,7 +13,8 @@ from typing import Any
 
 from vb_batch.config import JobConfig, load_config
 from vb_batch.engines import get_engine
-from vb_batch.engines.base import RunSummary, execute_run
+from vb_batch.engines.core import execute_run
+from vb_batch.engines.summary import RunSummary
 from vb_batch.io.filesystems import fsspec_filesystem
 from vb_batch.models.base import ModelBackend
 from vb_batch.timing import phase

@@ -8,10 +8,12 @@ only when a job picks it); `register_engine` adds your own. Module map:
     summary.py   the run summary (counts, errors by code, where the time went)
     checks.py    what must hold before the output is touched (paths, ids)
     resume.py    the resume filter (committed ids dropped by the id column's name)
-    parts.py     part reports (what a worker tells the driver) and staged part files
-    worker.py    per-process helpers: the cached backend, rebatching, read-ahead
     local.py ray.py spark.py   each engine: only what is specific to it (threads, Ray Data, Spark)
     base.py      the old import path of the run core (re-exports)
+
+Part reports and staged part files are the sinks' worker half
+(`vb_batch.io.sinks.staging`); the per-process model cache, rebatching and
+read-ahead are `vb_batch.pipeline.stream`; the stages themselves `vb_batch.pipeline`.
 
 >>> from vb_batch.engines import ENGINES
 >>> sorted(ENGINES)
@@ -26,11 +28,11 @@ from vb_batch.errors import ConfigError
 from vb_batch.registry import Registry
 
 if TYPE_CHECKING:
-    from vb_batch.engines.base import Engine
+    from vb_batch.engines.core import Engine
 
 
 def _check_engine(found, name: str) -> None:
-    from vb_batch.engines.base import Engine
+    from vb_batch.engines.core import Engine
 
     if not (isinstance(found, type) and issubclass(found, Engine)):
         raise ConfigError(f"engine.kind: {name!r} is not a vb_batch Engine")

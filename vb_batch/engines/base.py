@@ -2,9 +2,10 @@
 
 The run core now lives in `vb_batch.engines.core` (the run, the `Engine`
 protocol); beside it `summary` (the run summary), `checks` (what must hold
-before the output is touched), `resume` (the resume filter), `parts` (part
-reports, staged part files, compaction) and `worker` (the per-process model
-cache, rebatching, read-ahead).
+before the output is touched) and `resume` (the resume filter). Part reports,
+staged part files and compaction are the sinks' worker half
+(`vb_batch.io.sinks.staging`); the per-process model cache, rebatching and
+read-ahead are `vb_batch.pipeline.stream`.
 """
 
 from __future__ import annotations
@@ -20,11 +21,18 @@ from vb_batch.engines.core import (
     start_run,
     tracked_run,
 )
-from vb_batch.engines.parts import PART_SCHEMA, Compactor, StagedParts, compact, part_report, stage_parts
 from vb_batch.engines.resume import ResumeFilter
 from vb_batch.engines.summary import RunSummary
-from vb_batch.engines.worker import cached_backend, read_ahead, rebatch
 from vb_batch.errors import cpu_count
+from vb_batch.io.sinks.staging import (
+    PART_SCHEMA,
+    Compactor,
+    StagedParts,
+    compact,
+    part_report,
+    stage_parts,
+)
+from vb_batch.pipeline.stream import cached_backend, read_ahead, rebatch
 
 __all__ = [
     "PART_SCHEMA", "SHOWN_IDS", "Compactor", "Engine", "ResumeFilter", "Run", "RunSummary", "StagedParts",

@@ -25,8 +25,9 @@ each written part with `run.apply(report)` (one schema, `PART_SCHEMA`: file,
 rows, skipped, error codes, model seconds, model nodes), so the summary, the
 commits and the progress bar work the same everywhere. What a worker process
 needs lives beside it, shared by every engine: the resume filter
-(`engines/resume.py`), part reports and staged files (`engines/parts.py`), the
-cached backend, rebatching and read-ahead (`engines/worker.py`); the summary is
+(`engines/resume.py`), part reports and staged files (the sinks' worker half,
+`vb_batch.io.sinks.staging`), the cached backend, rebatching and read-ahead
+(`vb_batch.pipeline.stream`); the summary is
 `engines/summary.py`; the input checks before anything is touched `engines/checks.py`.
 """
 
@@ -47,7 +48,6 @@ from tqdm.auto import tqdm
 
 from vb_batch.config import ConfigError, JobConfig, redacted
 from vb_batch.engines.checks import check_ids, check_paths
-from vb_batch.engines.parts import part_report
 from vb_batch.engines.resume import ResumeFilter
 from vb_batch.engines.summary import RunSummary
 from vb_batch.io.filesystems import (
@@ -55,14 +55,11 @@ from vb_batch.io.filesystems import (
 )
 from vb_batch.io.formats import open_sink
 from vb_batch.io.sinks import Sink, schema_fingerprint
+from vb_batch.io.sinks.staging import part_report
 from vb_batch.io.sources import Source, open_source
 from vb_batch.masking import mask_text, mask_url, secret_values
-from vb_batch.models.base import (
-    ModelBackend,
-    backend_class,
-    resolved_model_settings,
-)
-from vb_batch.stages import Plan
+from vb_batch.models.base import ModelBackend, cost_estimate, resolved_model_settings
+from vb_batch.pipeline.resolved import ResolvedJob
 from vb_batch.timing import PhaseTimes, collecting
 
 log = logging.getLogger(__name__)
@@ -78,7 +75,7 @@ class Run:
 
     cfg: JobConfig
     source: Source
-    plan: Plan
+    plan: ResolvedJob
     sink: Sink
     summary: RunSummary
     started: float
@@ -121,7 +118,7 @@ def start_run(cfg: JobConfig, engine: str, started: float | None = None) -> Run:
     if cfg.output.format != "iceberg":
         check_bucket(cfg.output.path, cfg.output.storage, "output.path")
     ids = check_ids(source)
-    plan = Plan.build(cfg, source.schema, image_column=source.image_column, uri_column=source.uri_column)
+    plan = ResolvedJob.build(cfg, source.schema, image_column=source.image_column, uri_column=source.uri_column)
     schema = plan.output_schema()
     sink = open_sink(cfg.output, plan.run_id, schema, source.id_column,
                      fingerprint=schema_fingerprint(schema, plan.model, plan.profile),
@@ -129,6 +126,9 @@ def start_run(cfg: JobConfig, engine: str, started: float | None = None) -> Run:
     sink.check()
     summary = RunSummary(run_id=plan.run_id, output=mask_url(cfg.output.name), engine=engine,
                          model_settings=resolved_model_settings(cfg.model))
+    duplicates = sum(len(rows) for rows in (source.skip_rows or {}).values())
+    if duplicates:
+        summary.skipped_by_code["duplicate_id"] = duplicates
     # The ids let a resume with nothing left return before the model loads.
     keep_ids = source.has_id and cfg.output.mode == "resume"
     return Run(cfg, source, plan, sink, summary, started, ids=ids if keep_ids else None)
@@ -251,14 +251,14 @@ def execute_run(engine: Engine, cfg: JobConfig, backend: ModelBackend | None = N
 
 def estimate_cost(run: Run) -> None:
     """For backends that price their calls (hosted models): requests and cost before any is made."""
-    backend = backend_class(run.cfg.model.backend)
-    if not hasattr(backend, "estimate"):
+    pending = max(0, run.summary.rows_read - len(run.resume or []))
+    passes = sum(task.passes(run.plan.ctx) for task in run.plan.tasks)
+    estimate = cost_estimate(run.cfg.model, pending, passes)
+    if estimate is None:
         return
     from vb_batch.models.hosted import describe_estimate
 
-    pending = max(0, run.summary.rows_read - len(run.resume or []))
-    passes = sum(task.passes(run.plan.ctx) for task in run.plan.tasks)
-    run.summary.estimate = backend.estimate(run.cfg.model, pending, passes)
+    run.summary.estimate = estimate
     line = f"vb-batch estimate: {describe_estimate(run.summary.estimate)}"
     log.info(line)
     if run.cfg.run.progress:

@@ -7,7 +7,7 @@
                                                                           cpus_per_actor
     finish   [CPU tasks]  decode_encode, write small staged part files    model.batch_size, cpus_per_task
     compact  [CPU tasks]  merge small parts into files of rows_per_file   output.rows_per_file
-    commit   [driver]     the run core (vb_batch.engines.base): stage, commit, modes, resume, _SUCCESS
+    commit   [driver]     the run core (vb_batch.engines.core): stage, commit, modes, resume, _SUCCESS
 
 Reading: the prepare tasks read the units with `read_unit` (an explicit
 pyarrow filesystem from `input.storage`), as the Spark engine does, rather than
@@ -69,19 +69,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vb_batch.config import ConfigError, EngineConfig, JobConfig
-from vb_batch.engines.base import (
-    PART_SCHEMA,
-    Compactor,
-    Engine,
-    ResumeFilter,
-    Run,
-    cached_backend,
-    compact,
-    stage_parts,
-)
+from vb_batch.engines.core import Engine, Run
+from vb_batch.engines.resume import ResumeFilter
 from vb_batch.io.filesystems import split_scheme
+from vb_batch.io.sinks.staging import PART_SCHEMA, Compactor, compact, stage_parts
 from vb_batch.io.sources import Source, read_unit, with_ids
-from vb_batch.stages import IMAGE_COLUMN, Plan, decode_encode, fetch_decode, model_rows_at_once, run_model
+from vb_batch.pipeline.columns import IMAGE_COLUMN
+from vb_batch.pipeline.inputs import fetch_decode
+from vb_batch.pipeline.model import model_rows_at_once, run_model
+from vb_batch.pipeline.outputs import decode_encode
+from vb_batch.pipeline.resolved import ResolvedJob
+from vb_batch.pipeline.stream import cached_backend
 from vb_batch.timing import COUNTS, PHASES, PhaseTimes, collecting
 
 log = logging.getLogger(__name__)
@@ -128,7 +126,7 @@ def gather_phases(batch: pa.RecordBatch, times: PhaseTimes) -> pa.RecordBatch:
     return batch
 
 
-def prepare(units: pa.Table, plan: Plan, source_schema: pa.Schema, resume: ResumeFilter) -> Iterator[pa.Table]:
+def prepare(units: pa.Table, plan: ResolvedJob, source_schema: pa.Schema, resume: ResumeFilter) -> Iterator[pa.Table]:
     """CPU task: read units, give rows their ids, drop the ids already committed (resume), fetch and decode images.
 
     Rows are decoded one model batch at a time and handed on once the decoded images reach
@@ -185,7 +183,7 @@ class ModelActor:
     record can say where the model ran.
     """
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: ResolvedJob):
         import ray
 
         self.plan = plan
@@ -204,7 +202,7 @@ class ModelActor:
         return pa.Table.from_batches([batch])
 
 
-def finish(table: pa.Table, plan: Plan, staging: str) -> pa.Table:
+def finish(table: pa.Table, plan: ResolvedJob, staging: str) -> pa.Table:
     """CPU task: decode and encode the answers, write them as a small staged part file, return its part reports."""
     batch = record_batch(table)
     if batch.num_rows == 0:

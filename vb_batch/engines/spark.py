@@ -1,10 +1,11 @@
 """The Spark engine: the same stages in Spark's Python workers, the commit on the driver.
 
     driver:    list the input as units (row groups / listing slices) -> a DataFrame, one row a unit
-    executors: mapInArrow: read the unit (pyarrow, any fsspec URL) -> fetch_decode -> run_model
-               (the model cached once per Python worker; ModelBatcher: rows of one working
-               size share calls across the unit's batches) -> decode_encode -> write a staged
-               Parquet file into the sink's staging dir -> yield part reports (PART_SCHEMA)
+    executors: mapInArrow: read the unit (pyarrow, any fsspec URL) -> the one per-batch loop
+               (`annotate_stream`: fetch_decode and decode_encode on a thread overlapping the
+               model, cached once per Python worker; rows of one working size share calls
+               across the unit's batches) -> write a staged Parquet file into the sink's
+               staging dir -> yield part reports (PART_SCHEMA)
     driver:    run.apply(part report): stage each file in the sink and commit (the run core)
 
 Reading and writing happen on the Python side on purpose: the pyspark wheel
@@ -13,7 +14,7 @@ writer drops the Arrow field metadata (`vb.unit`, `vb.scale`, `vb.legend`, ...)
 that makes the output self-describing. This way local, Ray and Spark write
 byte-for-byte the same schema. Staged file names are fixed per unit, so a
 retried or speculative task attempt rewrites the same file instead of adding
-rows. Users' own DataFrames go through `vb_batch.spark.annotate` instead.
+rows. Users' own DataFrames go through `vb_batch.integrations.spark.annotate` instead.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,19 +31,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pyarrow as pa
 
 from vb_batch.config import EngineConfig, InputConfig
-from vb_batch.engines.base import (
-    PART_SCHEMA,
-    Compactor,
-    Engine,
-    ResumeFilter,
-    Run,
-    StagedParts,
-    cached_backend,
-    compact,
-    rebatch,
-)
+from vb_batch.engines.core import Engine, Run
+from vb_batch.engines.resume import ResumeFilter
+from vb_batch.io.sinks.staging import PART_SCHEMA, Compactor, StagedParts, compact
 from vb_batch.io.sources import read_unit, with_ids
-from vb_batch.stages import ModelBatcher, Plan, decode_encode, fetch_decode
+from vb_batch.pipeline.loop import annotate_stream
+from vb_batch.pipeline.resolved import ResolvedJob
+from vb_batch.pipeline.stream import cached_backend
 from vb_batch.timing import PhaseTimes, collecting
 
 log = logging.getLogger(__name__)
@@ -85,19 +79,21 @@ def gpu_profile(engine: EngineConfig):
     return ResourceProfileBuilder().require(requests).build
 
 
-def annotate_unit(unit: dict, index: int, plan: Plan, input_schema: pa.Schema, staging: str,
+def annotate_unit(unit: dict, index: int, plan: ResolvedJob, input_schema: pa.Schema, staging: str,
                   resume: ResumeFilter) -> Iterator[dict]:
     """Executor side: read one unit, drop committed ids, run the stages, stream its staged part files.
 
-    Yields a part report as each file is complete; what the task holds is one
-    model batch and one open file, whatever the unit's size.
+    The one per-batch loop (`annotate_stream`) runs the stages: reading and CPU
+    stages overlap the model. It yields a part report as each file is complete;
+    what the task holds is a few model batches and one open file, whatever the
+    unit's size. Model seconds go with the file their rows went to.
     """
     cfg: InputConfig = plan.cfg.input
     backend = cached_backend(plan)
     skipped = 0
     times = PhaseTimes()  # this task's seconds per phase, sent with its last part report
 
-    def pending() -> Iterator[pa.RecordBatch]:
+    def pending() -> Iterator[pa.RecordBatch]:  # runs on the loop's reader thread
         nonlocal skipped
         for batch in read_unit(unit, cfg, input_schema, cfg.read_batch_rows):
             batch, dropped = resume.apply(with_ids(batch, cfg.id_column, plan.image_column, plan.uri_column))
@@ -106,27 +102,22 @@ def annotate_unit(unit: dict, index: int, plan: Plan, input_schema: pa.Schema, s
 
     # A fixed tag per unit: a retried or speculative attempt rewrites the same files.
     parts = StagedParts(plan, staging, f"u{index:06d}", times)
-    batcher = ModelBatcher(plan, backend)
-    batches = rebatch(pending(), plan.cfg.model.batch_size)
-    seconds = 0.0  # model seconds not yet handed to a part (calls whose batches still wait for others)
-    while True:
-        # Collect only while this task works: a generator's context would leak into the consumer's.
-        with collecting(times):
-            batch = next(batches, None)
-            decoded = None if batch is None else fetch_decode(batch, plan)
-            started = time.perf_counter()
-            answered = batcher.flush() if decoded is None else batcher.add(decoded)
-            seconds += time.perf_counter() - started
-            reports = []
-            for out in answered:
-                reports += parts.write(decode_encode(out, plan), model_seconds=seconds)
-                seconds = 0.0
-        yield from reports
-        if batch is None:
-            break
+    stream = annotate_stream(pending(), plan, backend, io_threads=task_io_threads(plan.cfg.engine),
+                             prefetch_batches=plan.cfg.engine.prefetch_batches, times=times)
+    with contextlib.closing(stream):
+        for annotated in stream:
+            # Collect only while this task works: a generator's context would leak into the consumer's.
+            with collecting(times):
+                reports = parts.write(annotated.batch, model_seconds=annotated.model_seconds)
+            yield from reports
     with collecting(times):
         reports = parts.close(skipped)
     yield from reports
+
+
+def task_io_threads(engine: EngineConfig) -> int:
+    """`engine.io_threads`, or one: a Spark task has one core of its own, the other tasks run on the others."""
+    return engine.io_threads or 1
 
 
 def waves(units: list, size: int) -> Iterator[list]:

@@ -33,6 +33,9 @@ class RunSummary:
     rows_ok: int = 0
     rows_failed: int = 0
     errors_by_code: dict[str, int] = field(default_factory=dict)
+    # Rows skipped for a reason other than "already committed", by code (`duplicate_id`: a later row
+    # of an id under `input.duplicate_ids: first`); they are counted in `rows_skipped` too.
+    skipped_by_code: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     success: bool = False
     message: str = ""
@@ -127,6 +130,8 @@ class RunSummary:
         ]
         for code, n in sorted(self.errors_by_code.items(), key=lambda kv: -kv[1]):
             lines.append(f"  error {code}: {n} row(s)")
+        for code, n in sorted(self.skipped_by_code.items()):
+            lines.append(f"  skipped {code}: {n} row(s) (not already done: see input.duplicate_ids)")
         if self.model_seconds is not None:
             lines.append(f"  model: {self.model_line()}")
         if self.estimate:

@@ -24,7 +24,7 @@ from vb_batch.io.outputs import (
     open_output,
 )
 
-# The columns every output has besides the task columns (names from vb_batch.stages).
+# The columns every output has besides the task columns (names from vb_batch.pipeline.columns).
 FIXED_NOTES = {
     "vb_error": ("", "null when the row succeeded; else {code, message} of what failed"),
     "vb_model": ("", "provenance: the model (id or path, revision)"),

@@ -1,9 +1,17 @@
-"""Worker-side helpers every engine shares: the per-process model cache, rebatching, read-ahead."""
+"""Streams of batches in a worker process: the per-process model cache, rebatching, read-ahead.
+
+    cached_backend:  the model for a job, built once per worker process and kept across tasks
+    rebatch:         any batches -> batches of exactly `rows` rows (the last may be shorter)
+    read_ahead:      an iterator produced on a background thread, a bounded number of items ahead
+
+Every engine and integration uses these (through the per-batch loop,
+`vb_batch.pipeline.loop`, or directly), so each process caches, regroups and
+reads ahead the same way.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 from collections.abc import Iterator
 from queue import Full, Queue
@@ -11,26 +19,21 @@ from typing import TypeVar
 
 import pyarrow as pa
 
-from vb_batch.models.base import (
-    ModelBackend,
-    create_backend,
-)
+from vb_batch.models.base import ModelBackend, create_backend
+from vb_batch.pipeline.model import check_backend
+from vb_batch.pipeline.resolved import ResolvedJob
 from vb_batch.registry import replay
-from vb_batch.stages import Plan, check_backend
 from vb_batch.timing import collecting, current
 
-log = logging.getLogger(__name__)
+__all__ = ["cached_backend", "read_ahead", "rebatch"]
 
 T = TypeVar("T")
-
-# ---------------------------------------------------------------------------- worker side
-
 
 _BACKENDS: dict[str, ModelBackend] = {}
 _BACKENDS_LOCK = threading.Lock()
 
 
-def cached_backend(plan: Plan) -> ModelBackend:
+def cached_backend(plan: ResolvedJob) -> ModelBackend:
     """The model for `plan`, built once per worker process and kept across tasks (Spark, Ray, helpers).
 
     Backends, profiles and presets that the driver registered at run time are
@@ -65,11 +68,13 @@ def rebatch(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordB
         yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
 
 
-def read_ahead(items: Iterator[T], depth: int) -> Iterator[T]:
-    """`items`, produced on a background thread at most `depth` ahead of the consumer.
+def read_ahead(items: Iterator[T], depth: int, name: str = "vb-read") -> Iterator[T]:
+    """`items`, produced on a background thread (`name`) at most `depth` ahead of the consumer.
 
     The producer's exception is raised in the consumer, after the items before it.
-    Closing the consumer early stops the producer after the item it is reading.
+    Closing the consumer early stops the producer after the item it is reading,
+    closes `items` (a generator's `finally` runs, on the producer's thread) and
+    joins the thread.
     """
     queue: Queue = Queue(depth)
     stop = threading.Event()
@@ -89,6 +94,8 @@ def read_ahead(items: Iterator[T], depth: int) -> Iterator[T]:
         with contextlib.ExitStack() as scope:
             if times is not None:
                 scope.enter_context(collecting(times))
+            if hasattr(items, "close"):
+                scope.callback(items.close)
             produce_items()
 
     def produce_items() -> None:
@@ -101,7 +108,7 @@ def read_ahead(items: Iterator[T], depth: int) -> Iterator[T]:
             return
         put((end, None))
 
-    thread = threading.Thread(target=produce, name="vb-read", daemon=True)
+    thread = threading.Thread(target=produce, name=name, daemon=True)
     thread.start()
     try:
         while True:
@@ -114,5 +121,3 @@ def read_ahead(items: Iterator[T], depth: int) -> Iterator[T]:
     finally:
         stop.set()
         thread.join()
-
-
