@@ -1,4 +1,5 @@
-"""A job in a child process that dies by SIGKILL at a chosen point: the crash half of tests/test_data_safety.py.
+"""A job in a child process that dies by SIGKILL at a chosen point: the crash half of tests/test_crash_recovery.py
+and tests/test_writer_lease.py.
 
     python tests/crashing_job.py JOB.yaml                    run the job to its end
     python tests/crashing_job.py JOB.yaml POINT PHASE N      SIGKILL itself at the N-th call (1-based) of
@@ -25,12 +26,14 @@ import time
 from collections import Counter
 
 from vb_batch.models.identity import IdentityBackend
+from vb_batch.models.options import FreeFormOptions
 
 
 class GatedBackend(IdentityBackend):
     """identity, but the first batch waits until the file `model.options.gate` exists (60 s at most)."""
 
     name = "gated"
+    options_model = FreeFormOptions  # `model.options.gate`
 
     def predict(self, images, prompts, task, seeds):
         gate = self.cfg.options["gate"]
@@ -45,17 +48,18 @@ def kill_points() -> dict[str, list[tuple[object, str]]]:
     into two modules is wrapped in both)."""
     from fsspec.implementations.local import LocalFileSystem
 
-    from vb_batch.io import lake, sinks
-    from vb_batch.io.delta import DeltaSink
-    from vb_batch.io.iceberg import IcebergSink
     from vb_batch.io.lease import Lease
+    from vb_batch.io.sinks import base, lake, parquet
+    from vb_batch.io.sinks.delta import DeltaSink
+    from vb_batch.io.sinks.iceberg import IcebergSink
 
     return {
-        "write_atomic": [(sinks, "write_atomic"), (lake, "write_atomic")],  # commit records, intents, markers, _SUCCESS
-        "ParquetSink._apply": [(sinks.ParquetSink, "_apply")],  # the moves of a Parquet commit, as a whole
+        # commit records, intents, markers, run records, _SUCCESS
+        "write_atomic": [(base, "write_atomic"), (parquet, "write_atomic"), (lake, "write_atomic")],
+        "ParquetSink._apply": [(parquet.ParquetSink, "_apply")],  # the moves of a Parquet commit, as a whole
         "fs.mv": [(LocalFileSystem, "mv")],  # one file moved into place: between two moves of one commit
-        "Sink.write": [(sinks.Sink, "write")],
-        "Sink.stage": [(sinks.Sink, "stage")],  # a staged file counted; may commit
+        "Sink.write": [(base.Sink, "write")],
+        "Sink.stage": [(base.Sink, "stage")],  # a staged file counted; may commit
         "TableSink._commit_files": [(lake.TableSink, "_commit_files")],
         "DeltaSink._commit_added": [(DeltaSink, "_commit_added")],  # files moved, the Delta log not yet written
         "IcebergSink._commit_added": [(IcebergSink, "_commit_added")],  # files moved, no snapshot yet

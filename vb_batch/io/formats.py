@@ -1,8 +1,10 @@
 """Table formats: which one a path holds, and the sink of each (a registry, imported lazily).
 
-    parquet   a Parquet file or dataset (`vb_batch.io.sinks`)
-    delta     a Delta Lake table: `_delta_log/` (`vb_batch.io.delta`, needs the `lake` extra)
-    iceberg   an Iceberg table: `metadata/*.metadata.json` (`vb_batch.io.iceberg`, needs `lake`)
+    parquet   a Parquet file or dataset (sink: `vb_batch.io.sinks.parquet`)
+    delta     a Delta Lake table: `_delta_log/` (sink: `vb_batch.io.sinks.delta`, read:
+              `vb_batch.io.tables.delta`; needs the `lake` extra)
+    iceberg   an Iceberg table: `metadata/*.metadata.json` (sink: `vb_batch.io.sinks.iceberg`,
+              read: `vb_batch.io.tables.iceberg`; needs `lake`)
     images    a folder / prefix of image files (an input only)
 
 Sources (`vb_batch.io.sources`) and outputs (`vb_batch.io.outputs`) both ask
@@ -27,9 +29,9 @@ SINKS: Registry[type] = Registry(
     "output format",
     field="output.format",
     entries={
-        "parquet": "vb_batch.io.sinks:ParquetSink",
-        "delta": "vb_batch.io.delta:DeltaSink",
-        "iceberg": "vb_batch.io.iceberg:IcebergSink",
+        "parquet": "vb_batch.io.sinks.parquet:ParquetSink",
+        "delta": "vb_batch.io.sinks.delta:DeltaSink",
+        "iceberg": "vb_batch.io.sinks.iceberg:IcebergSink",
     },
     hints={"delta": LAKE_HINT, "iceberg": LAKE_HINT},
 )
@@ -50,5 +52,5 @@ def detect_format(path: str, storage: StorageOptions | None = None) -> str:
 
 
 def open_sink(cfg: OutputConfig, run_id: str, schema: pa.Schema, id_column: str = "id", **options: Any):
-    """The sink for `output.format` (options: `fingerprint`, `retry_failed`; see `vb_batch.io.sinks.Sink`)."""
+    """The sink for `output.format` (options: `fingerprint`, `retry_failed`; see `vb_batch.io.sinks.base.Sink`)."""
     return SINKS[cfg.format](cfg, run_id, schema, id_column, **options)

@@ -1,0 +1,226 @@
+"""The Parquet sink: a Parquet dataset, made visible commit by commit through records under `_vb/`.
+
+The Parquet dataset layout::
+
+    out/part-<run>-<n>.parquet          committed data (what DuckDB, Spark, pyarrow read)
+    out/_vb/output.json                 what this output is: format, fingerprint
+    out/_vb/lease.json                  the writer lease of the run in progress
+    out/_vb/staging/<run>/...           files being written (hidden: "_" prefix)
+    out/_vb/commits/c<seq>-<run>.json   one record per commit: files it adds and removes
+    out/_vb/runs/<run>.json             summary of a run
+    out/_SUCCESS                        written last by a run that finished
+
+Commit records apply in sequence order; a record may add files, remove files
+(an overwrite removes everything before it; `run.retry_failed` replaces the
+files that hold failed rows), so the committed files are always the result of
+replaying the records. `_SUCCESS` is removed when a run starts and written when
+it ends well: a failed run never leaves a dataset that looks complete.
+
+A record names only plain part-file names (`part-*.parquet`) and a run id as
+its staging: one naming anything else (`../input`, an absolute path) was not
+written by vb_batch, counts as damaged, and nothing it names is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from vb_batch.errors import ERROR_COLUMN
+from vb_batch.io.sinks.base import Sink
+from vb_batch.io.sinks.metadata import META_DIR, OWN_FILES, data_fingerprint, read_json, write_atomic
+from vb_batch.io.sinks.staging import is_part_name, part_file_name
+
+log = logging.getLogger(__name__)
+
+
+class ParquetSink(Sink):
+    """A Parquet dataset at `output.path` (local or any fsspec URL): staged files, commit records, `_SUCCESS`."""
+
+    format = "parquet"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._next_record = 0
+
+    # ---------------------------------------------------------------- records
+    def _records(self) -> list[tuple[str, dict[str, Any] | None]]:
+        return commit_records(self.fs, self.meta)
+
+    def committed_files(self) -> list[str]:
+        """Data files the records make visible, by name, in commit order."""
+        return visible_files(self._records())
+
+    def _state(self) -> dict[str, Any]:
+        records = self._records()
+        committed = set(visible_files(records))
+        # Files a record removes are ours too: a crash between a record that removes files (an overwrite's
+        # reset, retry_failed's rewrite) and their removal leaves them, and the next run removes them.
+        named = committed | {name for _, record in records if record for name in record.get("removes", [])}
+        foreign = []
+        for path in self._listing():
+            top = self._top_level(path)
+            if top == META_DIR or top in OWN_FILES or top in named or top.startswith("."):
+                continue
+            foreign.append(posixpath.relpath(path, self.root))
+        fingerprint = self._marker_fingerprint()
+        if fingerprint is None and committed:
+            # An output of an earlier vb_batch version (or whose marker was lost): its files say what it holds.
+            first = self._path(next(iter(committed)))
+            if self.fs.exists(first):
+                fingerprint = data_fingerprint(pads.dataset([first], format="parquet", filesystem=self.arrow_fs))
+        return {"foreign": foreign, "has_rows": bool(committed), "fingerprint": fingerprint}
+
+    def _recover(self) -> None:
+        """Roll interrupted commits forward; drop damaged records (never acted on); clear dead staging."""
+        missing = []
+        for path, record in self._records():
+            if record is None:
+                log.warning("%s: removing damaged commit record %s (its files were never moved)", self.describe(), path)
+                self.fs.rm(path)
+                continue
+            staging_run = record.get("staging", record.get("run_id"))
+            for name in record.get("files", []):
+                if not self.fs.exists(self._path(name)):
+                    staged = self._staged_path(name, staging_run)
+                    if self.fs.exists(staged):
+                        log.warning("%s: rolling forward interrupted commit of %s", self.describe(), name)
+                        self.fs.mv(staged, self._path(name))
+                    else:
+                        missing.append(name)
+            for name in record.get("removes", []):
+                if self.fs.exists(self._path(name)):
+                    self.fs.rm(self._path(name))
+        if missing:
+            gone = [name for name in missing if name in self.committed_files()]
+            if gone:
+                log.warning("%s: committed file(s) %s are missing (deleted outside vb_batch?); their rows are no "
+                            "longer in the output, and a resume processes them again", self.describe(), gone)
+                self._write_record({"files": [], "removes": gone})
+        self._clear_staging()
+        self._clear_temporary_files()
+        records = self._records()
+        self._next_record = 1 + max((_record_seq(p) for p, _ in records), default=-1)
+
+    def _write_record(self, record: dict[str, Any]) -> None:
+        record = {"run_id": self.run_id, "staging": self.run_id, "time": time.time(), **record}
+        name = f"c{self._next_record:012d}-{self.run_id}.json"
+        self._next_record += 1
+        write_atomic(self.fs, posixpath.join(self.meta, "commits", name), json.dumps(record).encode())
+
+    def _apply(self, files: list[str], removes: list[str]) -> None:
+        for name in files:
+            self.fs.mv(self._staged_path(name), self._path(name))
+        for name in removes:
+            if self.fs.exists(self._path(name)):
+                self.fs.rm(self._path(name))
+
+    def _commit_files(self, names: list[str]) -> None:
+        self._write_record({"files": list(names), "rows": self._staged_rows})
+        self._apply(names, [])
+
+    def _clear(self) -> None:
+        """Overwrite: one record removes every committed file (so a crash mid-way rolls forward), then history goes."""
+        committed = self.committed_files()
+        records = [p for p, _ in self._records()]
+        self._write_record({"files": [], "removes": committed, "reset": True})
+        self._apply([], committed)
+        for path in records:
+            self.fs.rm(path)
+        for name in ("_report.html", "_metrics.parquet"):
+            if self.fs.exists(self._path(name)):
+                self.fs.rm(self._path(name))
+
+    def _committed_ids(self) -> pa.Array:
+        files = [self._path(f) for f in self.committed_files()]
+        if not files:
+            return pa.array([], self.schema.field(self.id_column).type)
+        table = pads.dataset(files, format="parquet", filesystem=self.arrow_fs).to_table(columns=[self.id_column])
+        return table.column(self.id_column).combine_chunks()
+
+    def _retire_failed(self) -> None:
+        """`run.retry_failed`: rewrite the files that hold failed rows without them, in one commit."""
+        rewritten, removed, kept_rows = [], [], 0
+        for n, name in enumerate(self.committed_files()):
+            path = self._path(name)
+            errors = pq.read_table(path, columns=[ERROR_COLUMN], filesystem=self.arrow_fs).column(ERROR_COLUMN)
+            if errors.null_count == len(errors):
+                continue
+            table = pq.read_table(path, filesystem=self.arrow_fs)
+            ok = table.filter(pc.is_null(table.column(ERROR_COLUMN)))
+            removed.append(name)
+            if ok.num_rows:
+                new = part_file_name(self.run_id, f"kept{n:05d}")
+                staged = self._staged_path(new)
+                self.fs.makedirs(posixpath.dirname(staged), exist_ok=True)
+                pq.write_table(ok, staged, filesystem=self.arrow_fs, compression=self.cfg.compression)
+                rewritten.append(new)
+                kept_rows += ok.num_rows
+        if removed:
+            log.info("%s: re-running the failed rows of %d file(s)", self.describe(), len(removed))
+            self._write_record({"files": rewritten, "removes": removed, "rows": kept_rows})
+            self._apply(rewritten, removed)
+
+    def _finish(self, success: bool) -> None:
+        if success:
+            write_atomic(self.fs, self._path("_SUCCESS"), b"")
+
+
+def commit_records(fs, meta: str) -> list[tuple[str, dict[str, Any] | None]]:
+    """(path, record or None when damaged) of every commit record under `meta`, in commit order.
+
+    A record is vb_batch's only if every file it names is a part file of this output (a plain
+    `part-*.parquet` name) and its staging is a run id: one naming anything else (`../input`, an
+    absolute path) was not written by vb_batch, counts as damaged, and nothing it names is touched.
+    """
+    paths = fs.glob(posixpath.join(meta, "commits", "*.json"))
+
+    def order(path: str) -> tuple[int, str]:
+        name = posixpath.basename(path)
+        # Records of earlier versions (`<run>-<n>.json`) come before numbered ones (`c<seq>-<run>.json`).
+        return (1, name) if name.startswith("c") else (0, name)
+
+    records = []
+    for path in sorted(paths, key=order):
+        record = read_json(fs, path)
+        if record is not None and not _names_own_files(record):
+            log.warning("ignoring commit record %s: it names files that are not vb_batch's part files of this "
+                        "output (not vb_batch's record)", path)
+            record = None
+        records.append((path, record))
+    return records
+
+
+def _names_own_files(record: dict[str, Any]) -> bool:
+    files, removes = record.get("files", []), record.get("removes", [])
+    staging = record.get("staging", record.get("run_id", ""))
+    return (isinstance(files, list) and isinstance(removes, list) and all(is_part_name(n) for n in files + removes)
+            and isinstance(staging, str) and posixpath.basename(staging) == staging and staging not in (".", ".."))
+
+
+def visible_files(records: list[tuple[str, dict[str, Any] | None]]) -> list[str]:
+    """The data files that a sequence of commit records leaves visible, by name."""
+    files: dict[str, None] = {}
+    for _, record in records:
+        if record is None:
+            continue
+        if record.get("reset"):
+            files.clear()
+        for name in record.get("removes", []):
+            files.pop(name, None)
+        files.update(dict.fromkeys(record.get("files", [])))
+    return list(files)
+
+
+def _record_seq(path: str) -> int:
+    name = posixpath.basename(path)
+    head = name[1:].split("-", 1)[0]
+    return int(head) if name.startswith("c") and head.isdigit() else -1
