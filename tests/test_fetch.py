@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from vb_batch.config import InputConfig
 from vb_batch.errors import RowError
 from vb_batch.io import fetch
+from vb_batch.io import http as transport
 from vb_batch.io.fetch import check_uri, read_uri
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,7 +213,7 @@ def test_https_connects_to_the_checked_address_with_the_host_name_for_tls(tmp_pa
     """The socket goes to the address that was checked; TLS still names (SNI) and verifies the host."""
     cert, key = self_signed_certificate(tmp_path, "images.test")
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trust this certificate alone
-    fetch._tls_context.cache_clear()
+    transport.tls_context.cache_clear()
     try:
         names = {"images.test": "127.0.0.1", "cdn.test": "127.0.0.1"}
         with HostileServer(tls=(cert, key)) as server, public_names(names):
@@ -223,7 +224,7 @@ def test_https_connects_to_the_checked_address_with_the_host_name_for_tls(tmp_pa
                 read_uri(f"https://cdn.test:{server.port}/image.png", cfg)
             assert info.value.code == "fetch_error" and "TLS certificate not trusted" in info.value.message
     finally:
-        fetch._tls_context.cache_clear()
+        transport.tls_context.cache_clear()
 
 
 def test_credentials_in_a_url_go_to_its_origin_only(fresh_server):
