@@ -256,11 +256,11 @@ def test_config_errors_name_the_field(gemini, monkeypatch):
 
 def test_estimate_counts_requests_and_cost():
     cfg = ModelConfig(backend="gemini", model_name="gemini-test-image", mode="batch", price_per_image=0.0195)
-    estimate = GeminiBackend.estimate(cfg, rows=1000, passes=4)
+    estimate = GeminiBackend.cost_estimate(cfg, rows=1000, passes=4)
     assert estimate["requests"] == estimate["images"] == 4000
     assert estimate["total"] == pytest.approx(78.0)
     assert estimate["mode"] == "batch" and estimate["model"] == model_id(cfg) == "gemini:gemini-test-image"
-    assert GeminiBackend.estimate(cfg.model_copy(update={"price_per_image": None}), 10, 1)["total"] is None
+    assert GeminiBackend.cost_estimate(cfg.model_copy(update={"price_per_image": None}), 10, 1)["total"] is None
 
 
 def test_the_estimate_is_printed_before_the_run_and_kept_in_its_record(painted_table, gemini, tmp_path, capsys):

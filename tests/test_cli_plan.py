@@ -81,6 +81,56 @@ def test_every_semantic_error_at_once(tmp_path, no_io, capsys):
         vb_batch.validate({"input": {"path": "x"}, "model": {"backend": "http"}})
 
 
+def test_a_misplaced_backend_key_exits_2_naming_each(tmp_path, no_io, capsys):
+    # Issue 36's job: identity with Gemini's, the http backend's and a diffusers transformer's keys.
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "input": {"path": "in.parquet"},
+        "model": {"backend": "identity", "vertex": True, "mode": "batch", "endpoint": "https://painter.example.com/v1",
+                  "transformer_path": "org/transformer"},
+    }))
+    expected = [
+        "vb-batch: model.vertex: not used by backend 'identity' (used by: gemini)",
+        "model.mode: not used by backend 'identity' (used by: gemini)",
+        "model.endpoint: not used by backend 'identity' (used by: gemini, http, openai)",
+        "model.transformer_path: not used by backend 'identity' (used by: diffusers)",
+    ]
+    for command in ("validate", "plan", "run"):
+        assert main([command, str(config)]) == 2, command
+        captured = capsys.readouterr()
+        text = captured.err + captured.out
+        assert all(line.removeprefix("vb-batch: ") in text for line in expected), (command, text)
+    # Where those keys belong they are fine (mode: batch aside, which Vertex AI does not take here).
+    assert main(["validate", str(config), "model.backend=gemini", "model.endpoint=null", "model.mode=online",
+                 "model.transformer_path=null", "model.model_name=gemini-test"]) == 0
+
+
+def test_model_checks_are_the_backends_own(tmp_path, monkeypatch):
+    from vb_batch.planning import model_checks
+
+    monkeypatch.delenv("PAINTER_TOKEN", raising=False)
+    http = vb_batch.validate({"input": {"path": "x"}, "model": {"backend": "http", "token_env": "PAINTER_TOKEN",
+                                                                "endpoint": "https://painter.example.com/v1"}})
+    [token] = model_checks(http)
+    assert (token.name, token.status, token.fix_config) == ("model token", "error", True)
+    assert "'PAINTER_TOKEN' is not set" in token.detail
+    monkeypatch.setenv("PAINTER_TOKEN", "t")
+    assert model_checks(http) == []
+    saved = tmp_path / "klein"
+    saved.mkdir()
+    (saved / "model_index.json").write_text("{}")
+    diffusers = vb_batch.validate({"input": {"path": "x"}, "model": {
+        "backend": "diffusers", "path": str(saved), "transformer_path": str(tmp_path / "missing"), "device": "cpu"}})
+    checks = {c.name: c for c in model_checks(diffusers)}
+    assert checks["weights model.path"].status == "ok" and checks["device"].detail == "model.device cpu -> cpu"
+    assert checks["weights model.transformer_path"].status == "error"
+    # On a cluster the device is the workers' to check; a backend without weights checks none.
+    on_ray = diffusers.model_copy(update={"engine": diffusers.engine.model_copy(update={"kind": "ray"})})
+    assert "checked on the ray workers" in {c.name: c for c in model_checks(on_ray)}["device"].detail
+    identity = vb_batch.validate({"input": {"path": "x"}, "model": {"backend": "identity", "path": str(saved)}})
+    assert model_checks(identity) == []
+
+
 def write_images(path: Path, n: int, ids: list | None = None, side: int = 16) -> Path:
     rng = np.random.default_rng(0)
     images = [png_bytes(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(n)]

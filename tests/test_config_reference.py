@@ -8,7 +8,9 @@ from pydantic import BaseModel
 
 from vb_batch.cli import build_parser, main
 from vb_batch.config import JobConfig
-from vb_batch.planning import config_reference, render_config_reference
+from vb_batch.config_reference import backend_reference, config_reference, render_config_reference
+from vb_batch.models.base import BACKENDS
+from vb_batch.models.options import BUILTIN_OPTIONS
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 
@@ -32,6 +34,20 @@ def test_every_key_has_a_type_a_default_and_a_meaning():
     assert (keys["output.mode"].type, keys["output.mode"].default) == ("error | overwrite | append | resume", "error")
     assert keys["model.batch_size"].default == "8" and keys["input.path"].default == '""'
     assert keys["model.backend"].default == "null" and "required" in keys["model.backend"].meaning
+
+
+def test_every_backend_key_is_listed_under_its_backend_with_a_meaning():
+    reference = backend_reference()
+    assert set(reference) == {name for name, target in BACKENDS.entries.items() if target in BUILTIN_OPTIONS}
+    for name, keys in reference.items():
+        declared = BUILTIN_OPTIONS[BACKENDS.entries[name]].model_fields
+        assert [k.key for k in keys] == [f"model.{key}" for key in declared], name
+        assert all(k.meaning for k in keys), f"add description= to the options of backend {name!r}"
+    gemini = {k.key: k for k in reference["gemini"]}
+    assert (gemini["model.mode"].type, gemini["model.mode"].default) == ("online | batch", "online")
+    assert "model.vertex" not in {k.key for keys in reference.values() if keys is not reference["gemini"] for k in keys}
+    docs = DOCS.read_text()
+    assert "### `gemini`" in docs and "| `model.vertex` |" in docs.split("### `gemini`")[1].split("###")[0]
 
 
 def test_docs_config_md_is_current():

@@ -1,7 +1,18 @@
 """Typed job configuration: YAML file plus `a.b=value` overrides, validated by pydantic.
 
-Every key a job understands is declared here with its default, so a typo or a
-bad value fails before any image is read, with the field's dotted name.
+Every key a job understands is declared with its default, so a typo or a bad
+value fails before any image is read, with the field's dotted name; `load_config`
+and `config_problems` list every problem at once, one `field: what is wrong` line each.
+
+The `model:` section is one flat mapping: the keys every backend shares are
+declared on `ModelConfig`; each backend declares its own (`vb_batch.models.options`,
+one pydantic model per backend), and a key the chosen backend does not use is an
+error naming the backends that do.
+
+Length: over half of this module is declarations (each key's type, default,
+description and why, from which docs/config.md and `run --help` are generated);
+the sections are the job's one contract and read best side by side. The logic
+(checks across keys, overrides, the every-problem listing) is about 250 lines.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vb_batch.errors import ConfigError  # noqa: F401 - the config's own error, importable from here
+from vb_batch.models.options import UNKNOWN_KEY, BackendOptions, http_url, option_default
 from vb_batch.registry import check_name
 
 
@@ -51,28 +63,11 @@ class StorageOptions(_Section):
     @field_validator("endpoint_url")
     @classmethod
     def _plain_endpoint(cls, url):
-        url = _http_url(url, "http(s)://host[:port], e.g. http://127.0.0.1:9000",
+        url = http_url(url, "http(s)://host[:port], e.g. http://127.0.0.1:9000",
                         "use storage.profile, the AWS_* environment or storage.options key/secret")
         if url is not None and (urlsplit(url).query or urlsplit(url).fragment):
             raise ValueError("must not carry a query string or fragment: an object-store endpoint takes none")
         return url
-
-
-def _http_url(url: str | None, example: str, credentials_hint: str) -> str | None:
-    """`url` when it is a plain http(s) URL with a host and no user:password@; the messages never echo it
-    (the config is stored with the output and printed by `validate`; a query string may hold a key)."""
-    if url is None:
-        return url
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-    except ValueError:
-        raise ValueError(f"is not a URL; give it as {example}") from None
-    if parts.scheme not in ("http", "https") or not host:
-        raise ValueError(f"must be an http:// or https:// URL with a host: {example}")
-    if "@" in parts.netloc:
-        raise ValueError(f"must not carry credentials (user:password@): {credentials_hint}")
-    return url
 
 
 def _check_catalog(catalog: dict[str, Any], field: str) -> dict[str, Any]:
@@ -120,6 +115,16 @@ class InputConfig(_Section):
     image_column: str | None = Field(default=None, description="column of image bytes (None: detected)")
     uri_column: str | None = Field(default=None, description="column of image URIs, instead of image_column")
     id_column: str = Field(default="id", description="row id column (missing: the URI or the sha256 of the bytes)")
+    # Rows sharing an id (a repeated id, or identical images without an id column, whose ids are the
+    # SHA-256 of their bytes) break exactly-once: refused before any row runs, unless a policy says
+    # which rows to keep. first: the first row of each id (input order) is labelled, the others are
+    # skipped (counted, warned about with code duplicate_id); position: ids vb_batch derives (URI or
+    # SHA-256) also carry the row's place, "<id>@<file>#<row>", so every row is kept (not for an id column).
+    duplicate_ids: Literal["error", "first", "position"] = Field(
+        default="error",
+        description="rows sharing an id: error (refuse the run), first (keep the first of each), "
+                    "position (derived ids carry the row's file and row; keeps every row)",
+    )
     # Hard limit per image; larger images are a per-row error (decompression bombs), checked on
     # the image header before any pixel is decoded.
     max_pixels: int = Field(
@@ -138,6 +143,17 @@ class InputConfig(_Section):
         description="image formats (Pillow names) that may be decoded; others are a per-row error",
     )
     min_side: int = Field(default=8, gt=0, description="smallest image side in pixels; smaller is a per-row error")
+    # Bounded work per row: the CPU seconds one image's decode may take (checked while its bytes are
+    # fed to the decoder), and the scans a JPEG may have (counted before decoding: progressive JPEGs
+    # have about 10; each scan is a pass over the image). Over either: a per-row `decode_timeout`.
+    decode_timeout_s: float = Field(
+        default=20.0, gt=0,
+        description="CPU seconds one image may take to decode; longer is a per-row decode_timeout",
+    )
+    max_jpeg_scans: int = Field(
+        default=100, gt=0,
+        description="most scans a JPEG may have (progressive: ~10); more is a per-row decode_timeout",
+    )
     extensions: list[str] = Field(
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"],
         description="file extensions read from an image folder",
@@ -357,8 +373,6 @@ class ReferringConfig(_Section):
 # torch device strings: a type and an optional index (cuda:1).
 _TORCH_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|hpu|npu|xla|mtia|meta)(?::(\d+))?")
 _TORCH_DEVICE_TYPO = re.compile(r"(cpu|cuda|mps|xpu|gpu)\s*[:_-]?\s*(\d*)")
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_CREDENTIAL_HEADER_WORDS = ("auth", "token", "key", "secret", "password", "cookie", "credential")
 
 
 def _device_hint(device: str) -> str:
@@ -371,6 +385,20 @@ def _device_hint(device: str) -> str:
 
 
 class ModelConfig(_Section):
+    """The `model:` section: the keys every backend shares, declared here; the chosen backend's own keys beside them.
+
+    The section stays one flat mapping. A key that is not declared here belongs to the
+    backend (`ModelBackend.options_model`, see `vb_batch.models.options`): it is validated by
+    the backend's options model, and a key the backend does not use is an error naming
+    the backends that do. The backend's keys (with their defaults) are read as attributes
+    (`cfg.model.endpoint`) and dumped flat with the common ones. Reading a key that the
+    chosen backend does not use gives the default its built-in declaration has (None for
+    `processing_resolution`), so code that reads such a key for every backend keeps working;
+    setting one is an error.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
     # Required: identity (codec debugging: the input image is the "painting"), marigold, diffusers,
     # http, demo, or package.module:Class. No default: a job without a model must not write labels.
     backend: str | None = Field(
@@ -404,125 +432,11 @@ class ModelConfig(_Section):
         description="model weights' dtype (float16 / bfloat16 on GPUs)",
     )
     seed: int = Field(default=0, description="seed; per-row seeds derive from it, so labels do not depend on batching")
-    num_inference_steps: int | None = Field(
-        default=None, gt=0,
-        description="denoising steps (None: the pipeline's default)",
-    )
-    # The model's working size: Marigold's longer side; the diffusers edit pipelines' side of the
-    # equal-area square (None: 1024, about 1 megapixel). 0: the input's own size.
-    processing_resolution: int | None = Field(
-        default=None, ge=0,
-        description="model working size (None: the model's default; 0: the input's own size)",
-    )
-    # diffusers: how working sizes are chosen. `buckets`: the nearest (by aspect) of a small fixed set
-    # per pipeline, so mixed-size photos share model calls; `exact`: each image's own aspect.
-    # Either way the decode stage maps labels back to the input size (vb_batch.models.sizing).
-    sizing: Literal["buckets", "exact"] = Field(
-        default="buckets",
-        description="diffusers: buckets (a fixed set of working sizes by aspect: mixed sizes batch) | exact",
-    )
-    # diffusers: the pipeline's own guidance knob (None: the pipeline's default).
-    guidance_scale: float | None = Field(
-        default=None, ge=0,
-        description="diffusers: guidance scale (None: the pipeline's default)",
-    )
-    # diffusers: a fine-tuned transformer loaded over the base pipeline (Open Vision Banana's,
-    # over FLUX.2 [klein] base): a directory or hub id, and the subfolder that holds it.
-    transformer_path: str | None = Field(
-        default=None,
-        description="diffusers: fine-tuned transformer over the base pipeline (directory or hub id)",
-    )
-    transformer_subfolder: str | None = Field(
-        default=None,
-        description="diffusers: the folder of transformer_path that holds it",
-    )
-    transformer_revision: str | None = Field(default=None, description="diffusers: hub revision of transformer_path")
-    compile: bool = Field(
-        default=False,
-        description="torch.compile the denoiser (transformer or UNet)",
-    )  # diffusers, marigold: torch.compile the denoiser (transformer or UNet)
-    # diffusers, marigold: UNet and VAE in channels-last memory (the same maps). Often faster for
-    # convolutions on GPUs in half precision; no difference measured on this project's CPU.
-    channels_last: bool = Field(
-        default=False,
-        description="UNet and VAE in channels-last memory (often faster on GPUs in half precision)",
-    )
     # Decode painted answers with the codecs' torch path on the model's device, in the model worker,
     # batched, instead of with numpy on CPU threads after it: for hosts short of CPU per GPU.
     decode_on_device: bool = Field(
         default=False,
         description="decode paintings with torch on the model's device, in the model worker",
-    )
-    vae_slicing: bool = Field(
-        default=False,
-        description="diffusers: decode a batch one image at a time (memory)",
-    )  # diffusers: decode a batch one image at a time (memory)
-    vae_tiling: bool = Field(
-        default=False,
-        description="diffusers: encode and decode large images in tiles (memory)",
-    )  # diffusers: encode and decode large images in tiles (memory)
-    # http: the URL images are POSTed to, extra (non-secret) headers, and the environment variable
-    # that holds the API token, sent as `<token_header>: <token_scheme> <token>`.
-    endpoint: str | None = Field(
-        default=None, description="http: the URL images are POSTed to; gemini, openai: the API's base URL (None: the vendor's)"
-    )
-    headers: dict[str, str] = Field(default_factory=dict, description="http: extra, non-secret headers")
-    token_env: str | None = Field(
-        default=None, description="http, gemini, openai: environment variable that holds the API token or key"
-    )
-    token_header: str = Field(default="Authorization", description="http: header the token is sent in")
-    token_scheme: str | None = Field(
-        default="Bearer",
-        description="http: scheme before the token (None: the bare token)",
-    )
-    timeout_s: float = Field(default=120.0, gt=0, description="http: connect / read timeout per request, seconds")
-    max_retries: int = Field(
-        default=4, ge=0,
-        description="http: retries after the first attempt, on 429, 5xx and connection errors",
-    )  # after the first attempt, on 429, 5xx and connection errors
-    retry_backoff_s: float = Field(
-        default=1.0, ge=0,
-        description="http: first wait between retries, seconds; doubles per retry",
-    )  # first wait; doubles per retry
-    concurrency: int = Field(
-        default=4, gt=0,
-        description="http: requests in flight at once",
-    )  # requests in flight at once
-    # Extra keyword arguments for the pipeline call (diffusers) or extra JSON fields (http).
-    options: dict[str, Any] = Field(
-        default_factory=dict,
-        description="extra pipeline call arguments (diffusers), JSON fields (http), generation config (gemini) "
-        "or images.edit arguments such as size, quality (openai)",
-    )
-    # Hosted generalists (gemini, openai): the vendor's model id, and the price the user fills in
-    # for the cost estimate printed before a run. The API key is read from the environment
-    # variable named by `token_env`; `endpoint` is the SDK's base URL (None: the vendor's).
-    model_name: str | None = Field(
-        default=None,
-        description="gemini, openai: the hosted model's id, e.g. gemini-2.5-flash-image or gpt-image-1",
-    )
-    mode: Literal["online", "batch"] = Field(
-        default="online",
-        description="gemini: online (one request per image) or batch (the Batch API: asynchronous, half price)",
-    )
-    vertex: bool = Field(default=False, description="gemini: Vertex AI instead of the Gemini Developer API")
-    project: str | None = Field(default=None, description="gemini, vertex: the Google Cloud project")
-    location: str | None = Field(default=None, description="gemini, vertex: the Google Cloud location, e.g. global")
-    price_per_image: float | None = Field(
-        default=None, ge=0,
-        description="gemini, openai: your price per answered image, for the cost estimate (None: not estimated)",
-    )
-    batch_max_requests: int = Field(
-        default=10_000, gt=0,
-        description="gemini batch: most requests in one batch job (model.batch_size rows are sent per job)",
-    )
-    batch_poll_s: float = Field(
-        default=30.0, gt=0,
-        description="gemini batch: first wait between polls of a batch job, seconds; grows to 10x",
-    )
-    batch_timeout_s: float = Field(
-        default=48 * 3600.0, gt=0,
-        description="gemini batch: how long to wait for a batch job before its rows get an error, seconds",
     )
     # Prompt templates per task over the profile's ({"depth": "...", "segmentation": "... {legend}"}).
     prompts: dict[str, str] = Field(
@@ -533,7 +447,7 @@ class ModelConfig(_Section):
     # their remote jobs there (gemini batch), with the output's storage options.
     state_url: str | None = Field(
         default=None,
-        description="where a hosted backend records its remote jobs (set by vb_batch: <output>/_vb/hosted)",
+        description="where a backend records its remote jobs (set by vb_batch: <output>/_vb/hosted)",
     )
     state_storage: StorageOptions | None = Field(
         default=None, description="how to reach state_url (set by vb_batch: output.storage)"
@@ -548,30 +462,39 @@ class ModelConfig(_Section):
             return device
         raise ValueError(f"{device!r} is not a torch device; {_device_hint(device)}use auto, cpu, cuda, cuda:N, mps or xpu")
 
-    @field_validator("endpoint")
-    @classmethod
-    def _endpoint_url(cls, endpoint):
-        return _http_url(endpoint, "http(s)://host[:port]/path", "put the token in model.token_env")
+    @model_validator(mode="after")
+    def _backend_options(self) -> "ModelConfig":
+        # The backend's keys, validated by its options model (defaults filled in); a key it does not
+        # use is an error of that key (`model.<key>`), as pydantic reports the common keys' errors.
+        from vb_batch.models.base import backend_option_values
 
-    @field_validator("headers")
-    @classmethod
-    def _no_credentials_in_headers(cls, headers):
-        # The job config is stored in the output's metadata: secrets must stay in the environment.
-        # Every header value is masked wherever the config is shown; a credential still does not
-        # belong here. Values are never echoed.
-        for name, value in headers.items():
-            if not _HEADER_NAME.fullmatch(name):
-                raise ValueError(f"{name!r} is not an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)")
-            if any(ch in value for ch in "\r\n\0"):
-                raise ValueError(f"the value of {name!r} holds a line break or NUL: one line of text per header")
-            if any(ord(ch) > 255 for ch in value):
-                raise ValueError(f"the value of {name!r} is not Latin-1 text, which is all an HTTP header carries")
-            if any(word in name.lower() for word in _CREDENTIAL_HEADER_WORDS):
-                raise ValueError(
-                    f"{name!r} carries a credential: put it in the environment variable named by model.token_env "
-                    f"(and set model.token_header: {name}, model.token_scheme: null if it takes the bare token)"
-                )
-        return headers
+        self.__pydantic_extra__ = backend_option_values(self.backend, self.__pydantic_extra__ or {})
+        return self
+
+    @property
+    def backend_options(self) -> BackendOptions:
+        """The chosen backend's own keys as its options model (`ModelBackend.options_model`)."""
+        from vb_batch.models.base import options_model
+
+        return options_model(self.backend).model_validate(self.__pydantic_extra__ or {})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in type(self).model_fields or name.startswith("_"):
+            super().__setattr__(name, value)
+            return
+        # pydantic stores an extra key unchecked: the backend's options model checks it first.
+        from vb_batch.models.base import backend_option_values
+
+        self.__pydantic_extra__ = backend_option_values(self.backend, {**(self.__pydantic_extra__ or {}), name: value})
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            found, default = option_default(name)
+            if not found:
+                raise
+            return default
 
 
 class EngineConfig(_Section):
@@ -699,10 +622,8 @@ class JobConfig(_Section):
                 "model.backend: required, e.g. marigold (with model.path), diffusers, http, demo, or identity to "
                 "decode the input images themselves as paintings (codec debugging)"
             )
-        elif self.model.backend in ("marigold", "diffusers") and not self.model.path:
-            problems.append(f"model.path: the {self.model.backend} backend needs a checkpoint (directory or hub id)")
-        elif self.model.backend == "http" and not self.model.endpoint:
-            problems.append("model.endpoint: the http backend needs the URL to POST images to")
+        else:
+            problems += self.model.backend_options.problems(self.model)
         if "segmentation" in self.tasks and not (self.segmentation.classes or self.segmentation.legend):
             problems.append("task 'segmentation' needs segmentation.classes or segmentation.legend")
         if "referring" in self.tasks and not (self.referring.phrase or self.referring.phrase_column):
@@ -752,7 +673,10 @@ def config_problems(data: dict[str, Any]) -> list[str]:
             JobConfig.model_validate(data)
             break
         except ValidationError as exc:
-            found = [line for line in _problem_lines(exc) if line not in problems]
+            # A field said wrong in an earlier round is dropped now: its default's own complaint
+            # (`model.backend: required` after an unknown backend) would only repeat it.
+            named = {line.partition(": ")[0] for line in problems}
+            found = [line for line in _problem_lines(exc) if line not in problems and line.partition(": ")[0] not in named]
             problems += found
             dropped = [_drop(data, e["loc"]) for e in exc.errors() if len(e["loc"]) >= 2 or e["loc"][:1] == ("tasks",)]
             if not found or not any(dropped):
@@ -781,7 +705,7 @@ def _problem_lines(err: ValidationError) -> list[str]:
             lines += msg.splitlines()
             continue
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see `vb-batch run --help`)"
+            msg = UNKNOWN_KEY
         lines.append(f"{field}: {msg}")
     return lines
 

@@ -32,7 +32,6 @@ Example (a job config):
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict
@@ -52,6 +51,8 @@ from vb_batch.codecs import depth as depth_codec
 from vb_batch.codecs import normals as normals_codec
 from vb_batch.config import ConfigError
 from vb_batch.models.base import ModelBackend
+from vb_batch.models.options import DemoOptions
+from vb_batch.models.preflight import checkpoint_checks
 from vb_batch.models.loading import (
     from_pretrained, load_error, local_only, quiet_loading, resolve_device, to_device,
 )
@@ -427,11 +428,18 @@ class DemoBackend(ModelBackend):
 
     name = "demo"
     default_profile = "vision-banana"  # it paints metric depth on the vision-banana walk
+    options_model = DemoOptions
+
+    @classmethod
+    def working_resolution(cls, cfg):
+        return cfg.processing_resolution or None  # None: the net's own working size
+
+    @classmethod
+    def preflight(cls, cfg, *, local):
+        return checkpoint_checks(cfg, local=local)
 
     def __init__(self, cfg):
-        super().__init__(cfg)
-        if isinstance(cfg.path, dict):
-            raise ConfigError("model.path: the demo backend serves every task from one checkpoint directory")
+        super().__init__(cfg)  # checks the options' problems (one model.path)
         self.path = cfg.path or str(SHIPPED_MODEL)
         self.device = resolve_device(cfg.device)
         self.pipe = load_demo_pipeline(self.path, self.device, getattr(torch, cfg.dtype))
@@ -455,7 +463,3 @@ class DemoBackend(ModelBackend):
                 answers[i] = painting
         return answers
 
-
-def shipped_model_info() -> dict:
-    """model_index.json of the shipped weights (what `vb-batch demo` prints as provenance)."""
-    return json.loads((SHIPPED_MODEL / "model_index.json").read_text())

@@ -65,7 +65,9 @@ from transformers.processing_utils import ProcessorMixin
 
 from vb_batch.config import ConfigError
 from vb_batch.errors import RowError
-from vb_batch.models.base import ModelBackend
+from vb_batch.models.base import ModelBackend, public_url
+from vb_batch.models.options import DiffusersOptions
+from vb_batch.models.preflight import checkpoint_checks
 from vb_batch.models.loading import (
     compile_denoiser, from_pretrained, load_error, local_only, quiet_loading, resolve_device, use_channels_last,
 )
@@ -294,6 +296,7 @@ class DiffusersEditBackend(ModelBackend):
     name = "diffusers"
     # Conservative: a relative profile never claims metres; pick a metric profile for a metric model.
     default_profile = "open-vision-banana"
+    options_model = DiffusersOptions
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -324,6 +327,27 @@ class DiffusersEditBackend(ModelBackend):
     @classmethod
     def resolved_settings(cls, cfg) -> dict[str, Any]:
         return resolved_settings(cfg)
+
+    @classmethod
+    def working_resolution(cls, cfg) -> int | None:
+        # Every edit pipeline paints at about processing_resolution**2 px; 0: the input's own size.
+        resolution = cfg.processing_resolution
+        return None if resolution == 0 else resolution or DEFAULT_RESOLUTION
+
+    @classmethod
+    def provenance(cls, cfg) -> str:
+        """The checkpoint, plus `+transformer=<path>[/<subfolder>][@<revision>]` for a fine-tuned transformer."""
+        source = super().provenance(cfg)
+        if not (cfg.transformer_path or cfg.transformer_subfolder):
+            return source
+        transformer = public_url(cfg.transformer_path or cfg.path).rstrip("/")
+        if cfg.transformer_subfolder:
+            transformer += "/" + cfg.transformer_subfolder.strip("/")
+        return f"{source}+transformer={transformer}" + (f"@{cfg.transformer_revision}" if cfg.transformer_revision else "")
+
+    @classmethod
+    def preflight(cls, cfg, *, local):
+        return checkpoint_checks(cfg, local=local, extra_sources=(("model.transformer_path", cfg.transformer_path),))
 
     def size_for(self, image: np.ndarray) -> tuple[int, int]:
         """The working (height, width) of an input image (`model.sizing`); a `SizeError` for impossible aspects."""

@@ -74,6 +74,7 @@ from vb_batch.models.hosted import (
     with_retries,
 )
 from vb_batch.models.http import server_text
+from vb_batch.models.options import GeminiOptions
 
 log = logging.getLogger(__name__)
 
@@ -143,22 +144,17 @@ def read_answer(response) -> np.ndarray | RowError:
 
 class GeminiBackend(HostedBackend):
     name = "gemini"
+    options_model = GeminiOptions
 
     def __init__(self, cfg):
-        super().__init__(cfg)
-        if not cfg.model_name:
-            raise ConfigError("model.model_name: the gemini backend needs the model id, e.g. gemini-2.5-flash-image")
+        super().__init__(cfg)  # checks the options' problems (model.model_name, mode batch on Vertex AI)
         self._api_key = api_key(cfg, required=not cfg.vertex)
         if cfg.vertex and not self._api_key and not (cfg.project and cfg.location):
             raise ConfigError("model.project: Vertex AI needs model.project and model.location "
                               "(or model.token_env naming an express-mode API key)")
-        if cfg.mode == "batch":
-            if cfg.vertex:
-                raise ConfigError("model.mode: the Vertex AI Batch API reads and writes Cloud Storage or BigQuery, "
-                                  "which vb_batch does not drive; use mode: online or the Gemini Developer API")
-            if not cfg.state_url:
-                raise ConfigError("model.state_url: batch mode records its jobs under the output (<output>/_vb/hosted);"
-                                  " set output.path, or model.state_url to a folder of your own")
+        if cfg.mode == "batch" and not cfg.state_url:
+            raise ConfigError("model.state_url: batch mode records its jobs under the output (<output>/_vb/hosted);"
+                              " set output.path, or model.state_url to a folder of your own")
         self._secrets |= {self._api_key} if self._api_key else set()
         self._client = None
         self._batches: BatchJobs | None = None
@@ -166,6 +162,15 @@ class GeminiBackend(HostedBackend):
     @classmethod
     def needs_state_dir(cls, cfg) -> bool:
         return cfg.mode == "batch"
+
+    @classmethod
+    def request_mode(cls, cfg) -> str:
+        return cfg.mode
+
+    @classmethod
+    def provenance(cls, cfg) -> str:
+        revision = f"@{cfg.revision}" if cfg.revision else ""
+        return super().provenance(cfg).removesuffix(revision) + ("+vertex" if cfg.vertex else "") + revision
 
     def __repr__(self) -> str:  # never the key
         return f"GeminiBackend({self.cfg.model_name!r}, mode={self.cfg.mode!r})"

@@ -5,13 +5,15 @@
   counts the sizes the model answered at (`answer_sizes`: the decode stage maps
   every answer back to its input's size), and masks its secrets (`_scrub`) out
   of whatever a server says back.
-- `with_retries`: one call retried `model.max_retries` times on what the caller
-  classifies as transient (429, 5xx, timeouts, connection errors), waiting
-  `model.retry_backoff_s * 2**retry` with jitter, or longer when the server says
-  how long (`Retry-After`, google.rpc.RetryInfo), up to `MAX_RETRY_AFTER_S`.
+- `with_retries` (from `vb_batch.io.retry`, with `model.max_retries` and
+  `model.retry_backoff_s` as its policy): one call retried on what the backend
+  classifies as transient (429, 5xx, timeouts, connection errors), with backoff
+  and jitter, or longer when the server says how long (`Retry-After`,
+  google.rpc.RetryInfo), up to `MAX_RETRY_AFTER_S`. `Failure` here defaults
+  the row's code to model_http_error.
 - `api_key`: the key from the environment variable named by `model.token_env`;
   it lives in memory only (never in the config, its dumps, logs or metadata).
-- `estimate`: the cost and quota of a hosted run before it starts.
+- `cost_estimate`: the requests and cost of a hosted run before it starts.
 """
 
 from __future__ import annotations
@@ -19,22 +21,26 @@ from __future__ import annotations
 import io
 import logging
 import os
-import random
 import threading
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from vb_batch.config import ConfigError
 from vb_batch.errors import RowError
+from vb_batch.io import retry
 from vb_batch.io.images import decode_image
+from vb_batch.io.retry import MAX_RETRY_AFTER_S as MAX_RETRY_AFTER_S
+from vb_batch.io.retry import RETRY_STATUS as RETRY_STATUS
+from vb_batch.io.retry import parse_retry_after as parse_retry_after
+from vb_batch.io.retry import retry_delay as retry_delay
+from vb_batch.io.retry import with_retries as with_retries
 from vb_batch.masking import scrub
-from vb_batch.models.base import ModelBackend, model_id
+from vb_batch.models.base import ModelBackend, model_id, public_url
 
 if TYPE_CHECKING:
     from vb_batch.config import ModelConfig
@@ -42,8 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ANSWER_MAX_PIXELS = 64_000_000
-MAX_RETRY_AFTER_S = 60.0
-RETRY_STATUS = frozenset({408, 425, 429}) | frozenset(range(500, 600))
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -74,56 +78,11 @@ def api_key(cfg: "ModelConfig", *, required: bool = True) -> str | None:
     return key
 
 
-def parse_retry_after(value: Any) -> float | None:
-    """Seconds from a `Retry-After` header ("2", "0.5") or a RetryInfo `retryDelay` ("1.5s"); None otherwise."""
-    if value is None:
-        return None
-    text = str(value).strip().lower().removesuffix("s")
-    try:
-        seconds = float(text)
-    except ValueError:  # an HTTP date: the backoff is as good a guess
-        return None
-    return seconds if seconds >= 0 else None
-
-
-def retry_delay(attempt: int, backoff_s: float, server_wait_s: float | None = None) -> float:
-    """Seconds to wait before retry `attempt` (1-based): exponential with jitter, at least what the server asked."""
-    # Jitter spreads the retries of concurrent rows that failed together.
-    delay = backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
-    return max(delay, min(server_wait_s, MAX_RETRY_AFTER_S)) if server_wait_s is not None else delay
-
-
 @dataclass(frozen=True)
-class Failure:
-    """What went wrong with one call, as the backend classified it (its text already scrubbed)."""
+class Failure(retry.Failure):
+    """A failed model call (see `vb_batch.io.retry`); the row's code is model_http_error unless said otherwise."""
 
-    reason: str
-    retryable: bool
-    code: str = "model_http_error"  # the row's error code when no retry is left
-    server_wait_s: float | None = None
-
-
-def with_retries(call: Callable[[], Any], classify: Callable[[Exception], Failure | None], cfg: "ModelConfig",
-                 shown: str) -> Any:
-    """`call()`'s result, retried on transient failures; a `RowError` (code from `classify`) once retries run out.
-
-    `classify` returns None for an exception that is not a failure of the call (a bug): it propagates.
-    """
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return call()
-        except Exception as exc:  # noqa: BLE001 - classified below; unknown ones re-raised
-            failure = classify(exc)
-            if failure is None:
-                raise
-        if not failure.retryable or attempt > cfg.max_retries:
-            log.warning("%s: %s after %d attempt(s); the row gets an error", shown, failure.reason, attempt)
-            return RowError(failure.code, f"{shown}: {failure.reason} after {attempt} attempt(s)")
-        delay = retry_delay(attempt, cfg.retry_backoff_s, failure.server_wait_s)
-        log.info("%s: %s; retry %d/%d in %.2f s", shown, failure.reason, attempt, cfg.max_retries, delay)
-        time.sleep(delay)
+    code: str = "model_http_error"
 
 
 class HostedBackend(ModelBackend):
@@ -184,7 +143,15 @@ class HostedBackend(ModelBackend):
                 self.answer_sizes[size] += 1
 
     @classmethod
-    def estimate(cls, cfg: "ModelConfig", rows: int, passes: int) -> dict[str, Any]:
+    def provenance(cls, cfg: "ModelConfig") -> str:
+        """The vendor's model id (and a base URL of the user's), never a key."""
+        source = cfg.model_name or "?"
+        if cfg.endpoint:
+            source += f"+endpoint={public_url(cfg.endpoint)}"
+        return f"{source}@{cfg.revision}" if cfg.revision else source
+
+    @classmethod
+    def cost_estimate(cls, cfg: "ModelConfig", rows: int, passes: int) -> dict[str, Any]:
         """The requests and cost of a run over `rows` rows with `passes` model passes per row (all tasks).
 
         One request paints one image, so requests = images = rows * passes. The
@@ -193,14 +160,14 @@ class HostedBackend(ModelBackend):
         without it, `total` is None.
 
         >>> from vb_batch.config import ModelConfig
-        >>> HostedBackend.estimate(ModelConfig(backend="gemini", model_name="m", price_per_image=0.02), 100, 3)["total"]
+        >>> HostedBackend.cost_estimate(ModelConfig(backend="gemini", model_name="m", price_per_image=0.02), 100, 3)["total"]
         6.0
         """
         requests = rows * passes
         price = cfg.price_per_image
         return {
             "model": model_id(cfg),
-            "mode": cfg.mode if cfg.backend == "gemini" else "online",
+            "mode": cls.request_mode(cfg),
             "rows": rows,
             "passes": passes,
             "requests": requests,
@@ -208,6 +175,13 @@ class HostedBackend(ModelBackend):
             "price_per_image": price,
             "total": None if price is None else round(requests * price, 6),
         }
+
+
+
+    @classmethod
+    def request_mode(cls, cfg: "ModelConfig") -> str:
+        """How requests are sent, for the estimate: online (one at a time), or a vendor's batch API."""
+        return "online"
 
 
 def describe_estimate(estimate: dict[str, Any]) -> str:

@@ -14,11 +14,13 @@ Protocol: `POST {model.endpoint}` with the JSON body
   `model.headers` value and the endpoint's query string (whole and each value)
   are masked out of it, also URL-quoted or JSON-escaped: a server that echoes a
   request cannot leak it.
-- At most `model.concurrency` requests are in flight; `model.timeout_s`
-  bounds each socket operation (connect, each read).
+- Requests go through `vb_batch.io.http`: at most `model.concurrency` in
+  flight, on kept-alive connections, `*_proxy` / `no_proxy` honoured;
+  `model.timeout_s` bounds each socket operation (connect, each read); an
+  answer may hold at most `ANSWER_MAX_BYTES`.
 - 429, 5xx, timeouts and connection errors are retried `model.max_retries`
-  times, waiting `model.retry_backoff_s` * 2**retry (with jitter; a
-  server's `Retry-After` is honoured up to 60 s).
+  times by `vb_batch.io.retry`, waiting `model.retry_backoff_s` * 2**retry
+  (with jitter; a server's `Retry-After` is honoured up to 60 s).
 - Redirects are refused (the token must not follow a request elsewhere).
 - A row whose calls keep failing gets `vb_error = {code: "model_http_error"}`,
   one whose answer is not an image `{code: "model_bad_answer"}`: the backend
@@ -37,46 +39,46 @@ from __future__ import annotations
 
 import base64
 import binascii
-import http.client
 import json
 import logging
 import os
-import socket
 import threading
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from vb_batch.config import ConfigError
 from vb_batch.errors import RowError
+from vb_batch.io.http import Answer, BodyTooLarge, Transport, TransportError
 from vb_batch.io.images import decode_image
 from vb_batch.masking import scrub, url_secrets
 from vb_batch.models.base import ModelBackend, public_url
-# One retry policy and answer limit for every hosted backend.
-from vb_batch.models.hosted import ANSWER_MAX_PIXELS, RETRY_STATUS, png_bytes, retry_delay, parse_retry_after  # noqa: E501
+from vb_batch.models.hosted import (
+    ANSWER_MAX_PIXELS,
+    RETRY_STATUS,
+    Failure,
+    parse_retry_after,
+    png_bytes,
+    with_retries,
+)
+from vb_batch.models.options import HttpOptions
+from vb_batch.models.preflight import Check
 
 log = logging.getLogger(__name__)
 
 # How much of a server's error body is read, and shown in a row error: enough for an API's message.
 ERROR_BODY_READ_BYTES = 4096
 ERROR_TEXT_CHARS = 300
-# Failures of the connection itself (refused, reset, timed out, cut short): always worth a retry.
-CONNECTION_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, socket.timeout)
+# The most an answer may hold: the base64 PNG of the largest image decoded (ANSWER_MAX_PIXELS), with room.
+ANSWER_MAX_BYTES = 512 << 20
 
 
-class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    """A redirect is an error: the token must not follow the request to another host."""
+class EndpointRefused(Exception):
+    """The endpoint answered with a status other than 2xx (a redirect too: the token must not follow it)."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
-
-
-def build_opener() -> urllib.request.OpenerDirector:
-    """An opener that honours the *_proxy / no_proxy environment and refuses redirects."""
-    return urllib.request.build_opener(_RefuseRedirects)
+    def __init__(self, answer: Answer):
+        super().__init__(f"HTTP {answer.status}")
+        self.answer = answer
 
 
 def png_base64(image: np.ndarray) -> str:
@@ -90,15 +92,12 @@ def server_text(raw: bytes | str, limit: int = ERROR_TEXT_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def error_body(exc: urllib.error.HTTPError) -> str:
+def error_body(answer: Answer) -> str:
     """The start of an error answer's body when it is JSON or plain text (an API's own message); else ""."""
-    content_type = (exc.headers.get("Content-Type", "") if exc.headers else "").lower()
+    content_type = answer.headers.get("Content-Type", "").lower()
     if not ("json" in content_type or content_type.startswith("text/plain")):
         return ""  # an HTML error page says nothing the status does not
-    try:
-        return server_text(exc.read(ERROR_BODY_READ_BYTES))
-    except (OSError, http.client.HTTPException):
-        return ""
+    return server_text(answer.body[:ERROR_BODY_READ_BYTES])
 
 
 def read_answer(body: bytes) -> np.ndarray:
@@ -122,11 +121,22 @@ def read_answer(body: bytes) -> np.ndarray:
 
 class HttpBackend(ModelBackend):
     name = "http"
+    options_model = HttpOptions
+
+    @classmethod
+    def provenance(cls, cfg) -> str:
+        source = public_url(cfg.endpoint) if cfg.endpoint else ""
+        return f"{source}@{cfg.revision}" if cfg.revision else source
+
+    @classmethod
+    def preflight(cls, cfg, *, local):
+        if cfg.token_env and not os.environ.get(cfg.token_env):
+            return [Check("model token", "error", f"model.token_env: the environment variable {cfg.token_env!r} "
+                                                  "is not set or empty here", True)]
+        return []
 
     def __init__(self, cfg):
-        super().__init__(cfg)
-        if not cfg.endpoint:
-            raise ConfigError("model.endpoint: the http backend needs the URL to POST images to")
+        super().__init__(cfg)  # checks the options' problems (model.endpoint)
         reserved = sorted({"prompt", "image"} & set(cfg.options))
         if reserved:
             raise ConfigError(f"model.options: {reserved} are set by the http backend itself")
@@ -141,7 +151,7 @@ class HttpBackend(ModelBackend):
                 raise ConfigError(f"model.token_env: the environment variable {cfg.token_env!r} is not set or empty")
             self._headers[cfg.token_header] = f"{cfg.token_scheme} {token}" if cfg.token_scheme else token
             self._secrets |= {token, self._headers[cfg.token_header]}
-        self._opener = build_opener()
+        self._transport = Transport(pool_size=cfg.concurrency, use_env_proxies=True)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
@@ -149,15 +159,15 @@ class HttpBackend(ModelBackend):
         return f"HttpBackend({self.shown_url!r})"
 
     def __getstate__(self):
-        # Shipped to engine workers without its thread pool (and rebuilt there).
+        # Shipped to engine workers without its thread pool and connections (rebuilt there).
         state = dict(self.__dict__)
-        state["_pool"], state["_pool_lock"], state["_opener"] = None, None, None
+        state["_pool"], state["_pool_lock"], state["_transport"] = None, None, None
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._pool_lock = threading.Lock()
-        self._opener = build_opener()
+        self._transport = Transport(pool_size=self.cfg.concurrency, use_env_proxies=True)
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._pool_lock:
@@ -174,33 +184,37 @@ class HttpBackend(ModelBackend):
 
     def _paint(self, image: np.ndarray, prompt: str) -> np.ndarray | RowError:
         body = json.dumps({"prompt": prompt, "image": png_base64(image), **self.cfg.options}).encode()
-        attempt = 0
-        while True:
-            attempt += 1
-            retry_after = None
-            try:
-                request = urllib.request.Request(self.url, data=body, headers=self._headers, method="POST")
-                with self._opener.open(request, timeout=self.cfg.timeout_s) as response:
-                    answer = response.read()
-                return read_answer(answer)
-            except RowError as err:
-                return RowError(err.code, self._scrub(err.message))
-            except urllib.error.HTTPError as exc:
-                reason = f"HTTP {exc.code} {self._scrub(server_text(exc.reason or '', 100))}".rstrip()
-                detail = self._scrub(error_body(exc))
-                reason = f"{reason}: {detail}" if detail else reason
-                retryable = exc.code in RETRY_STATUS
-                retry_after = exc.headers.get("Retry-After") if exc.headers else None
-                exc.close()
-            except CONNECTION_ERRORS as exc:
-                cause = getattr(exc, "reason", exc)
-                reason, retryable = f"{type(cause).__name__}: {self._scrub(server_text(str(cause)))}", True
-            if not retryable or attempt > self.cfg.max_retries:
-                log.warning("%s: %s after %d attempt(s); the row gets an error", self.shown_url, reason, attempt)
-                return RowError("model_http_error", f"{self.shown_url}: {reason} after {attempt} attempt(s)")
-            delay = self._backoff(attempt, retry_after)
-            log.info("%s: %s; retry %d/%d in %.2f s", self.shown_url, reason, attempt, self.cfg.max_retries, delay)
-            time.sleep(delay)
+        answer = with_retries(lambda: self._post(body), self.classify, self.cfg, self.shown_url)
+        if isinstance(answer, RowError):
+            return answer
+        try:
+            return read_answer(answer)
+        except RowError as err:
+            return RowError(err.code, self._scrub(err.message))
 
-    def _backoff(self, attempt: int, retry_after: str | None) -> float:
-        return retry_delay(attempt, self.cfg.retry_backoff_s, parse_retry_after(retry_after))
+    def _post(self, body: bytes) -> bytes:
+        """One POST; the answer's body, or `EndpointRefused` / a transport fault (classified by `classify`)."""
+        answer = self._transport.send(
+            "POST", self.url, headers=self._headers, body=body, timeout_s=self.cfg.timeout_s,
+            max_body_bytes=ANSWER_MAX_BYTES, error_body_bytes=ERROR_BODY_READ_BYTES,
+        )
+        if not answer.ok:
+            raise EndpointRefused(answer)
+        return answer.body
+
+    def classify(self, exc: Exception) -> Failure | None:
+        """A failed POST: retryable (429, 5xx, no or broken connection) or not, the server's wait, text scrubbed."""
+        if isinstance(exc, EndpointRefused):
+            answer = exc.answer
+            reason = f"HTTP {answer.status} {self._scrub(server_text(answer.reason, 100))}".rstrip()
+            detail = self._scrub(error_body(answer))
+            return Failure(
+                f"{reason}: {detail}" if detail else reason,
+                retryable=answer.status in RETRY_STATUS,
+                server_wait_s=parse_retry_after(answer.headers.get("Retry-After")),
+            )
+        if isinstance(exc, TransportError):
+            return Failure(f"{type(exc).__name__}: {self._scrub(server_text(exc.detail))}", retryable=True)
+        if isinstance(exc, BodyTooLarge):
+            return Failure(f"the answer is larger than {exc.limit} bytes", retryable=False, code="model_bad_answer")
+        return None

@@ -16,6 +16,8 @@ import numpy as np
 
 from vb_batch.config import ConfigError
 from vb_batch.models.base import ModelBackend
+from vb_batch.models.options import MarigoldOptions
+from vb_batch.models.preflight import checkpoint_checks
 from vb_batch.models.loading import (
     compile_denoiser, from_pretrained, quiet_loading, resolve_device, to_device, use_channels_last,
 )
@@ -112,11 +114,10 @@ def batch_key(stack: np.ndarray, pipe, cfg) -> tuple:
 class MarigoldBackend(ModelBackend):
     name = "marigold"
     default_profile = "marigold"
+    options_model = MarigoldOptions
 
     def __init__(self, cfg):
-        super().__init__(cfg)
-        if not cfg.path:
-            raise ConfigError("model.path: the marigold backend needs a checkpoint (directory or hub id)")
+        super().__init__(cfg)  # checks the options' problems (model.path)
         reserved = sorted(RESERVED_OPTIONS & set(cfg.options))
         if reserved:
             raise ConfigError(f"model.options: {reserved} are set by the marigold backend itself")
@@ -144,6 +145,14 @@ class MarigoldBackend(ModelBackend):
     @classmethod
     def native_tasks_of(cls, cfg):
         return set(TASK_OF_PIPELINE.values())
+
+    @classmethod
+    def working_resolution(cls, cfg):
+        return cfg.processing_resolution or None  # None: the checkpoint's default, known once loaded
+
+    @classmethod
+    def preflight(cls, cfg, *, local):
+        return checkpoint_checks(cfg, local=local)
 
     def supported_tasks(self):
         return set(self.pipelines)

@@ -51,6 +51,7 @@ from vb_batch.models.hosted import (
     with_retries,
 )
 from vb_batch.models.http import server_text
+from vb_batch.models.options import OpenAIOptions
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,10 @@ NO_KEY = "unused"
 
 class OpenAIImagesBackend(HostedBackend):
     name = "openai"
+    options_model = OpenAIOptions
 
     def __init__(self, cfg):
-        super().__init__(cfg)
-        if not cfg.model_name:
-            raise ConfigError("model.model_name: the openai backend needs the model id, e.g. gpt-image-1")
+        super().__init__(cfg)  # checks the options' problems (model.model_name)
         reserved = sorted(RESERVED_OPTIONS & set(cfg.options))
         if reserved:
             raise ConfigError(f"model.options: {reserved} are set by the openai backend itself")
