@@ -1,5 +1,6 @@
-"""Sparsification curves, AUSE and threshold tables; `vb-batch eval --confidence`; the demo model's
-paintings carry its uncertainty off the colour walk while decoding to the same values."""
+"""Sparsification curves, AUSE and AURG on the uncertainty papers' 50-step grid (against mono-uncertainty's
+``compute_aucs``), threshold tables; `vb-batch eval --confidence`; the demo model's paintings carry its
+uncertainty off the colour walk while decoding to the same values."""
 
 from __future__ import annotations
 
@@ -14,35 +15,63 @@ from hypothesis import strategies as st
 from tests.test_eval_protocols import array_truth, prediction_table
 from vb_batch.cli import main
 from vb_batch.codecs import depth as depth_codec
-from vb_batch.confidence_eval import FRACTIONS, sparsification, threshold_table
+from vb_batch.evaluation.confidence import FRACTIONS, sparsification, threshold_table
 from vb_batch.models.demo_generalist import unsure_depth_colours
 
 
-def brute_curve(errors, keys, fractions):
-    """Mean error kept after dropping the lowest-key fraction; ties averaged over every order of the tied items."""
-    out = []
-    n = len(errors)
-    for x in fractions:
-        k = max(int(np.rint((1 - x) * n)), 1)
-        threshold = np.sort(keys)[::-1][k - 1]
-        above = keys > threshold
-        tied = keys == threshold
-        from_ties = k - above.sum()
-        total = errors[above].sum() + from_ties * errors[tied].mean()
-        out.append(total / k)
-    return np.array(out)
+def trapezoid(y, x):
+    """numpy's trapezoid rule (``np.trapz`` before numpy 2, as mono-uncertainty calls it)."""
+    return float((np.trapezoid if hasattr(np, "trapezoid") else np.trapz)(y, x))
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.floats(0, 10), st.sampled_from([0.1, 0.5, 0.9, 1.0])), min_size=1, max_size=40))
-def test_curve_matches_its_definition_with_ties(items):
+def poggi_aucs(errors, uncertainty, intervals=50):
+    """mono-uncertainty ``evaluate.py`` ``compute_aucs`` for one per-item error, written out as there:
+    percentile thresholds of the negated uncertainty, subsets ``>=`` each, curves closed with a 0,
+    ``np.trapz`` over x = 0, 1/50, ..., 1."""
+    uncert = -uncertainty  # revert order (high uncertainty first)
+    true_uncert = -errors
+    quants = [100.0 / intervals * t for t in range(intervals)]
+    plotx = [1.0 / intervals * t for t in range(intervals + 1)]
+    subs = [uncert >= np.percentile(uncert, q) for q in quants]
+    sparse_curve = [errors[sub].mean() for sub in subs] + [0]
+    opt_subs = [true_uncert >= np.percentile(true_uncert, q) for q in quants]
+    opt_curve = [errors[sub].mean() for sub in opt_subs] + [0]
+    ause = trapezoid(sparse_curve, plotx) - trapezoid(opt_curve, plotx)
+    aurg = errors.mean() - trapezoid(sparse_curve, plotx)
+    return {"curve": sparse_curve, "oracle": opt_curve, "ause": ause, "aurg": aurg, "fractions": plotx}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 10), st.sampled_from([0.1, 0.5, 0.9, 1.0])), min_size=1, max_size=120))
+def test_ause_matches_the_papers_50_step_grid_with_ties(items):
     errors = np.array([e for e, _ in items])
     confidence = np.array([c for _, c in items])
     result = sparsification(errors, confidence)
-    np.testing.assert_allclose(result["curve"], brute_curve(errors, confidence, FRACTIONS), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(result["oracle"], brute_curve(errors, -errors, FRACTIONS), rtol=1e-9, atol=1e-12)
-    assert result["ause"] >= -1e-12  # nothing beats the oracle
+    expected = poggi_aucs(errors, -confidence)  # confidence is the negated uncertainty
+    assert len(result["fractions"]) == 51 and result["fractions"][-1] == 1.0 and FRACTIONS == tuple(result["fractions"])
+    np.testing.assert_allclose(result["curve"], expected["curve"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(result["oracle"], expected["oracle"], rtol=1e-9, atol=1e-12)
+    assert result["ause"] == pytest.approx(expected["ause"], rel=1e-6, abs=1e-9)
+    assert result["aurg"] == pytest.approx(expected["aurg"], rel=1e-6, abs=1e-9)
     assert result["random"] == pytest.approx(errors.mean())
+
+
+def test_ause_on_the_papers_grid_differs_from_a_0_to_095_grid():
+    """The issue's point: the grid changes the number, so the 50-step one is the one reported."""
+    rng = np.random.default_rng(4)
+    errors = rng.exponential(0.05, 20_000)
+    confidence = -errors + rng.normal(0, 0.05, errors.size)
+    result = sparsification(errors, confidence)
+    expected = poggi_aucs(errors, -confidence)
+    assert result["ause"] == pytest.approx(expected["ause"], rel=1e-6)
+    # The former grid: x = 0, 0.05, ..., 0.95 with no closing point.
+    old_x = np.arange(0.0, 1.0, 0.05)
+    order, oracle_order = np.argsort(-confidence, kind="stable"), np.argsort(errors, kind="stable")
+    kept = np.maximum(np.rint((1 - old_x) * errors.size).astype(int), 1)
+    old_curve = np.array([errors[order[:k]].mean() for k in kept])
+    old_oracle = np.array([errors[oracle_order[:k]].mean() for k in kept])
+    old_ause = trapezoid(old_curve - old_oracle, old_x)
+    assert abs(result["ause"] - old_ause) > 0.02 * old_ause
 
 
 def test_perfect_constant_and_inverted_confidence():
@@ -52,8 +81,11 @@ def test_perfect_constant_and_inverted_confidence():
     constant = sparsification(errors, np.ones_like(errors))
     inverted = sparsification(errors, errors)
     assert perfect["ause"] == pytest.approx(0.0, abs=1e-12)
-    np.testing.assert_allclose(constant["curve"], errors.mean())  # ties removed together: the random curve
+    # Ties at the threshold are kept together: a constant confidence keeps everything until the closing 0.
+    np.testing.assert_allclose(constant["curve"][:-1], errors.mean())
+    assert constant["curve"][-1] == 0.0
     assert constant["ause"] == pytest.approx(constant["ause_random"])
+    assert constant["aurg"] == pytest.approx(errors.mean() / 100)  # the closing half-interval: mean * 0.02 / 2
     assert inverted["ause"] > constant["ause"] > perfect["ause"]
 
 

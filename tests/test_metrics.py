@@ -10,11 +10,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vb_batch import scenes
 from vb_batch.cli import main
-from vb_batch.evaluate import evaluate, metrics_json
+from vb_batch.evaluation import scenes
+from vb_batch.evaluation.metrics import (
+    DepthAccumulator,
+    NormalsAccumulator,
+    SegmentationAccumulator,
+)
+from vb_batch.evaluation.scoring import evaluate, metrics_json
 from vb_batch.io.encodings import ColumnMeta, encode_map, storage_type
-from vb_batch.metrics import DepthAccumulator, NormalsAccumulator, SegmentationAccumulator
 
 
 def test_depth_by_hand():
@@ -161,3 +165,19 @@ def test_eval_without_truth_is_an_error(truth_table, tmp_path, capsys):
                    tmp_path / "p.parquet")
     assert main(["eval", str(tmp_path / "p.parquet")]) == 2
     assert "truth" in capsys.readouterr().err
+
+
+def test_the_old_import_paths_re_export_the_evaluation_package():
+    import importlib
+
+    moved = {"evaluate": "scoring", "metrics": "metrics", "protocols": "protocols", "truth": "truth",
+             "confidence_eval": "confidence", "examples": "examples", "scenes": "scenes"}
+    for old_name, new_name in moved.items():
+        old = importlib.import_module(f"vb_batch.{old_name}")
+        new = importlib.import_module(f"vb_batch.evaluation.{new_name}")
+        assert old.__all__, old_name
+        for name in old.__all__:
+            assert getattr(old, name) is getattr(new, name), (old_name, name)
+    from vb_batch.evaluate import evaluate as old_evaluate
+
+    assert old_evaluate is evaluate and callable(old_evaluate)

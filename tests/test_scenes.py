@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import vb_batch
-from vb_batch import scenes
 from vb_batch.codecs import normals as normals_codec
+from vb_batch.evaluation import scenes
 
 SEEDS = [scenes.HELD_OUT_SEED_START + i for i in range(4)]
 

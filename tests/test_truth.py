@@ -11,17 +11,17 @@ from hypothesis import given, settings
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from vb_batch.evaluate import evaluate
-from vb_batch.examples import CLASS_NAMES, EXAMPLES, example_table, scenes_of
-from vb_batch.io.encodings import encode_array, png_bytes
-from vb_batch.scenes import SCENE_CLASSES
-from vb_batch.truth import (
+from vb_batch.evaluation.examples import CLASS_NAMES, EXAMPLES, example_table, scenes_of
+from vb_batch.evaluation.scenes import SCENE_CLASSES
+from vb_batch.evaluation.scoring import evaluate
+from vb_batch.evaluation.truth import (
     ADE20K_CLASSES,
     CITYSCAPES_CLASSES,
     class_lookup,
     parse_truth_format,
     truth_column,
 )
+from vb_batch.io.encodings import encode_array, png_bytes
 
 # cityscapesScripts helpers/labels.py, copied by hand as (labelId, trainId) for every labelId 0..33.
 OFFICIAL_TRAIN_IDS = {0: 255, 1: 255, 2: 255, 3: 255, 4: 255, 5: 255, 6: 255, 7: 0, 8: 1, 9: 255, 10: 255, 11: 2,
