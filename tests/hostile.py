@@ -22,6 +22,8 @@ from hostile_uris import hostile_uri_input, hostile_uri_rows
 from vb_batch.codecs import depth
 from vb_batch.config import DEFAULT_IMAGE_FORMATS
 
+# A file that is not an image and whose first bytes must never reach a message, a log or an output.
+SECRET_TEXT = b"root:x:0:0:root:/root:/bin/bash\n[default]\naws_secret_access_key = hostile-table-secret\n"
 RAMP = depth.encode(np.linspace(1, 30, 24 * 32, dtype=np.float32).reshape(24, 32))
 
 
@@ -78,6 +80,7 @@ VALID = {
 BROKEN_FILES = {
     "bad-empty": (lambda: b"", "empty"),
     "bad-text": (lambda: b"<html>not an image</html>", "not_image"),
+    "bad-secret-text": (lambda: SECRET_TEXT, "not_image"),  # a URI may name any file: its bytes stay out
     "bad-png-garbage": (lambda: b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, "corrupt"),
     "bad-truncated-png": (lambda: _noise_png()[:2000], "truncated"),
     "bad-truncated-jpeg": (
@@ -95,7 +98,9 @@ def write_hostile_table(folder: Path, server=None) -> tuple[Path, dict[str, str 
 
     With a `hostile_uris.HostileServer`, the table also holds its rows: malformed URIs,
     redirects out of the allowed places, bodies over `input.max_bytes`, a stalling server,
-    a FIFO, /dev/zero. Returns the table's path and {id: expected error code or None}.
+    a FIFO, /dev/zero. One id is delivered twice (the second time naming a text file): under
+    `hostile_job`'s `input.duplicate_ids: first` only its first row is labelled. Returns the
+    table's path and {id: expected error code or None}.
     """
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -130,6 +135,9 @@ def write_hostile_table(folder: Path, server=None) -> tuple[Path, dict[str, str 
     for row_id, (uri, code) in uri_faults.items():
         rows.append((row_id, uri))
         expected[row_id] = code
+    # A re-delivered id (input.duplicate_ids: first): sorted after the original, so its text file is skipped.
+    (images / "ok-png.zz-redelivered.img").write_bytes(SECRET_TEXT)
+    rows.append(("ok-png", str(images / "ok-png.zz-redelivered.img")))
     rows.sort()
     table = pa.table({"id": [r[0] for r in rows], "uri": pa.array([r[1] for r in rows], pa.string())})
     path = folder / "hostile.parquet"
@@ -150,6 +158,7 @@ def hostile_job(table: Path, out: Path, engine: str, server=None) -> dict:
         "min_side": 8,
         "allowed_prefixes": [str(table.parent / "images")],
         "image_formats": [*DEFAULT_IMAGE_FORMATS, *EXTRA_FORMATS],
+        "duplicate_ids": "first",
     }
     if server is not None:
         inputs.update(hostile_uri_input(table.parent / "images", server))
@@ -172,3 +181,5 @@ def check_hostile_output(table: pa.Table, expected: dict[str, str | None]) -> No
         got = errors[row_id] and errors[row_id]["code"]
         assert got == code, (row_id, errors[row_id])
         assert (depths[row_id] is None) == (code is not None), row_id
+        assert not errors[row_id] or not any(part.decode() in errors[row_id]["message"]
+                                             for part in (SECRET_TEXT[:8], b"[default", b"hostile-table-secret")), row_id

@@ -94,6 +94,25 @@ def jpeg_declaring(width: int, height: int) -> bytes:
     return _sof_declaring(encode(ramp(), "JPEG", quality=90), width, height)
 
 
+def jpeg_scan_bomb(repeats: int = 10_000, side: int = 2048) -> bytes:
+    """A progressive JPEG whose last scan is repeated `repeats` times: ~16 bytes per scan, each a pass.
+
+    A flat 2048 x 2048 picture's last (AC refinement) scan is tiny but still visits every block, so
+    10,000 of them (185 kB) cost about 28 s of CPU to decode in full (the issue's 1.33 MB one: 45 s).
+    """
+    data = encode(Image.new("RGB", (side, side), (120, 130, 140)), "JPEG", quality=90, progressive=True)
+    pos, last_scan = 2, None
+    while data[pos + 1] != 0xD9:  # walk the segments up to EOI; a scan runs to the next real marker
+        end = pos + 2 + struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        if data[pos + 1] == 0xDA:
+            while not (data[end] == 0xFF and data[end + 1] not in (0x00, *range(0xD0, 0xD8))):
+                end += 1
+            last_scan = (pos, end)
+        pos = end
+    start, end = last_scan
+    return data[:end] + data[start:end] * repeats + data[end:]
+
+
 def valid_mpo() -> bytes:
     """A two-frame MPO (a JPEG with an index of further JPEGs), as cameras write for stereo pairs."""
     return encode(ramp(), "MPO", save_all=True, append_images=[ramp().transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
@@ -350,6 +369,7 @@ HOSTILE_IMAGES: dict[str, tuple[Callable[[], bytes], str]] = {
     "bad-bmp-huge-size": (lambda: bmp_declaring(*HUGE), "too_large"),
     "bad-webp-huge-canvas": (lambda: webp_canvas_declaring(16_384, 16_384), "too_large"),
     "bad-webp-huge-vp8l": (lambda: webp_lossless_declaring(16_384, 16_384), "too_large"),
+    "bad-jpeg-scan-bomb": (jpeg_scan_bomb, "decode_timeout"),
 }
 
 # id: (input.image_formats, code) when the format is allowed, for ids whose answer changes.

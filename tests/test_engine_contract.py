@@ -119,6 +119,7 @@ def test_hostile_rows_each_end_as_their_own_error(engine, tmp_path):
     check_hostile_output(read_output(str(tmp_path / "out")), expected)
     assert set(summary.errors_by_code) == {code for code in expected.values() if code}
     assert summary.rows_ok == sum(code is None for code in expected.values())
+    assert summary.rows_skipped == 1  # the re-delivered id's second row (input.duplicate_ids: first)
 
 
 def test_report_of_the_run_and_again_from_the_cli(engine, tmp_path):

@@ -321,3 +321,44 @@ def test_the_decode_stage_applies_image_formats_and_max_bytes(tmp_path, input_se
     decoded = fetch_decode(batch, plan)
     errors = decoded.column("vb_error").to_pylist()
     assert [e and e["code"] for e in errors] == [qoi_code, None]
+
+
+# ---------------------------------------------------------------------------- bounded work per row
+
+
+def test_a_scan_bomb_is_refused_before_decoding():
+    bomb = hostile.jpeg_scan_bomb()
+    started = time.thread_time()
+    with pytest.raises(RowError) as info:
+        decode_image(bomb, max_pixels=10_000_000)
+    assert time.thread_time() - started < 0.5  # counted, not decoded (in full: ~28 s of CPU)
+    assert info.value.code == "decode_timeout" and "input.max_jpeg_scans=100" in info.value.message
+
+
+@pytest.mark.parametrize("budget", [0.3, 1.0])
+def test_a_row_stops_at_its_cpu_budget_whatever_the_scan_limit(budget):
+    bomb = hostile.jpeg_scan_bomb()
+    started = time.thread_time()
+    with pytest.raises(RowError) as info:
+        decode_image(bomb, max_pixels=10_000_000, max_jpeg_scans=10**6, timeout_s=budget)
+    spent = time.thread_time() - started
+    assert info.value.code == "decode_timeout" and f"input.decode_timeout_s={budget:g}" in info.value.message
+    # At most one chunk's scans (4 kB of ~16-byte scans at ~3 ms each here) run past the budget.
+    assert budget <= spent < budget + 1.5, spent
+
+
+def test_ordinary_progressive_jpegs_decode_within_the_limits():
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (256, 384, 3), dtype=np.uint8))
+    data = hostile.encode(image, "JPEG", quality=90, progressive=True)
+    assert decode_image(data, 10**6, timeout_s=0.5, max_jpeg_scans=10).shape == (256, 384, 3)
+    with pytest.raises(RowError, match="has 10 scans, more than input.max_jpeg_scans=9"):
+        decode_image(data, 10**6, max_jpeg_scans=9)
+
+
+@pytest.mark.parametrize("text", [b"[default]\naws_secret_access_key = x\n", b"root:x:0:0:root:/root:/bin/bash\n",
+                                  b"\x89PNG\r\n\x1a\nroot:x:0:0"])
+def test_messages_never_quote_the_bytes(text):
+    with pytest.raises(RowError) as info:
+        decode_image(text, 10**6)
+    assert info.value.code in ("not_image", "corrupt", "truncated")
+    assert "default" not in info.value.message and "root" not in info.value.message

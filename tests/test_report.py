@@ -176,7 +176,8 @@ def test_depth_preview_colours_near_warm_and_far_black():
 
 
 def test_report_fetches_uris_under_the_jobs_own_rules(tmp_path):
-    """Inputs given by URI appear in the report, read through the job's URI safety checks."""
+    """Inputs given by URI appear in the job's own report, read through its URI safety checks; read back, only
+    where the viewer says."""
     from vb_batch.demo import make_sample_images
     from vb_batch.io.outputs import OutputView
 
@@ -189,8 +190,10 @@ def test_report_fetches_uris_under_the_jobs_own_rules(tmp_path):
     outside = tmp_path / "outside.png"
     outside.write_bytes(png_bytes(np.zeros((16, 16, 3), np.uint8)))  # a real image, outside the input folder
     inside = next((tmp_path / "imgs").iterdir())
-    assert view.input_image({"uri": str(inside)}) is not None
-    assert view.input_image({"uri": str(outside)}) is None  # the stored prefixes (narrower) refuse it: never read
+    assert view.input_image({"uri": str(inside)}) is None  # read back, a URI is fetched only where the viewer says
+    rules = view.uri_rules([str(tmp_path / "imgs")])
+    assert view.input_image({"uri": str(inside)}, rules) is not None
+    assert view.input_image({"uri": str(outside)}, rules) is None  # outside the viewer's prefix: never read
 
 
 @pytest.mark.slow

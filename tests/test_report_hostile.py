@@ -10,6 +10,7 @@ Stored URI rules are counted against a real loopback HTTP server: they never wid
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -273,3 +274,81 @@ def test_show_keeps_files_inside_its_folder_whatever_the_column_names(hostile_ou
     written = list(target.iterdir())
     assert written and all(p.parent == target and p.name.endswith(".png") for p in written)
     assert len(written) == 3  # input, depth and the attacker-named mask column
+
+
+# ---------------------------------------------------------------------------- the viewer's own files stay out
+
+
+@pytest.fixture
+def crafted_uri_output(tmp_path):
+    """An output whose URI cells and stored config were rewritten to name the viewer's private files.
+
+    (output folder, the viewer's home, its private photo's pixels, the secret texts.)
+    """
+    home = tmp_path / "home"
+    (home / ".aws").mkdir(parents=True)
+    photo = np.random.default_rng(31).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    (home / "photo.png").write_bytes(png_bytes(photo))
+    secrets = {home / ".aws" / "config": b"[default]\naws_secret_access_key = hunter2-private\n",
+               home / "passwd": b"root:x:0:0:root:/root:/bin/bash\n"}
+    for path, text in secrets.items():
+        path.write_bytes(text)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    uris = []
+    for i in range(3):
+        (imgs / f"{i}.png").write_bytes(png_bytes(np.full((24, 32, 3), 60 * i, np.uint8)))
+        uris.append(str(imgs / f"{i}.png"))
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "uri": uris}), tmp_path / "in.parquet")
+    out = tmp_path / "out"
+    summary = vb_batch.annotate({"input": {"path": str(tmp_path / "in.parquet"), "uri_column": "uri"},
+                                 "output": {"path": str(out), "report": False},
+                                 "model": {"backend": "identity"}, "run": {"progress": False}})
+    assert summary.rows_ok == 3, summary.render()
+    crafted = [str(home / "photo.png"), (home / ".aws" / "config").as_uri(), str(home / "passwd")]
+    stored = {"input": {"path": str(home), "uri_column": "uri", "allowed_prefixes": [str(home)]}}
+    for part in [p for p in out.rglob("*.parquet") if "_vb" not in p.parts]:
+        table = pq.read_table(part)
+        table = table.set_column(table.schema.get_field_index("uri"), table.schema.field("uri"), pa.array(crafted))
+        meta = {**table.schema.metadata, b"vb.job": json.dumps(stored).encode()}
+        pq.write_table(table.replace_schema_metadata(meta), part)
+    return out, home, photo, [text.split(b"\n")[0][:8] for text in secrets.values()]
+
+
+def picture_arrays(text: str) -> list[np.ndarray]:
+    """Every picture inlined in a report, as pixels."""
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB"))
+            for b in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", text)]
+
+
+def shows_photo(pictures: list[np.ndarray], photo: np.ndarray) -> bool:
+    return any(p.shape == photo.shape and np.array_equal(p, photo) for p in pictures)
+
+
+def test_report_and_show_of_a_crafted_output_never_read_the_viewers_files(crafted_uri_output, tmp_path, caplog, capsys):
+    out, home, photo, secret_heads = crafted_uri_output
+    with caplog.at_level(logging.DEBUG):
+        # The defaults, then the viewer's own prefix for its images (the crafted cells lie outside it).
+        for flags in ([], ["--allow-uri-prefix", str(tmp_path / "imgs")]):
+            assert main(["report", str(out), *flags]) == 0
+            text = (out / REPORT_NAME).read_text()
+            assert "alt='input'" not in text and not shows_photo(picture_arrays(text), photo)
+            assert len(picture_arrays(text)) >= 3  # the maps, read from the output, are still there
+            target = tmp_path / f"show{len(flags)}"
+            assert main(["show", str(out), "--id", "a", "--dir", str(target), *flags]) == 0
+            assert sorted(p.name for p in target.iterdir()) == ["a_depth.png"]
+        # Named by the viewer, knowingly: the photo is shown; the text files are refused without a byte of them.
+        assert main(["report", str(out), "--allow-uri-prefix", str(home)]) == 0
+        text = (out / REPORT_NAME).read_text()
+        assert text.count("alt='input'") == 1 and shows_photo(picture_arrays(text), photo)
+    seen = caplog.text + "".join(capsys.readouterr())
+    assert "not a recognised image format" in seen  # the text files were read only once the viewer said so
+    for head in secret_heads:
+        assert head.decode() not in seen and head.decode() not in text
+    assert "hunter2" not in seen and "hunter2" not in text

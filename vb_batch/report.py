@@ -41,17 +41,16 @@ an output someone else wrote. What it guarantees:
   forms and `<base>`: a slip in escaping would still run and load nothing.
 - Its secrets stay masked: the stored config is shown through
   `vb_batch.masking.redact` again (outputs written by older versions included).
-- Input pictures given by URI are fetched under rules the stored config cannot
-  widen. When vb_batch reports its own run, the live job's rules
-  (`write_report(..., input_config=cfg.input)`). Otherwise (`vb-batch report`,
-  `vb-batch show`, `input_config=None`) `OutputView.uri_rules`: the defaults
-  (URIs in the stored input path's own scheme; no loopback, private or
-  link-local http addresses; default size limits), narrowed by the stored
-  `allowed_prefixes` when they all lie in that scheme. The stored
-  `allow_private_addresses`, storage endpoint and any wider prefixes are
-  ignored; `allow_uri_prefixes` / `--allow-uri-prefix PREFIX` (repeatable;
-  replaces the prefixes, so it also narrows) and `allow_private_addresses` /
-  `--allow-private-addresses` are the user's knowing word.
+- Its pictures come from the output itself: stored input bytes and maps. A URI
+  cell may name any file of the viewer's, so inputs given by URI are fetched
+  only under rules the viewer gives: when vb_batch reports its own run, the
+  live job's (`write_report(..., input_config=cfg.input)`); otherwise
+  (`vb-batch report`, `vb-batch show`) none unless `allow_uri_prefixes` /
+  `--allow-uri-prefix PREFIX` (repeatable) names where, and then only there,
+  with the default limits and no loopback, private or link-local http hosts
+  unless `allow_private_addresses` / `--allow-private-addresses`
+  (`OutputView.uri_rules`). The stored config never chooses or widens them.
+- Error messages and log lines never quote a file's bytes.
 """
 
 from __future__ import annotations
@@ -174,7 +173,7 @@ def row_pictures(
     Maps are thinned before they are coloured; the row's depth maps of one unit (its
     prediction and any ground truth) share one colour range. A map that cannot be
     decoded is left out. `rules`: where URI inputs may be fetched (see the module
-    docstring; None: `view.uri_rules()`).
+    docstring; None: nowhere, the output's own pictures only).
     """
     pictures: dict[str, Picture] = {}
     image = view.input_image(row, rules)
@@ -415,8 +414,8 @@ def build_report(
     """The report's HTML for the output dataset at `path`.
 
     `input_config`: the URI fetch rules of the job that wrote the output, when vb_batch reports its
-    own run (trusted as given). Otherwise the stored config's rules, never wider than the defaults,
-    widened only by `allow_uri_prefixes` / `allow_private_addresses` (see the module docstring).
+    own run (trusted as given). Otherwise URI inputs are read only under `allow_uri_prefixes`
+    (and `allow_private_addresses`), the viewer's word (see the module docstring).
     """
     view = OutputView(path, storage)
     rules = input_config or view.uri_rules(allow_uri_prefixes, allow_private_addresses)
@@ -469,8 +468,8 @@ def build_report(
         grid_rows.append(cells)
     if missing_inputs and view.uri_column and input_config is None:
         parts.append(
-            f"<p class='note'>{missing_inputs} input picture(s) not shown: inputs given by URI are fetched only "
-            "under the default rules; to fetch more, run <code>vb-batch report OUTPUT --allow-uri-prefix PREFIX"
+            f"<p class='note'>{missing_inputs} input picture(s) not shown: inputs given by URI are read only "
+            "where the viewer says; to show them, run <code>vb-batch report OUTPUT --allow-uri-prefix PREFIX"
             "</code> (and <code>--allow-private-addresses</code> for hosts on a private network).</p>"
         )
     parts.append("<div class='grid'>" + _table(["id", "input", *map_names], grid_rows) + "</div>")
@@ -539,8 +538,8 @@ def show_row(
     """Write the input and preview PNGs of one row to `out_dir`, at most `max_side` pixels long (0: full size).
 
     Returns the files. A depth preview has its colour bar and range (near, far) under it;
-    the row's depth maps share that range. URI inputs are fetched under
-    `OutputView.uri_rules` (the stored config never widens them). `vb_batch.show` is this.
+    the row's depth maps share that range. URI inputs are read only under `allow_uri_prefixes`
+    (`OutputView.uri_rules`; the output never chooses them). `vb_batch.show` is this.
     """
     view = OutputView(path, storage)
     ids = view.read([view.id_column]).column(view.id_column)

@@ -4,11 +4,18 @@ What `decode_image` guarantees, whatever the bytes:
 
 - Row isolation: every fault while identifying, checking or decoding is a `RowError`
   (`empty`, `not_image`, `corrupt`, `truncated`, `too_large`, `too_small`,
-  `unsupported_format`, or `decode_error` naming the exception type). Only
+  `unsupported_format`, `decode_timeout`, or `decode_error` naming the exception
+  type). No message quotes the bytes (a URI may name any file). Only
   KeyboardInterrupt / SystemExit (not `Exception`s) get through.
 - A format allowlist (`input.image_formats`): the magic bytes name the format first;
   a known format that is not allowed is refused without any Pillow plugin seeing it,
   and Pillow only ever tries the allowed plugins.
+- Bounded work: a progressive JPEG with more scans than `input.max_jpeg_scans` (it
+  has about 10; each scan is another pass over the image) is refused before
+  decoding, and the bytes are fed to the decoder in chunks (small ones for a progressive
+  JPEG), each handed out only while the row's CPU time (`time.thread_time`, so other threads do not count) is
+  under `input.decode_timeout_s`: a row that costs more fails with `decode_timeout`
+  after at most that budget plus one chunk's and one final pass's work.
 - Bounded memory: the pixel count (`input.max_pixels`) is checked on the header before
   any pixel buffer exists, for every format in `DECODABLE_FORMATS`. Where Pillow
   decodes or allocates while opening (ICO decodes its largest icon, WebP allocates its
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -44,7 +52,7 @@ from PIL import (
     UnidentifiedImageError,
 )
 
-from vb_batch.config import DECODABLE_IMAGE_FORMATS, DEFAULT_IMAGE_FORMATS
+from vb_batch.config import DECODABLE_IMAGE_FORMATS, DEFAULT_IMAGE_FORMATS, InputConfig
 from vb_batch.errors import RowError
 
 # We check the pixel count ourselves (per row, with a clear code) before any pixel is decoded.
@@ -53,6 +61,12 @@ Image.MAX_IMAGE_PIXELS = None
 Image.init()
 
 DEFAULT_FORMATS: tuple[str, ...] = DEFAULT_IMAGE_FORMATS
+DEFAULT_DECODE_TIMEOUT_S: float = InputConfig.model_fields["decode_timeout_s"].default
+DEFAULT_MAX_JPEG_SCANS: int = InputConfig.model_fields["max_jpeg_scans"].default
+# Bytes a progressive JPEG's decoder gets between two checks of the row's CPU time (other images:
+# Pillow's 64 KiB). It absorbs each scan as its bytes arrive, so a scan bomb spends its time chunk
+# by chunk, where it can be stopped; at most one chunk's scans run past the budget.
+DECODE_CHUNK_BYTES = 4096
 
 # Formats whose pixel count is known (and checked here) before Pillow allocates a pixel buffer:
 # their plugins read only headers on open, or `_HEADER_SIZES` reads the size first (a header bomb
@@ -213,6 +227,39 @@ def _unsupported(name: str, listed: Sequence[str]) -> RowError:
 # ---------------------------------------------------------------- decoding
 
 
+class _BudgetedBytes(io.BytesIO):
+    """The encoded image as a decoder reads it: no more bytes once the row's CPU time is spent."""
+
+    def __init__(self, data: bytes, seconds: float):
+        super().__init__(data)
+        self.seconds = seconds
+        self.started = time.thread_time()
+
+    def check(self) -> None:
+        spent = time.thread_time() - self.started
+        if spent > self.seconds:
+            raise RowError("decode_timeout", f"decoding took {spent:.1f} s of CPU time, over "
+                           f"input.decode_timeout_s={self.seconds:g}")
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.check()
+        return super().read(size)
+
+
+def _check_scans(data: bytes, max_scans: int) -> None:
+    """Refuse a JPEG with more start-of-scan markers than `max_scans`, before any decoding.
+
+    Entropy-coded data stuffs every 0xFF with 0x00, so 0xFFDA appears only as a marker (or
+    inside an embedded thumbnail, which counts its own few scans).
+    """
+    # numpy, not bytes.count or find: 0xFF is frequent in JPEG data, which makes those ~20x slower.
+    octets = np.frombuffer(data, np.uint8)
+    scans = int(np.count_nonzero(octets[np.flatnonzero(octets[1:] == 0xDA)] == 0xFF))
+    if scans > max_scans:
+        raise RowError("decode_timeout", f"the JPEG has {scans} scans, more than input.max_jpeg_scans={max_scans} "
+                       "(a progressive JPEG has about 10); refused before decoding")
+
+
 def _upright(image: Image.Image) -> Image.Image:
     # exif_transpose copies the whole image when there is nothing to do: only call it when there is.
     orientation = image.getexif().get(0x0112, 1)
@@ -274,7 +321,8 @@ def _draft(image: Image.Image, needed: NeededSize | None) -> tuple[int, int] | N
 
 
 def _decode(
-    data: bytes, max_pixels: int, min_side: int, listed: tuple[str, ...], needed: NeededSize | None = None
+    data: bytes, max_pixels: int, min_side: int, listed: tuple[str, ...], needed: NeededSize | None,
+    timeout_s: float, max_jpeg_scans: int,
 ) -> DecodedImage:
     allowed = [name for name in listed if name in DECODABLE_FORMATS]
     name = sniff_format(data)
@@ -283,14 +331,16 @@ def _decode(
     # Bytes without any known magic can only be a format that has none (TGA): never the others.
     plugins = [name] if name else [f for f in allowed if f not in _SIGNED_FORMATS and f in Image.OPEN]
     if not plugins:
-        raise RowError("not_image", f"not a recognised image format ({len(data)} bytes, starting {data[:8]!r})")
+        # Its bytes are not quoted: a URI may name any file (a config, a key), and messages reach logs and outputs.
+        raise RowError("not_image", f"not a recognised image format ({len(data)} bytes, no known image signature)")
     if name not in (None, *Image.OPEN):
         raise RowError("unsupported_format", f"this Pillow build cannot read {name} (its library is missing)")
     if name in _HEADER_SIZES:
         read_size, what = _HEADER_SIZES[name]
         _check_pixels(read_size(data), max_pixels, what)
+    source = _BudgetedBytes(data, timeout_s)
     try:
-        image = Image.open(io.BytesIO(data), formats=plugins)
+        image = Image.open(source, formats=plugins)
     except UnidentifiedImageError:
         if name:
             raise RowError("corrupt", f"{name} header present but unreadable ({len(data)} bytes)") from None
@@ -304,7 +354,13 @@ def _decode(
             raise RowError("too_small", f"{width}x{height} is below input.min_side={min_side}")
         _check_tiles(image, max_pixels)
         drafted = _draft(image, needed)
+        if image.format in _DRAFT_FORMATS and (image.info.get("progressive") or image.info.get("progression")):
+            # Only a progressive JPEG makes passes over the image per scan (a baseline one with extra
+            # scans fails at once); Pillow has read its header only.
+            _check_scans(data, max_jpeg_scans)
+            image.decodermaxblock = DECODE_CHUNK_BYTES
         image.load()  # the frame it opened on: the first of an animation or a multi-page file
+        source.check()  # the work after the last chunk (a progressive JPEG's output pass) counts too
         _check_pixels(image.size, max_pixels)  # no plugin may grow the image while decoding
         pixels = _to_rgb(_upright(image))
         return DecodedImage(pixels, drafted or pixels.shape[:2])
@@ -335,18 +391,23 @@ def decode_image(
     min_side: int = 1,
     formats: Iterable[str] | None = None,
     max_bytes: int | None = None,
+    *,
+    timeout_s: float = DEFAULT_DECODE_TIMEOUT_S,
+    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS,
 ) -> np.ndarray:
     """Decode one encoded image to RGB uint8; raise `RowError` with a code for any fault.
 
     `formats` is `input.image_formats` (default: InputConfig's list); `max_bytes` is
-    `input.max_bytes` (default: no limit, for callers whose bytes are already bounded).
+    `input.max_bytes` (default: no limit, for callers whose bytes are already bounded);
+    `timeout_s` and `max_jpeg_scans` are `input.decode_timeout_s` and `input.max_jpeg_scans`.
 
     >>> import io; from PIL import Image
     >>> buf = io.BytesIO(); Image.new("RGB", (30, 20)).save(buf, "PNG")
     >>> decode_image(buf.getvalue(), max_pixels=1_000_000).shape
     (20, 30, 3)
     """
-    return decode_for_model(data, max_pixels, min_side, formats, max_bytes).pixels
+    return decode_for_model(data, max_pixels, min_side, formats, max_bytes, timeout_s=timeout_s,
+                            max_jpeg_scans=max_jpeg_scans).pixels
 
 
 def decode_for_model(
@@ -356,6 +417,9 @@ def decode_for_model(
     formats: Iterable[str] | None = None,
     max_bytes: int | None = None,
     needed: NeededSize | None = None,
+    *,
+    timeout_s: float = DEFAULT_DECODE_TIMEOUT_S,
+    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS,
 ) -> DecodedImage:
     """`decode_image`, reduced where the format allows to no less than `needed(height, width)`.
 
@@ -376,7 +440,7 @@ def decode_for_model(
     if max_bytes is not None and len(data) > max_bytes:
         raise RowError("too_large", f"{len(data)} bytes exceeds input.max_bytes={max_bytes}")
     try:
-        return _decode(bytes(data), max_pixels, min_side, _listed_formats(formats), needed)
+        return _decode(bytes(data), max_pixels, min_side, _listed_formats(formats), needed, timeout_s, max_jpeg_scans)
     except RowError:
         raise
     except Exception as exc:  # noqa: BLE001 - any fault of these bytes is this row's; KeyboardInterrupt is not caught

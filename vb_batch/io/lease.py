@@ -1,11 +1,37 @@
 """One writer per output: a lease object under `<output>/_vb/lease.json`.
 
 A run takes the lease before it changes anything in its output and keeps it
-alive with a heartbeat thread; a second run on the same output fails fast
-with a `LeaseHeldError` naming the holder (run id, host, pid, last heartbeat).
-A lease whose holder is gone is taken over with a warning: on the same host
-when its process no longer exists (so a `kill -9` and an immediate resume
-just work), anywhere once its heartbeat is older than `output.lease_seconds`.
+alive with a heartbeat thread that rewrites the record every
+`output.lease_seconds / 3`; each rewrite bumps a counter (`beat`), so the
+record's bytes (its ETag on S3) change on every heartbeat. A second run on the
+same output fails with a `LeaseHeldError` naming the holder (run id, host, pid,
+last heartbeat).
+
+When a contender may take the lease over, without comparing clocks of two hosts:
+
+* the holder's process is gone on this host (same host name, boot and pid
+  namespace; the pid is free or reused): at once, so a `kill -9` and an
+  immediate resume just work;
+* otherwise only after the contender has itself watched the record stay
+  byte-identical for the lease's duration on its own monotonic clock (the
+  larger of its own `lease_seconds` and the holder's). A live holder rewrites
+  it within a third of that, which makes the contender give up with
+  `LeaseHeldError`; a dead, hung (same host: alive but silent) or
+  unknown holder does not, and is taken over with a warning. The holder's
+  timestamps only ever make a contender give up sooner (a heartbeat that looks
+  recent by this host's clock is refused at once), never take over: a holder
+  whose clock runs behind is watched, not taken over, and one whose clock runs
+  ahead is refused for at most the skew plus the lease.
+* a record that is not a lease (damaged, crafted, fields of the wrong type,
+  NaN or infinite numbers) is an unknown holder on the same rule; the warning
+  says what was found and how to clear it. A `lease.json` that is a folder
+  cannot be replaced: the run is refused with the command that clears it.
+
+Waiting happens only when a record exists that no live run renews: a run that
+finds no lease, or one released cleanly, starts at once.
+
+The module is longer than most (~550 lines) because the three stores'
+compare-and-swap and the rule built on it are one contract, read together.
 
 Every change of the lease object is a compare-and-swap, so two runs that
 race for a free or stale lease cannot both win:
@@ -15,8 +41,9 @@ race for a free or stale lease cannot both win:
   `flock` on `_vb/lease.lock` and replace the file atomically (`rename`);
 * S3: conditional requests, `PUT If-None-Match: *` to create and
   `PUT If-Match: <etag>` / `DELETE If-Match: <etag>` to renew, take over and
-  release (S3 has supported conditional writes since 2024; moto's server
-  implements them);
+  release. A failed condition (412 PreconditionFailed, which s3fs raises as
+  `OSError(EINVAL)`, or 409 ConditionalRequestConflict on a race) is the
+  lease's own outcome ("it changed"), never a crash;
 * other fsspec stores: the same steps without the atomicity (a warning says
   so); `memory://` is one process, where a lock makes them atomic.
 
@@ -32,6 +59,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import posixpath
 import socket
@@ -47,6 +75,8 @@ from vb_batch.io.filesystems import split_scheme
 log = logging.getLogger(__name__)
 
 LEASE_NAME = "lease.json"
+# A holder's lease beyond a day is not believed: a crafted `seconds` must not make contenders watch forever.
+LONGEST_WATCH_S = 86400.0
 
 
 class LeaseHeldError(RuntimeError):
@@ -55,8 +85,6 @@ class LeaseHeldError(RuntimeError):
 
 class LeaseLostError(RuntimeError):
     """This run's lease expired or was taken over; it must stop writing."""
-
-
 def _boot_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
@@ -202,6 +230,20 @@ class _LocalStore(_Store):
         return True
 
 
+def _precondition_failed(exc: OSError) -> bool:
+    """Whether an S3 error is a failed condition: 412 PreconditionFailed or 409 ConditionalRequestConflict.
+
+    s3fs raises 412 as `OSError(EINVAL)` (or `FileExistsError` for `If-None-Match`) and 409 as an
+    `OSError` too; the botocore error it wraps says which it was.
+    """
+    if isinstance(exc, FileExistsError):
+        return True
+    response = getattr(exc.__cause__, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409") or status in (409, 412)
+
+
 class _S3Store(_Store):
     def __init__(self, fs, path: str):
         self.fs = fs
@@ -218,24 +260,32 @@ class _S3Store(_Store):
         except FileNotFoundError:
             return None
 
-    def create(self, data):
+    def _put(self, data: bytes, **condition) -> str | None:
         try:
-            return self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=data, IfNoneMatch="*")["ETag"]
-        except FileExistsError:
+            return self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=data, **condition)["ETag"]
+        except FileNotFoundError:  # If-Match on a key that is gone
             return None
+        except OSError as exc:
+            if _precondition_failed(exc):
+                return None
+            raise  # a storage fault, not an answer: the heartbeat retries it, acquire fails with it
+
+    def create(self, data):
+        return self._put(data, IfNoneMatch="*")
 
     def replace(self, data, tag):
-        try:
-            return self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=data, IfMatch=tag)["ETag"]
-        except (FileNotFoundError, OSError):  # 412: it changed; 404: it is gone
-            return None
+        return self._put(data, IfMatch=tag)
 
     def delete(self, tag):
         try:
             self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=tag)
             return True
-        except (FileNotFoundError, OSError):
+        except FileNotFoundError:
             return False
+        except OSError as exc:
+            if _precondition_failed(exc):
+                return False
+            raise
 
 
 _PROCESS_LOCK = threading.Lock()
@@ -291,6 +341,49 @@ def _store(fs, meta_dir: str, url: str) -> _Store:
     return _GenericStore(fs, path)
 
 
+# ---------------------------------------------------------------------------- reading a record
+
+
+def _number(value: Any) -> float | None:
+    """A finite real number from a JSON value, else None (text, booleans, NaN and infinities are not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def parse_record(data: bytes) -> tuple[dict[str, Any], str | None]:
+    """A lease record and, when it is not one this module could have written, what is wrong with it.
+
+    The problem names types and fields, never the record's text: a crafted record's bytes are
+    not echoed into logs.
+    """
+    try:
+        holder = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return {}, f"it is unreadable: not JSON ({len(data)} bytes)"
+    if not isinstance(holder, dict):
+        return {}, f"it holds a JSON {type(holder).__name__}, not an object"
+    if not isinstance(holder.get("token"), str) or not holder["token"]:
+        return {}, "it has no token"
+    heartbeat, seconds, pid = (holder.get(k) for k in ("heartbeat", "seconds", "pid"))
+    if _number(heartbeat) is None:
+        return holder, f"its heartbeat is {_kind(heartbeat)}, not a finite number"
+    if _number(seconds) is None or not 0 < seconds <= LONGEST_WATCH_S:
+        return holder, f"its lease length is {_kind(seconds)}, not a number of seconds in (0, {LONGEST_WATCH_S:.0f}]"
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 2**22:
+        return holder, f"its pid is {_kind(pid)}, not a process id"
+    if not all(isinstance(holder.get(k, ""), str) for k in ("host", "run_id", "boot_id", "pid_ns", "process_start")):
+        return holder, "its host, run id or process fields are not text"
+    return holder, None
+
+
+def _kind(value: Any) -> str:
+    """A JSON value described without its text: numbers as themselves, anything else by its type."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(value)
+    return "missing" if value is None else f"a JSON {type(value).__name__}"
+
+
 # ---------------------------------------------------------------------------- the lease
 
 
@@ -298,16 +391,18 @@ class Lease:
     """The writer lease of one output, held by one run (see the module docstring).
 
     >>> lease = Lease(fs, "/data/out/_vb", "/data/out", run_id="20261203T...", seconds=120)  # doctest: +SKIP
-    >>> with lease:            # acquire, heartbeat, release
+    >>> with lease:            # acquire (at once, or after watching a silent holder), heartbeat, release
     ...     lease.check()      # before each commit
     """
 
     def __init__(self, fs, meta_dir: str, url: str, run_id: str, seconds: float, describe: str = ""):
         self.store = _store(fs, meta_dir, url)
+        self.path = posixpath.join(meta_dir, LEASE_NAME)
         self.run_id = run_id
         self.seconds = seconds
         self.describe = describe or url
         self.token = uuid.uuid4().hex
+        self._beat = 0
         self._tag: str | None = None
         self._lost: str | None = None
         self._stop = threading.Event()
@@ -317,60 +412,84 @@ class Lease:
     def _record(self, acquired: float | None = None) -> bytes:
         now = time.time()
         pid = os.getpid()
+        self._beat += 1  # the record's bytes change on every heartbeat, whatever the clock says
         return json.dumps({
             "token": self.token, "run_id": self.run_id, "host": socket.gethostname(), "pid": pid,
             "boot_id": _boot_id(), "pid_ns": _pid_namespace(), "process_start": _process_start(pid),
-            "acquired": acquired or now,
-            "heartbeat": now, "seconds": self.seconds,
+            "acquired": acquired or now, "heartbeat": now, "beat": self._beat, "seconds": self.seconds,
         }).encode()
 
     # ---------------------------------------------------------------- acquire / release
     def acquire(self) -> None:
-        """Take the lease, or raise `LeaseHeldError` naming a live holder."""
-        for _ in range(5):  # lost races re-read the lease; five in a row means a live contender
+        """Take the lease, or raise `LeaseHeldError` naming a live holder (see the module docstring)."""
+        watched: tuple[str, float] | None = None  # (tag, monotonic time first seen) of a silent record
+        races = 0
+        while True:
             self._tag = self.store.create(self._record())
             if self._tag is not None:
                 break
-            current = self.store.read()
-            if current is None:
-                continue  # released in between: try to create it again
+            current = self._read_existing()
+            if current is None:  # released in between: create it again
+                races += 1
+                if races > 5:
+                    raise LeaseHeldError(f"{self.describe}: another run keeps taking the writer lease; try again later")
+                continue
             data, tag = current
-            holder = _parse(data)
-            why = self._stale(holder)
-            if why is None:
-                raise LeaseHeldError(self._held_message(holder))
-            self._tag = self.store.replace(self._record(), tag)
-            if self._tag is not None:
-                log.warning("%s: taking over the writer lease of run %s (%s)", self.describe,
-                            holder.get("run_id", "?"), why)
-                break
-        else:
-            raise LeaseHeldError(f"{self.describe}: another run keeps taking the writer lease; try again later")
+            holder, problem = parse_record(data)
+            if problem is None and holder_alive(holder) is False:
+                if self._take_over(tag, holder, f"its process {holder['pid']} on this host has exited"):
+                    break
+                continue
+            if problem is None and 0 <= time.time() - holder["heartbeat"] <= holder["seconds"]:
+                raise LeaseHeldError(self._held_message(holder, problem))  # looks alive: give up at once
+            wait = max(self.seconds, holder["seconds"] if problem is None else 0.0)
+            if watched is None:
+                watched = (tag, time.monotonic())
+                log.warning("%s: %s; watching it for %.0f s: a live run rewrites it within %.0f s, otherwise it "
+                            "is taken over (if no run writes this output, delete %s to clear it now)", self.describe,
+                            self._holder_text(holder, problem), wait, wait / 3, self.path)
+            elif watched[0] != tag:
+                raise LeaseHeldError(self._held_message(holder, problem) + "; its record changed while watched")
+            elif time.monotonic() - watched[1] >= wait:
+                unchanged = f"its record did not change for {wait:.0f} s, as watched from this host"
+                if self._take_over(tag, holder, f"{problem}; {unchanged}" if problem else unchanged):
+                    break
+                watched = None
+                continue
+            time.sleep(min(1.0, max(0.05, wait / 40)))
         self._thread = threading.Thread(target=self._heartbeat, name="vb-lease", daemon=True)
         self._thread.start()
 
-    def _stale(self, holder: dict[str, Any]) -> str | None:
-        """Why the holder's lease may be taken over, or None when it is alive."""
-        if not holder:
-            # Creates write whole records, so an unreadable one was damaged (or written by something else).
-            return "its record is unreadable"
-        alive = holder_alive(holder)
-        if alive is False:
-            return f"its process {holder.get('pid')} on this host has exited"
-        age = time.time() - float(holder.get("heartbeat") or 0)
-        limit = float(holder.get("seconds") or self.seconds)
-        if alive is None and age > limit:
-            return f"no heartbeat for {age:.0f} s (lease {limit:.0f} s)"
-        return None
+    def _read_existing(self) -> tuple[bytes, str] | None:
+        try:
+            return self.store.read()
+        except IsADirectoryError:
+            raise LeaseHeldError(
+                f"{self.describe}: {self.path} is a folder, not a lease record, so no run can hold or take this "
+                f"output's writer lease; if no run writes this output, remove it (rm -r {self.path})") from None
 
-    def _held_message(self, holder: dict[str, Any]) -> str:
-        age = time.time() - float(holder.get("heartbeat") or 0)
-        return (
-            f"{self.describe} is being written by run {holder.get('run_id', '?')} "
-            f"(host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, last heartbeat {age:.0f} s ago); "
-            f"one writer per output: wait for it to finish, or, if that run is dead on another host, "
-            f"re-run after its lease expires ({float(holder.get('seconds') or self.seconds):.0f} s)"
-        )
+    def _take_over(self, tag: str, holder: dict[str, Any], why: str) -> bool:
+        self._tag = self.store.replace(self._record(), tag)
+        if self._tag is not None:
+            log.warning("%s: taking over the writer lease of run %s (%s)", self.describe,
+                        holder.get("run_id", "?") if isinstance(holder.get("run_id"), str) else "?", why)
+        return self._tag is not None
+
+    def _holder_text(self, holder: dict[str, Any], problem: str | None) -> str:
+        if problem is not None:
+            return f"{self.path} names an unknown holder: {problem}"
+        return (f"the writer lease of run {holder.get('run_id', '?')} (host {holder.get('host', '?')}, "
+                f"pid {holder['pid']}) looks stale or skewed by this host's clock")
+
+    def _held_message(self, holder: dict[str, Any], problem: str | None) -> str:
+        if problem is not None:
+            who = f"an unknown run ({problem})"
+        else:
+            age = time.time() - holder["heartbeat"]
+            who = (f"run {holder.get('run_id', '?')} (host {holder.get('host', '?')}, pid {holder['pid']}, "
+                   f"last heartbeat {age:.0f} s ago by this host's clock)")
+        return (f"{self.describe} is being written by {who}; one writer per output: wait for it to finish "
+                f"(a run whose record stops changing for its lease, {self.seconds:.0f} s or more, is taken over)")
 
     def release(self) -> None:
         self._stop.set()
@@ -394,7 +513,7 @@ class Lease:
     def _heartbeat(self) -> None:
         interval = self.seconds / 3
         acquired = time.time()
-        last_ok = acquired
+        last_ok = time.monotonic()
         while not self._stop.wait(interval):
             with self._lock:
                 if self._lost is not None or self._tag is None:
@@ -403,14 +522,14 @@ class Lease:
                     tag = self.store.replace(self._record(acquired), self._tag)
                 except Exception as exc:  # noqa: BLE001 - a storage hiccup: retried on the next beat
                     log.warning("%s: lease heartbeat failed: %s", self.describe, exc)
-                    if time.time() - last_ok > self.seconds:
-                        self._lost = f"no heartbeat could be written for {time.time() - last_ok:.0f} s"
+                    if time.monotonic() - last_ok > self.seconds:
+                        self._lost = f"no heartbeat could be written for {time.monotonic() - last_ok:.0f} s"
                     continue
                 if tag is None:
                     self._lost = "another run took the writer lease over"
                     log.error("%s: %s; this run stops writing", self.describe, self._lost)
                     return
-                self._tag, last_ok = tag, time.time()
+                self._tag, last_ok = tag, time.monotonic()
 
     def check(self) -> None:
         """Raise `LeaseLostError` when this run no longer holds the lease (call before every commit).
@@ -419,20 +538,15 @@ class Lease:
         run dead while it was paused or cut off) stops the next commit, not only the next heartbeat.
         """
         if self._lost is None and self._tag is not None:
-            current = self.store.read()
-            if current is None or _parse(current[0]).get("token") != self.token:
-                holder = _parse(current[0]) if current is not None else {}
+            try:
+                current = self.store.read()
+            except IsADirectoryError:
+                current = (b"", "")
+            holder = parse_record(current[0])[0] if current is not None else {}
+            if holder.get("token") != self.token:
                 self._lost = (f"run {holder.get('run_id', '?')} (host {holder.get('host', '?')}) took the writer lease "
-                              "over" if holder else "the writer lease was removed")
+                              "over" if holder else "the writer lease was removed or replaced")
         if self._lost is not None:
             raise LeaseLostError(f"{self.describe}: {self._lost}; committed rows are kept, re-run with output.mode=resume")
         if self._tag is None:
             raise LeaseLostError(f"{self.describe}: this run does not hold the writer lease")
-
-
-def _parse(data: bytes) -> dict[str, Any]:
-    try:
-        holder = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    return holder if isinstance(holder, dict) and holder.get("token") else {}

@@ -6,9 +6,10 @@ table's location; the format is detected) or an `OutputConfig`;
 masks, the id, the image). The report, the readers and `load_arrays` all
 start here; writing lives in `vb_batch.io.sinks` and the lake modules.
 
-An output's stored job config is data, not instructions: input pictures
-given by URI are fetched under `OutputView.uri_rules`, which the stored
-config may narrow but never widen beyond the defaults.
+An output's files are data, not instructions: its pictures come from the
+output itself (stored image bytes, maps); input pictures given by URI are
+fetched only under rules the viewer names (`OutputView.uri_rules`), never
+under anything the output's cells or stored config say.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ import pyarrow.dataset as pads
 from vb_batch.config import InputConfig, OutputConfig, StorageOptions
 from vb_batch.io.encodings import ColumnMeta, decode_map
 from vb_batch.io.fetch import read_uri
-from vb_batch.io.filesystems import arrow_filesystem, fsspec_filesystem, split_scheme
+from vb_batch.io.filesystems import arrow_filesystem, fsspec_filesystem
 from vb_batch.io.formats import detect_format
 from vb_batch.io.images import decode_image
-from vb_batch.io.sinks import META_DIR, commit_records, marker_schema, replay
+from vb_batch.io.sinks import META_DIR, commit_records, marker_schema, visible_files
 from vb_batch.masking import scrub, url_secrets
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def open_output(output: str | OutputConfig, storage: StorageOptions | None = Non
             raise ValueError("open_output: no path; give an output's path, or its OutputConfig for an Iceberg table")
         fmt = detect_format(path, storage)
     if fmt == "delta":
-        from vb_batch.io.delta import open_delta
+        from vb_batch.io.tables.delta import open_delta
 
         return Output(open_delta(path, storage), path, fmt, storage)
     if fmt == "iceberg":
@@ -85,7 +86,7 @@ def open_output(output: str | OutputConfig, storage: StorageOptions | None = Non
         # Only the files vb_batch committed (not whatever else lies in the folder), and of a commit in
         # flight (record written, files still moving) only those already in place.
         present = {posixpath.basename(p) for p in fs.ls(root, detail=False)}
-        files = [posixpath.join(root, name) for name in replay(records) if name in present]
+        files = [posixpath.join(root, name) for name in visible_files(records) if name in present]
         # No committed rows yet: the columns the marker records, so that selecting them still works.
         dataset = pads.dataset(files, format="parquet", filesystem=arrow_fs, schema=None if files else schema)
     else:  # not a vb_batch output (or one of an early version): every Parquet file in the folder
@@ -397,54 +398,55 @@ class OutputView:
         scanner = self.dataset.scanner(columns=columns, filter=filter)
         return scanner.head(limit) if limit is not None else scanner.to_table()
 
-    def uri_rules(self, allowed_prefixes: list[str] | None = None, allow_private_addresses: bool = False) -> InputConfig:
-        """Where this output's URI inputs may be fetched from when it is read back (report, show, readers).
+    def uri_rules(self, allowed_prefixes: list[str] | None = None, allow_private_addresses: bool = False
+                  ) -> InputConfig | None:
+        """The viewer's rules for fetching this output's URI inputs when it is read back; None: fetch none.
 
-        The stored job config is data written by whoever wrote the output, not an instruction:
-        it may narrow the default rules (its `allowed_prefixes`, when all of them lie in the
-        stored input's own scheme, the default) but never widen them. Its
-        `allow_private_addresses`, its storage endpoint and its size limits are ignored. The
-        arguments are the caller's own word (the command line's `--allow-uri-prefix`,
-        `--allow-private-addresses`): they replace the stored prefixes and may widen.
+        An output's files are data written by whoever wrote it: its URI cells may name any file of
+        the viewer's, and its stored job config may say anything. So nothing of either widens or
+        chooses what is read: URI inputs are fetched only when the viewer names `allowed_prefixes`
+        (the command line's `--allow-uri-prefix`), only under them, with the default size limits and
+        formats, no loopback, private or link-local http hosts unless `allow_private_addresses`
+        (`--allow-private-addresses`), and this view's own storage options.
         """
-        stored = self.job.get("input") if isinstance(self.job, dict) else None
-        stored = stored if isinstance(stored, dict) else {}
-        path = stored.get("path") if isinstance(stored.get("path"), str) and stored.get("path") else self.path
-        if allowed_prefixes is None:
-            kept = stored.get("allowed_prefixes")
-            scheme = split_scheme(path)[0]
-            narrower = (
-                isinstance(kept, list) and kept
-                and all(isinstance(p, str) and p and split_scheme(p)[0] == scheme for p in kept)
-            )
-            allowed_prefixes = list(kept) if narrower else None
+        if not allowed_prefixes:
+            return None
         return InputConfig(
-            path=path, allowed_prefixes=allowed_prefixes, allow_private_addresses=allow_private_addresses,
-            storage=self.storage or StorageOptions(),
+            path=allowed_prefixes[0], allowed_prefixes=list(allowed_prefixes),
+            allow_private_addresses=allow_private_addresses, storage=self.storage or StorageOptions(),
         )
 
-    def input_image(self, row: dict[str, Any], rules: InputConfig | None = None) -> np.ndarray | None:
-        """The row's input image as RGB, from kept bytes or its URI; None if unavailable.
+    def stored_image(self, row: dict[str, Any], rules: InputConfig | None = None) -> np.ndarray | None:
+        """The row's input image as RGB from the bytes the output itself keeps; None if it keeps none.
 
-        `rules`: the URI fetch rules and size limits to apply (the live job's `cfg.input` when
-        vb_batch reports its own run); None: `uri_rules()`, the stored config never wider than
-        the defaults.
+        Decoded under `rules`' size limits and formats (None: the defaults).
         """
-        rules = rules or self.uri_rules()
-        uri = row.get(self.uri_column) if self.uri_column else None
+        rules = rules or InputConfig(path=self.path)
+        cell = row.get(self.image_column) if self.image_column else None
+        data = cell.get("bytes") if isinstance(cell, dict) else cell
+        if not isinstance(data, bytes):
+            return None
         try:
-            if self.image_column and row.get(self.image_column) is not None:
-                cell = row[self.image_column]
-                data = cell.get("bytes") if isinstance(cell, dict) else cell
-            elif isinstance(uri, str) and uri:
-                data = read_uri(uri, rules)
-            else:
-                return None
-            if not isinstance(data, bytes):
-                return None
+            return decode_image(data, rules.max_pixels, formats=rules.image_formats, max_bytes=rules.max_bytes)
+        except Exception as exc:  # noqa: BLE001 - a missing picture must not stop the report
+            log.warning("no input image for row %s: %s", row.get(self.id_column), exc)
+            return None
+
+    def input_image(self, row: dict[str, Any], rules: InputConfig | None = None) -> np.ndarray | None:
+        """The row's input image as RGB: the kept bytes, else (with `rules` only) fetched from its URI; None if unavailable.
+
+        `rules`: where URI inputs may be fetched from: the live job's `cfg.input` when vb_batch
+        reports its own run, or the viewer's `uri_rules(...)`. None: no URI is read, only the
+        output's own bytes (see `uri_rules`).
+        """
+        image = self.stored_image(row, rules)
+        uri = row.get(self.uri_column) if self.uri_column else None
+        if image is not None or rules is None or not isinstance(uri, str) or not uri:
+            return image
+        try:
+            data = read_uri(uri, rules)
             return decode_image(data, rules.max_pixels, formats=rules.image_formats, max_bytes=rules.max_bytes)
         except Exception as exc:  # noqa: BLE001 - a missing picture must not stop the report
             # The URI's query string may be a signature: masked like every URL that is shown.
-            shown = scrub(str(exc), url_secrets(uri)) if isinstance(uri, str) else str(exc)
-            log.warning("no input image for row %s: %s", row.get(self.id_column), shown)
+            log.warning("no input image for row %s: %s", row.get(self.id_column), scrub(str(exc), url_secrets(uri)))
             return None

@@ -15,6 +15,12 @@ partitions and files (Iceberg: by manifest statistics), row groups by their
 statistics, and filters rows.
 
 A row without an id gets a stable one: its URI, or the SHA-256 of its bytes.
+Rows that would share an id are found before any row runs (`duplicate_rows`,
+which reads the ids, or hashes the images, with each row's place: the file
+and its row in that file, the numbering `read_unit` uses); under
+`input.duplicate_ids` a unit carries the rows it must skip (`skip_rows`:
+`first`) or that its ids carry the row's place (`place_ids`: `position`,
+"<id>@<file>#<row>").
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -52,15 +59,29 @@ def content_id(data: bytes | None) -> str:
     return "sha256:" + hashlib.sha256(data or b"").hexdigest()
 
 
+# A column `read_unit` adds under input.duplicate_ids: position, "<file>#<row>"; `with_ids` consumes it.
+ROW_PLACE_COLUMN = "__vb_row_place"
+
+
+def derived_ids(batch: pa.RecordBatch | pa.Table, image_column: str | None, uri_column: str | None) -> pa.Array:
+    """The ids vb_batch gives rows without an id column: the URI, or the SHA-256 of the image bytes."""
+    if uri_column:
+        return batch.column(batch.schema.get_field_index(uri_column)).cast(pa.string())
+    cells = image_bytes(batch.column(batch.schema.get_field_index(image_column))).to_pylist()
+    return pa.array([content_id(b) for b in cells], pa.string())
+
+
 def with_ids(batch: pa.RecordBatch, id_column: str, image_column: str | None, uri_column: str | None) -> pa.RecordBatch:
-    """The batch with its id column first when it had none: the URI, or the SHA-256 of the bytes."""
+    """The batch with its id column first when it had none: the URI, or the SHA-256 of the bytes (+ the row's place)."""
+    place = None
+    if ROW_PLACE_COLUMN in batch.schema.names:
+        at = batch.schema.get_field_index(ROW_PLACE_COLUMN)
+        place, batch = batch.column(at), batch.drop_columns([ROW_PLACE_COLUMN])
     if id_column in batch.schema.names:
         return batch
-    if uri_column:
-        ids = batch.column(batch.schema.get_field_index(uri_column)).cast(pa.string())
-    else:
-        cells = image_bytes(batch.column(batch.schema.get_field_index(image_column))).to_pylist()
-        ids = pa.array([content_id(b) for b in cells], pa.string())
+    ids = derived_ids(batch, image_column, uri_column)
+    if place is not None:
+        ids = pc.binary_join_element_wise(ids, place, "@")
     schema = batch.schema.insert(0, pa.field(id_column, pa.string()))
     return pa.RecordBatch.from_arrays([ids, *batch.columns], schema=schema)
 
@@ -77,6 +98,8 @@ class Source:
     filter: pc.Expression | None = None  # rows to keep (`input.filter`)
     location: str = ""  # URL of the filesystem holding the dataset's files ("" or a path: local)
     cfg: InputConfig | None = None  # how to reach the files (storage) and which rows to keep (filter)
+    # input.duplicate_ids: first: {file URL: rows in that file to skip}, set by the duplicate-id check.
+    skip_rows: dict[str, list[int]] | None = None
 
     @property
     def schema(self) -> pa.Schema:
@@ -114,16 +137,22 @@ class Source:
         `read_unit`, so no image bytes pass the driver.
         """
         if isinstance(self.dataset, pads.FileSystemDataset):
-            scheme = split_scheme(self.location)[0] if self.location else "file"
             units = []
+            place_ids = not self.has_id and self.cfg is not None and self.cfg.duplicate_ids == "position"
             for fragment in self.dataset.get_fragments(filter=self.filter):
-                url = fragment.path if scheme in ("file", "local") else f"{scheme}://{fragment.path}"
+                url = self.file_url(fragment)
                 # Partition values live in a lake table's log, not in its files: the unit carries them.
                 keys = pads.get_partition_keys(fragment.partition_expression)
                 partition = {k: v if isinstance(v, (str, int, float, bool)) else str(v) for k, v in keys.items()}
+                skip = sorted((self.skip_rows or {}).get(url, []))
+                starts = _row_group_starts(fragment) if skip else []
                 for group in fragment.split_by_row_group(self.filter, schema=self.dataset.schema):
                     info = group.row_groups[0]
                     unit = {"file": url, "row_group": info.id, **({"partition": partition} if partition else {})}
+                    if skip:
+                        unit["skip_rows"] = [r for r in skip if starts[info.id] <= r < starts[info.id] + info.num_rows]
+                    if place_ids:
+                        unit["place_ids"] = self.place_name(url)
                     if max_rows is None or info.num_rows <= max_rows:
                         units.append(unit)
                         continue
@@ -135,6 +164,62 @@ class Source:
             {"rows": listing.slice(start, listing_rows).to_pylist()}
             for start in range(0, listing.num_rows, listing_rows)
         ]
+
+    def file_url(self, fragment: pads.FileFragment) -> str:
+        """The URL a unit names a data file by."""
+        scheme = split_scheme(self.location)[0] if self.location else "file"
+        return fragment.path if scheme in ("file", "local") else f"{scheme}://{fragment.path}"
+
+    def place_name(self, url: str) -> str:
+        """A data file as a row's place names it: its path under the input (the file name, elsewhere)."""
+        root = split_scheme(self.location)[1].rstrip("/") + "/" if self.location else ""
+        path = split_scheme(url)[1]
+        return path[len(root):] if root and path.startswith(root) else path.rsplit("/", 1)[-1]
+
+
+def repeated_ids(source: Source, rows: int = 4096) -> dict[Any, list[tuple[str, int]]]:
+    """Every id that more than one row has, with those rows' places (file URL, row in file) in input order.
+
+    Reads what the ids come from (the id column, the URI column, or the image bytes, hashed as
+    `with_ids` does) with the rows `input.filter` keeps, numbered as `read_unit` numbers them, so
+    the places can be handed to the units. An input that is not a set of files (an image
+    listing, whose ids are its file names) has none.
+    """
+    if not isinstance(source.dataset, pads.FileSystemDataset):
+        return {}
+    column = source.id_column if source.has_id else (source.uri_column or source.image_column)
+    cfg = source.cfg or InputConfig(path=".")
+    # The filter may name any column: then every column but the image bytes (unless they are the ids).
+    schema = pa.schema([f for f in source.dataset.schema
+                        if f.name == column or (cfg.filter and f.name not in (source.image_column, source.uri_column))])
+    files, ids, places = [], [], []
+    for unit in source.units(max_rows=None):
+        unit = {k: v for k, v in unit.items() if k not in ("skip_rows", "place_ids")}
+        for table, rows_in_file in placed_tables(unit, cfg, schema, rows):
+            ids.append(table.column(column).combine_chunks() if source.has_id
+                       else derived_ids(table, source.image_column, source.uri_column))
+            places.append(rows_in_file)
+            files.append(pa.array([unit["file"]] * table.num_rows, pa.string()))
+    if not ids:
+        return {}
+    ids_all = pa.concat_arrays(ids)
+    counts = pc.value_counts(ids_all.drop_null())
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+    if not len(repeated):
+        return {}
+    at = pc.indices_nonzero(pc.is_in(ids_all, value_set=repeated))
+    found: dict[Any, list[tuple[str, int]]] = {}
+    for row_id, url, row in zip(ids_all.take(at).to_pylist(), pa.concat_arrays(files).take(at).to_pylist(),
+                                pa.concat_arrays(places).take(at).to_pylist()):
+        found.setdefault(row_id, []).append((url, row))
+    return found
+
+
+def _row_group_starts(fragment: pads.FileFragment) -> list[int]:
+    """The row (in its file) each row group starts at."""
+    meta = fragment.metadata
+    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    return [sum(sizes[:i]) for i in range(len(sizes))]
 
 
 # Bytes read ahead per column while streaming a row group: pages arrive as they are decoded, so a
@@ -148,27 +233,57 @@ def read_unit(unit: dict[str, Any], cfg: InputConfig | None, schema: pa.Schema, 
     Parquet row groups are streamed page by page; a unit that is a slice of a
     row group (`offset`, `rows`) reads past the rows before it.
     """
-    cfg = cfg or InputConfig(path=".")
-    keep = filter_expression(cfg.filter, schema) if cfg.filter else None
-    for table in timed_items(_unit_tables(unit, cfg, schema, rows), "read"):
-        if keep is not None:
-            table = table.filter(keep)
+    for table, _ in timed_items(placed_tables(unit, cfg, schema, rows), "read"):
         yield from table.to_batches(max_chunksize=rows)
 
 
-def _unit_tables(unit: dict[str, Any], cfg: InputConfig, schema: pa.Schema, rows: int) -> Iterator[pa.Table]:
+def placed_tables(
+    unit: dict[str, Any], cfg: InputConfig | None, schema: pa.Schema, rows: int
+) -> Iterator[tuple[pa.Table, pa.Array | None]]:
+    """`read_unit`'s tables with each row's place in its file (None for a listing), after `input.filter`.
+
+    A unit's `skip_rows` are dropped; with `place_ids` the table gets `ROW_PLACE_COLUMN`.
+    """
+    cfg = cfg or InputConfig(path=".")
+    keep = filter_expression(cfg.filter, schema) if cfg.filter else None
+    skip = pa.array(unit.get("skip_rows") or [], pa.int64())
+    for table, first_row in _unit_tables(unit, cfg, schema, rows):
+        if first_row is None:
+            yield (table.filter(keep) if keep is not None else table), None
+            continue
+        # The places ride along as a column, so that the filter keeps them in step with the rows.
+        table = table.append_column(ROW_PLACE_COLUMN, pa.array(np.arange(first_row, first_row + table.num_rows)))
+        if len(skip):
+            table = table.filter(pc.invert(pc.is_in(table.column(ROW_PLACE_COLUMN), value_set=skip)))
+        if keep is not None:
+            table = table.filter(keep)
+        places = table.column(ROW_PLACE_COLUMN).combine_chunks()
+        table = table.drop_columns([ROW_PLACE_COLUMN])
+        if unit.get("place_ids"):
+            place = pc.binary_join_element_wise(unit["place_ids"], places.cast(pa.string()), "#")
+            table = table.append_column(ROW_PLACE_COLUMN, place)
+        yield table, places
+
+
+def _unit_tables(
+    unit: dict[str, Any], cfg: InputConfig, schema: pa.Schema, rows: int
+) -> Iterator[tuple[pa.Table, int | None]]:
+    """The unit's rows as tables, each with the row (in its file) it starts at (None: a listing's rows)."""
     if "file" not in unit:
-        yield pa.Table.from_pylist(unit["rows"], schema=schema)
+        yield pa.Table.from_pylist(unit["rows"], schema=schema), None
         return
     fs, path = arrow_filesystem(unit["file"], cfg.storage)
     with fs.open_input_file(path) as f:
         parquet = pq.ParquetFile(f, buffer_size=STREAM_BUFFER_BYTES)
         columns = [n for n in schema.names if n in parquet.schema_arrow.names]
         skip, left = unit.get("offset", 0), unit.get("rows")
+        row = sum(parquet.metadata.row_group(i).num_rows for i in range(unit["row_group"]))
         for batch in parquet.iter_batches(batch_size=rows, row_groups=[unit["row_group"]], columns=columns):
             if skip >= batch.num_rows:
                 skip -= batch.num_rows
+                row += batch.num_rows
                 continue
+            row += skip
             batch, skip = batch.slice(skip), 0
             if left is not None:
                 batch = batch.slice(0, left)
@@ -178,7 +293,8 @@ def _unit_tables(unit: dict[str, Any], cfg: InputConfig, schema: pa.Schema, rows
                 if name in schema.names and name not in table.column_names:
                     table = table.append_column(name, pa.array([value] * table.num_rows).cast(schema.field(name).type))
             table = table.select([n for n in schema.names if n in table.column_names])
-            yield table.cast(pa.schema([schema.field(n) for n in table.column_names]))
+            yield table.cast(pa.schema([schema.field(n) for n in table.column_names])), row
+            row += table.num_rows
             if left == 0:
                 return
 
@@ -215,7 +331,7 @@ def open_source(cfg: InputConfig) -> Source:
 
     location = cfg.path
     if fmt == "delta":
-        from vb_batch.io.delta import open_delta
+        from vb_batch.io.tables.delta import open_delta
 
         try:
             dataset = open_delta(cfg.path, cfg.storage, vb_metadata=False)
