@@ -1,4 +1,5 @@
-"""Object storage through a real S3 protocol server on loopback: filesystems, jobs in and out of S3, no leaked secrets."""
+"""Object storage through a real S3 server on loopback (SeaweedFS, conftest's `s3`): filesystems, jobs in and
+out of S3, no leaked secrets."""
 
 from __future__ import annotations
 
@@ -12,21 +13,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from conftest import png_bytes
-from s3_server import CREDENTIALS, SECRET, s3_server, use_fake_credentials
+from s3_server import CREDENTIALS, SECRET
 
 import vb_batch
 from vb_batch.codecs import depth
 from vb_batch.config import ConfigError, StorageOptions
 from vb_batch.io.filesystems import arrow_filesystem, fsspec_filesystem, s3_credentials
 from vb_batch.io.outputs import read_output
-
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    use_fake_credentials(monkeypatch)
-    with s3_server() as server:
-        yield server
 
 
 def painted_parquet(n: int, start: int = 0) -> bytes:
@@ -82,14 +75,22 @@ def test_one_storage_options_builds_both_filesystems(s3):
 
 
 def test_profile_credentials(s3, tmp_path, monkeypatch):
+    # The server checks keys: only the profile's right ones may write, whatever the environment holds.
+    key = CREDENTIALS["AWS_ACCESS_KEY_ID"]
     credentials = tmp_path / "credentials"
-    credentials.write_text(f"[archive]\naws_access_key_id = profilekey\naws_secret_access_key = {SECRET}-profile\n")
+    credentials.write_text(f"[archive]\naws_access_key_id = {key}\naws_secret_access_key = {SECRET}\n"
+                           f"[stranger]\naws_access_key_id = strangerkey\naws_secret_access_key = {SECRET}-stranger\n")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "environmentkey")
     storage = StorageOptions(**s3.storage, profile="archive")
-    assert s3_credentials(storage) == {"access_key": "profilekey", "secret_key": f"{SECRET}-profile"}
+    assert s3_credentials(storage) == {"access_key": key, "secret_key": SECRET}
     arrow_fs, path = arrow_filesystem(s3.url("p.parquet"), storage)
     pq.write_table(pa.table({"x": [1]}), path, filesystem=arrow_fs)
     assert s3.keys("p.parquet") == ["p.parquet"]
+    stranger, path = arrow_filesystem(s3.url("q.parquet"), StorageOptions(**s3.storage, profile="stranger"))
+    with pytest.raises(OSError, match="INVALID_ACCESS_KEY_ID"):
+        pq.write_table(pa.table({"x": [1]}), path, filesystem=stranger)
+    assert s3.keys("q.parquet") == []
     with pytest.raises(ConfigError, match="storage.profile"):
         s3_credentials(StorageOptions(profile="nobody"))
 
