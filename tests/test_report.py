@@ -220,7 +220,7 @@ def test_truth_and_prediction_of_a_row_share_one_colour_range_in_chromium(tmp_pa
 
 def test_previews_are_thinned_before_they_are_coloured(annotated, monkeypatch):
     """Colourising costs per pixel: the report colours thumbnails, never full-resolution maps."""
-    import vb_batch.report as report
+    import vb_batch.report_pictures as report
     from vb_batch.io.outputs import OutputView
 
     out, _ = annotated

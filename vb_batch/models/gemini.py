@@ -4,6 +4,8 @@ Each row is one `generateContent` request: the task prompt as text and the
 image as inline PNG data, image output asked for (`response_modalities:
 [IMAGE]`), the row's seed in the generation config (`model.options` adds to
 or overrides it: temperature, image_config, safety_settings, ...).
+(About 500 lines, one module: the online and Batch API paths share the request,
+the answer parsing and the key masking, and read best side by side.)
 
 - Online (`model.mode: online`): at most `model.concurrency` requests in
   flight; 429 and 5xx (and timeouts, connection errors) are retried
