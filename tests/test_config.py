@@ -105,7 +105,8 @@ def test_validate_names_an_output_prefix_clash_without_a_traceback(tmp_path, cap
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"id": [1], "image": [b"x"], "depth": [1.0]}), tmp_path / "in.parquet")
-    path = write(tmp_path, f"input: {{path: {tmp_path / 'in.parquet'}}}\nmodel: {{backend: identity}}\n")
+    # Relative paths resolve against the YAML's folder (tmp_path), never the working directory's out/.
+    path = write(tmp_path, "input: {path: in.parquet}\noutput: {path: out}\nmodel: {backend: identity}\n")
     assert main(["validate", "--live", str(path)]) == 2
     err = capfd.readouterr().err
     assert "output.prefix" in err and "depth" in err and "Traceback" not in err

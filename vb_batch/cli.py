@@ -9,14 +9,16 @@
     vb-batch scenes PATH --count N                procedural scenes with exact ground truth, as a table
     vb-batch report OUTPUT                        (re)write OUTPUT/_report.html
     vb-batch show OUTPUT --id ID                  previews of one row as PNG files
-      (both: --allow-uri-prefix PREFIX, --allow-private-addresses to fetch inputs given by URI)
+      (both: --allow-uri-prefix PREFIX [--allow-private-addresses] to show inputs given by URI)
     vb-batch tiny-model PATH --task depth         build a tiny random Marigold checkpoint
     vb-batch describe OUTPUT                      every column with its unit, scale and meaning
 
 Anywhere on the line: -v (-vv: debug), -q (errors only), --log-format json (one JSON object a line).
 
-Exit codes: 0 success, 1 the job failed (or exceeded run.max_error_fraction),
-2 the config is invalid (the message names the field).
+Exit codes (EXIT_*): 0 success (failed rows within run.max_error_fraction), 1 the job failed
+or more than run.max_error_fraction of its rows failed (after committing every row), 2 the
+config is invalid (the message names the field), 3 another run holds the output's writer lease
+(nothing was changed: try again later), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -32,10 +34,16 @@ from vb_batch.config import ConfigError, load_config, redacted
 from vb_batch.errors import OutputExistsError
 from vb_batch.masking import mask_text, secret_values
 
+EXIT_OK = 0
+EXIT_FAILED = 1  # the job failed, or too many of its rows did (run.max_error_fraction)
+EXIT_CONFIG = 2  # the config must change
+EXIT_LEASE_HELD = 3  # another run writes this output now: a scheduler may simply try again later
+EXIT_INTERRUPTED = 130
+
 
 def config_help() -> str:
     """`run --help`'s epilog: every config key, generated from the pydantic models (as docs/config.md)."""
-    from vb_batch.planning import render_config_reference
+    from vb_batch.config_reference import render_config_reference
 
     return (
         "Config keys (YAML sections; any key can be overridden as key.path=value; docs/config.md):\n"
@@ -51,7 +59,7 @@ def _run(args: argparse.Namespace) -> int:
     args.secrets = secret_values(cfg.model_dump(mode="json"))  # scrubbed from any failure shown
     summary = run_job(cfg)
     print(summary.render())
-    return 0 if summary.success else 1
+    return EXIT_OK if summary.success else EXIT_FAILED
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -91,7 +99,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _config_reference(args: argparse.Namespace) -> int:
-    from vb_batch.planning import render_config_reference
+    from vb_batch.config_reference import render_config_reference
 
     print(render_config_reference(markdown=not args.text), end="" if not args.text else "\n")
     return 0
@@ -105,8 +113,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from vb_batch.confidence_eval import render_confidence
-    from vb_batch.evaluate import (
+    from vb_batch.evaluation.confidence import render_confidence
+    from vb_batch.evaluation.scoring import (
         confidence_report,
         metrics_json,
         metrics_path,
@@ -118,7 +126,8 @@ def _eval(args: argparse.Namespace) -> int:
     try:
         scores = score(args.predictions, args.truth, baselines=not args.no_baselines, max_depth=args.max_depth,
                        protocol=args.protocol, truth_format=args.truth_format, alignment=args.alignment,
-                       averaging=args.averaging, min_depth=args.min_depth)
+                       averaging=args.averaging, min_depth=args.min_depth,
+                       alignment_max_res=args.alignment_max_res)
     except (ValueError, KeyError, FileNotFoundError) as exc:
         print(f"vb-batch eval: {exc}", file=sys.stderr)
         return 2
@@ -185,11 +194,10 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
 
 URI_RULES_HELP = """\
-Inputs given by URI are fetched for their pictures under the default rules (URIs in the
-scheme of the output's stored input path; never loopback, private or link-local http
-hosts), narrowed by the stored input.allowed_prefixes. The output's stored config cannot
-widen them: whoever wrote the output wrote it. Widen them yourself, knowingly, with
---allow-uri-prefix (replaces the prefixes) and --allow-private-addresses.
+Pictures come from the output itself (stored input images, maps). Inputs given by URI are
+read only where you say, with --allow-uri-prefix PREFIX (repeatable), and never from
+loopback, private or link-local http hosts unless --allow-private-addresses: whoever wrote
+the output chose its URIs and its stored config, so neither decides what is read.
 """
 
 
@@ -258,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=24, help="number of scenes (default: 24)")
     p.set_defaults(func=_demo)
 
-    from vb_batch.protocols import PROTOCOLS
+    from vb_batch.evaluation.protocols import PROTOCOLS
 
     p = sub.add_parser(
         "eval",
@@ -279,12 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="benchmark protocol: crops, depth range, alignment, averaging (default: generic)")
     p.add_argument("--truth-format", metavar="SPEC|YAML",
                    help="declare the truth's encodings: task=encoding[:column], ... (kitti-png, nyu-png, metres, "
-                   "normals-png, normals-array, cityscapes-labelids, cityscapes-trainids, ade20k, class-ids) or a YAML")
+                   "normals-png, normals-array, cityscapes-labelids, cityscapes-trainids, ade20k, class-ids), "
+                   "task.option=value (depth.mask=COLUMN: the dataset's validity mask, as DIODE's; "
+                   "segmentation.instances=COLUMN: Cityscapes instanceIds for iIoU) or a YAML")
     p.add_argument("--alignment", choices=["none", "scale", "scale-shift", "scale-shift-disparity"],
                    help="depth alignment of the _aligned metrics (default: the protocol's)")
     p.add_argument("--averaging", choices=["per-image", "pooled"], help="depth and normals averaging (default: the protocol's)")
     p.add_argument("--min-depth", type=float, help="depth range floor in metres, exclusive (default: the protocol's)")
     p.add_argument("--max-depth", type=float, help="depth range cap in metres, exclusive (default: the protocol's; generic 80)")
+    p.add_argument("--alignment-max-res", type=int, metavar="PIXELS",
+                   help="fit the depth alignment at this resolution as Marigold's --alignment_max_res (default: the "
+                   "protocol's: 1024 for eth3d, else full); 0 = full resolution")
     p.add_argument("--confidence", action="store_true",
                    help="also judge the stored confidence: AUSE and the error of rows kept at each min_confidence")
     p.set_defaults(func=_eval)
@@ -396,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         print("vb-batch: interrupted; committed rows are kept, re-run with output.mode=resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - every failure ends in one clear line (the traceback with -v)
         code, text = failure(exc)
         if args.verbose:
@@ -406,23 +419,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def failure(exc: BaseException) -> tuple[int, str]:
-    """(exit code, one line) for a failure: 2 when the config must change, 1 when the run failed."""
+    """(exit code, one line) for a failure: EXIT_CONFIG when the config must change, EXIT_LEASE_HELD when
+    another run writes the output (a lost lease is this run's failure: EXIT_FAILED), else EXIT_FAILED."""
     from vb_batch.io.lease import LeaseHeldError, LeaseLostError
 
     if isinstance(exc, ConfigError):
-        return 2, str(exc)
-    if isinstance(exc, (OutputExistsError, LeaseHeldError, LeaseLostError)):
-        return 1, str(exc)
+        return EXIT_CONFIG, str(exc)
+    if isinstance(exc, LeaseHeldError):
+        return EXIT_LEASE_HELD, str(exc)
+    if isinstance(exc, (OutputExistsError, LeaseLostError)):
+        return EXIT_FAILED, str(exc)
     if isinstance(exc, FileNotFoundError):
-        return 1, f"not found: {exc}"
+        return EXIT_FAILED, f"not found: {exc}"
     if isinstance(exc, PermissionError):
-        return 1, (f"permission denied: {exc}; check that the output is writable and the storage credentials "
-                   "(AWS_* environment, storage.profile) are allowed to read the input and write the output")
+        return EXIT_FAILED, (f"permission denied: {exc}; check that the output is writable and the storage "
+                             "credentials (AWS_* environment, storage.profile) are allowed to read the input and "
+                             "write the output")
     reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if _is_connection_failure(exc):
-        return 1, (f"cannot reach storage: {reason}; check input.storage / output.storage endpoint_url and the "
-                   "network (committed rows are kept; re-run with output.mode=resume)")
-    return 1, f"the job failed: {reason} (run with -v for the traceback; committed rows are kept)"
+        return EXIT_FAILED, (f"cannot reach storage: {reason}; check input.storage / output.storage endpoint_url "
+                             "and the network (committed rows are kept; re-run with output.mode=resume)")
+    return EXIT_FAILED, f"the job failed: {reason} (run with -v for the traceback; committed rows are kept)"
 
 
 def _is_connection_failure(exc: BaseException) -> bool:

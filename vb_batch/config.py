@@ -510,11 +510,13 @@ class EngineConfig(_Section):
     )  # None: one per CPU less one, at most 4
     # Model batches prepared ahead of the model so it never waits for decode.
     prefetch_batches: int = Field(default=2, ge=1, description="model batches prepared ahead of the model")
-    # ray: the cluster (None: RAY_ADDRESS if set, else a local Ray started for the job;
-    # "auto": the running cluster; "ray://head:10001": a remote one through Ray Client).
+    # ray: the cluster (None: RAY_ADDRESS if set, else a private local Ray started for the job, never
+    # one that merely runs on the host; "auto": the running cluster; "local": private even with
+    # RAY_ADDRESS; "host:port" or "ray://head:10001": that one). See engines.ray.ray_init_args.
     address: str | None = Field(
         default=None,
-        description="ray: the cluster (None: RAY_ADDRESS or a local Ray; auto; ray://head:10001)",
+        description="ray: the cluster (None: RAY_ADDRESS if set, else a private local Ray; auto: the one "
+                    "running here; local; host:port; ray://head:10001)",
     )
     # ray: model actors, a fixed count or [min, max] to autoscale between.
     actors: int | tuple[int, int] = Field(
@@ -706,8 +708,31 @@ def _problem_lines(err: ValidationError) -> list[str]:
             continue
         if e["type"] == "extra_forbidden":
             msg = UNKNOWN_KEY
+        if msg == UNKNOWN_KEY:
+            msg += _did_you_mean(e["loc"])
         lines.append(f"{field}: {msg}")
     return lines
+
+
+def _did_you_mean(loc: tuple) -> str:
+    """ "; did you mean 'path'?" for an unknown key close to one its section declares; else ""."""
+    import difflib
+    import typing
+
+    section: Any = JobConfig
+    for part in loc[:-1]:
+        field = section.model_fields.get(part) if isinstance(part, str) else None
+        kinds = (field.annotation, *typing.get_args(field.annotation)) if field else ()
+        section = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+        if section is None:
+            return ""
+    known = set(section.model_fields)
+    if section is ModelConfig:  # the model section also holds every backend's own keys
+        from vb_batch.models.options import BUILTIN_OPTIONS
+
+        known |= {key for options in BUILTIN_OPTIONS.values() for key in options.model_fields}
+    close = difflib.get_close_matches(str(loc[-1]), sorted(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _describe(problems: list[str]) -> str:
@@ -716,6 +741,10 @@ def _describe(problems: list[str]) -> str:
 
 def load_config(source: str | Path | dict[str, Any] | None = None, overrides: list[str] | None = None) -> JobConfig:
     """Build a validated `JobConfig` from a YAML path (or dict) and `a.b=value` overrides.
+
+    A YAML file is read by `vb_batch.job_yaml.read_job_yaml`: `${VAR}` / `${VAR:-default}`
+    substituted, relative paths resolved against the file's folder. A dict and the overrides
+    are taken as given (relative paths: the working directory's).
 
     >>> cfg = load_config({"input": {"path": "images/"}, "model": {"backend": "identity"}}, ["model.batch_size=4"])
     >>> cfg.model.batch_size
@@ -726,16 +755,10 @@ def load_config(source: str | Path | dict[str, Any] | None = None, overrides: li
     elif isinstance(source, dict):
         data = source
     else:
-        path = Path(source)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {str(path)!r} not found") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
-    data = apply_overrides(data, overrides or [])
+        from vb_batch.job_yaml import read_job_yaml
+
+        data = read_job_yaml(source)  # ${VAR} filled in, relative paths against the file's folder
+    data = apply_overrides(data, overrides or [])  # as typed: relative to the working directory
     try:
         return JobConfig.model_validate(data)
     except ValidationError:

@@ -13,6 +13,11 @@ The one place that knows what a secret looks like (DESIGN.md, "Invariants"):
   from text that a server or a library wrote (an error message, a reason phrase).
 - `scrub(text, secrets)`: the text with every secret masked, also in its
   URL-quoted and JSON-escaped spellings (the forms a server echoes it in).
+- `register_secret(value)`: a value this process must mask wherever it appears,
+  whatever key holds it; a job YAML's `${VAR}` registers the value of a variable
+  whose name looks secret (`API_TOKEN`, `DB_PASSWORD`; vb_batch.job_yaml). `redact`,
+  `secret_values`, `scrub` and `mask_text` mask every registered value, for the
+  life of the process (registering only ever masks more).
 
 Masking is by value and by name, never by guessing at entropy: a secret that sits
 in a field with an innocent name and no URL around it is not found. That is why
@@ -32,6 +37,16 @@ from urllib.parse import parse_qsl, quote, quote_plus, unquote
 
 MASK = "***"
 SECRET_WORDS = ("secret", "token", "password", "key", "credential")
+
+
+# Values masked wherever they appear (register_secret): process-wide, like the environment they come from.
+_REGISTERED_SECRETS: set[str] = set()
+
+
+def register_secret(value: str) -> None:
+    """Mask `value` from now on wherever a config or a message shows it, whatever key holds it."""
+    if value:
+        _REGISTERED_SECRETS.add(value)
 
 
 def is_secret_name(name: Any) -> bool:
@@ -112,7 +127,7 @@ def redact(data: Any) -> Any:
         if isinstance(node, (list, tuple)):
             return [walk(value, in_headers) for value in node]
         if isinstance(node, str):
-            return mask_url(node)
+            return mask_url(scrub(node, ()) if _REGISTERED_SECRETS else node)
         return node
 
     return walk(data, False)
@@ -151,17 +166,18 @@ def secret_values(data: Any, environ: Mapping[str, str] | None = None) -> set[st
     token_env = model.get("token_env") if isinstance(model, Mapping) else None
     if isinstance(token_env, str) and environ.get(token_env):
         found.add(environ[token_env])
-    return {s for s in found if s}
+    return {s for s in found | _REGISTERED_SECRETS if s}
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:
-    """`text` with every secret masked, also URL-quoted or JSON-escaped (as a server may echo it back).
+    """`text` with every secret (and every registered one) masked, also URL-quoted or JSON-escaped
+    (as a server may echo it back).
 
     >>> scrub('401 bad token "abc/1"', {"abc/1"})
     '401 bad token "***"'
     """
     forms: set[str] = set()
-    for secret in secrets:
+    for secret in {*secrets, *_REGISTERED_SECRETS}:
         if secret:
             forms |= {secret, quote(secret, safe=""), quote_plus(secret), json.dumps(secret)[1:-1]}
     # Longest first: a secret that contains another is masked whole, not in pieces.

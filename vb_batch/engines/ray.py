@@ -35,6 +35,10 @@ Memory: a prepare task yields a block once its decoded images reach
 only the images' shapes, not their pixels, so a finish task holds one model
 batch of answers and outputs, whatever the photos' size.
 
+Cluster: `engine.address` unset starts a private local Ray for the job (or joins
+RAY_ADDRESS when that is set), never a cluster that merely runs on the host;
+`auto` or an address joins one (`ray_init_args`).
+
 `output.mode: resume` drops the committed ids in the prepare tasks, before the
 model sees them. The driver needs no GPU and never loads the model. The run
 record (`_vb/runs/<run_id>.json`) says on which nodes the model ran:
@@ -61,7 +65,7 @@ import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -267,16 +271,35 @@ def build_dataset(run: Run):
 
 
 def connect(engine: EngineConfig) -> bool:
-    """Join `engine.address` (or RAY_ADDRESS, or a new local Ray); True when this call started the connection."""
+    """Connect to Ray as `engine.address` says; True when this call started the connection (and so ends it).
+
+    A Ray this process already joined is used as it is. Otherwise `ray.init` gets `ray_init_args`.
+    """
     import ray
 
     if ray.is_initialized():
         return False
-    kwargs: dict[str, Any] = {"address": engine.address}
-    if engine.address is None and not os.environ.get("RAY_ADDRESS"):
-        kwargs["include_dashboard"] = False
-    ray.init(**kwargs)
+    ray.init(**ray_init_args(engine.address, os.environ))
     return True
+
+
+def ray_init_args(address: str | None, environ: Mapping[str, str]) -> dict[str, Any]:
+    """`ray.init`'s arguments for `engine.address`.
+
+    None: RAY_ADDRESS when it is set (an explicit choice: Ray Jobs sets it for the drivers it
+    starts), else a private local Ray started for this job and stopped after it, never one that
+    happens to run on the host (Ray's own `address=None` would join that). "auto" or an address
+    (host:port, ray://head:10001): join that cluster ("auto": the one on this host, or
+    RAY_ADDRESS; none running is an error). "local": a private local Ray even with RAY_ADDRESS set.
+
+    >>> ray_init_args(None, {})
+    {'address': 'local', 'include_dashboard': False}
+    >>> ray_init_args(None, {"RAY_ADDRESS": "10.0.0.5:6379"}), ray_init_args("auto", {})
+    ({'address': '10.0.0.5:6379'}, {'address': 'auto'})
+    """
+    if address is None:
+        address = environ.get("RAY_ADDRESS") or "local"
+    return {"address": "local", "include_dashboard": False} if address == "local" else {"address": address}
 
 
 class RayEngine(Engine):
