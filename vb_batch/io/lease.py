@@ -51,6 +51,10 @@ Before each commit the sink calls `check()`, which reads the lease object: a
 run that lost its lease (its heartbeat failed for longer than the lease lasts,
 or another run took it over, even since the last heartbeat) stops with
 `LeaseLostError` instead of writing into an output that is no longer its own.
+A check is not a fence: a holder paused between its check and its commit would
+still commit. The fence lives in the output's log (`vb_batch.io.sinks.base`,
+"Fencing"); `taken_over_from` tells the sink that a run it replaced may be such
+a paused holder.
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ LONGEST_WATCH_S = 86400.0
 
 
 class LeaseHeldError(RuntimeError):
-    """Another run holds the output's lease (a job fault: exit 1, nothing was changed)."""
+    """Another run holds the output's lease (a job fault: exit 3, nothing was changed)."""
 
 
 class LeaseLostError(RuntimeError):
@@ -395,9 +399,12 @@ class Lease:
     ...     lease.check()      # before each commit
     """
 
-    def __init__(self, fs, meta_dir: str, url: str, run_id: str, seconds: float, describe: str = ""):
-        self.store = _store(fs, meta_dir, url)
-        self.path = posixpath.join(meta_dir, LEASE_NAME)
+    def __init__(self, fs, meta_dir: str, url: str, run_id: str, seconds: float, describe: str = "",
+                 store: _Store | None = None):
+        # `store`: the record kept elsewhere than `<meta_dir>/lease.json` (an Iceberg table's property,
+        # `vb_batch.io.sinks.iceberg`): any object with `_Store`'s four methods and a `path` for messages.
+        self.store = store if store is not None else _store(fs, meta_dir, url)
+        self.path = store.path if store is not None else posixpath.join(meta_dir, LEASE_NAME)
         self.run_id = run_id
         self.seconds = seconds
         self.describe = describe or url
@@ -405,6 +412,9 @@ class Lease:
         self._beat = 0
         self._tag: str | None = None
         self._lost: str | None = None
+        # The run whose lease this one took over (None: the lease was free). The sink fences that run
+        # out of the output's log before it recovers anything (`vb_batch.io.sinks.base`).
+        self.taken_over_from: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -471,8 +481,8 @@ class Lease:
     def _take_over(self, tag: str, holder: dict[str, Any], why: str) -> bool:
         self._tag = self.store.replace(self._record(), tag)
         if self._tag is not None:
-            log.warning("%s: taking over the writer lease of run %s (%s)", self.describe,
-                        holder.get("run_id", "?") if isinstance(holder.get("run_id"), str) else "?", why)
+            self.taken_over_from = holder.get("run_id", "?") if isinstance(holder.get("run_id"), str) else "?"
+            log.warning("%s: taking over the writer lease of run %s (%s)", self.describe, self.taken_over_from, why)
         return self._tag is not None
 
     def _holder_text(self, holder: dict[str, Any], problem: str | None) -> str:
@@ -547,6 +557,7 @@ class Lease:
                 self._lost = (f"run {holder.get('run_id', '?')} (host {holder.get('host', '?')}) took the writer lease "
                               "over" if holder else "the writer lease was removed or replaced")
         if self._lost is not None:
-            raise LeaseLostError(f"{self.describe}: {self._lost}; committed rows are kept, re-run with output.mode=resume")
+            raise LeaseLostError(f"{self.describe}: lease lost: {self._lost}; this run commits nothing more (its "
+                                 "committed rows are kept), re-run with output.mode=resume")
         if self._tag is None:
             raise LeaseLostError(f"{self.describe}: this run does not hold the writer lease")

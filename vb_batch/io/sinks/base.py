@@ -35,6 +35,21 @@ never acted on (its files are still staged) and is dropped with a warning. A
 run removes only its own staging when it ends: one that lost its lease never
 touches the new holder's work. `_SUCCESS` is removed when a run starts and
 written when it ends well: a failed run never leaves a dataset that looks complete.
+
+Fencing. The lease check before each commit is not enough on its own: a holder
+can pause (GC, SIGSTOP, a slow host) between its check and its commit while
+another run takes the output over. So the format's own log is the fence: every
+commit carries the writer's epoch (one more than the highest the log held when
+the run opened) and lands only if the log still holds the epoch this run expects
+at the exact version it commits (Delta: the app transaction `vb_batch.writer`,
+committed with the library's retries off; Parquet: the epoch in each commit
+record, where a record below the epoch of a record at the same or an earlier
+sequence number is stale and ignored). A run that took the lease over commits
+its epoch first (`_fence`, before `_recover`): from then on the run it replaced
+can add nothing, so what that run moved or staged can never be committed, and
+recovery may remove it. The stale run stops with `LeaseLostError` ("lease lost")
+at its next commit; a commit step that fails because the output changed hands
+(its staged files gone) says so too.
 """
 
 from __future__ import annotations
@@ -52,7 +67,7 @@ from fsspec.implementations.local import LocalFileSystem
 from vb_batch.config import ConfigError, OutputConfig
 from vb_batch.errors import OutputExistsError
 from vb_batch.io.filesystems import arrow_filesystem, fsspec_filesystem
-from vb_batch.io.lease import LEASE_NAME, Lease
+from vb_batch.io.lease import LEASE_NAME, Lease, LeaseLostError
 from vb_batch.io.sinks.metadata import (
     MARKER,
     META_DIR,
@@ -70,7 +85,7 @@ from vb_batch.timing import phase
 class Sink:
     """Staging, commits, ownership, the lease and the run records; subclasses commit through their format.
 
-    Format hooks: `_state()`, `_recover()`, `_clear()`, `_commit_files(names)`,
+    Format hooks: `_state()`, `_fence()`, `_recover()`, `_clear()`, `_commit_files(names)`,
     `_committed_ids()`, `_retire_failed()`, `_finish(success)`.
     """
 
@@ -152,6 +167,7 @@ class Sink:
     def open(self) -> pa.Array | None:
         """Recover what a crashed run left, apply the mode; the ids already committed (resume), else None."""
         self.check()
+        self._fence()
         self._recover()
         if self.cfg.mode == "overwrite":
             self._clear()
@@ -222,7 +238,14 @@ class Sink:
     def _commit_staged(self) -> None:
         if self.lease is not None:
             self.lease.check()  # a run that lost the output must not commit into it
-        self._commit_files(self._staged)
+        try:
+            self._commit_files(self._staged)
+        except LeaseLostError:
+            raise
+        except Exception:
+            if self.lease is not None:
+                self.lease.check()  # a commit step that failed because the output changed hands says so
+            raise
         self.files_committed += self._staged
         self._staged, self._staged_rows = [], 0
 
@@ -263,6 +286,10 @@ class Sink:
     def _state(self) -> dict[str, Any]:
         """{"foreign": [paths], "has_rows": bool, "fingerprint": dict | None} of the output as it is."""
         raise NotImplementedError
+
+    def _fence(self) -> None:
+        """Take this run's writer epoch from the format's log; when the lease was taken over
+        (`self.lease.taken_over_from`), commit it there before anything is recovered (see "Fencing")."""
 
     def _recover(self) -> None:
         raise NotImplementedError

@@ -19,6 +19,18 @@ it ends well: a failed run never leaves a dataset that looks complete.
 A record names only plain part-file names (`part-*.parquet`) and a run id as
 its staging: one naming anything else (`../input`, an absolute path) was not
 written by vb_batch, counts as damaged, and nothing it names is touched.
+
+The fence (`vb_batch.io.sinks.base`, "Fencing"): every record carries its
+writer's `epoch`, one more than the highest among the records when the run
+opened. A record whose epoch is below that of a record at the same or an
+earlier sequence number is stale: written by a run that had lost the output,
+it is ignored by every reader and removed by the next recovery. A run that took
+the lease over first writes a record of its epoch alone (`fence`), at the next
+sequence number; a run writes a record, then checks that it still holds the
+lease, and only then moves files into place. So the one record a paused
+holder can still write after a takeover either was seen (and rolled forward) by
+the new holder's recovery, or shares its sequence number with the new holder's
+fence record and is stale: its files never become visible.
 """
 
 from __future__ import annotations
@@ -36,7 +48,13 @@ import pyarrow.parquet as pq
 
 from vb_batch.errors import ERROR_COLUMN
 from vb_batch.io.sinks.base import Sink
-from vb_batch.io.sinks.metadata import META_DIR, OWN_FILES, data_fingerprint, read_json, write_atomic
+from vb_batch.io.sinks.metadata import (
+    META_DIR,
+    OWN_FILES,
+    data_fingerprint,
+    read_json,
+    write_atomic,
+)
 from vb_batch.io.sinks.staging import is_part_name, part_file_name
 
 log = logging.getLogger(__name__)
@@ -50,6 +68,7 @@ class ParquetSink(Sink):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._next_record = 0
+        self._epoch = 1  # this run's writer epoch (`_fence`)
 
     # ---------------------------------------------------------------- records
     def _records(self) -> list[tuple[str, dict[str, Any] | None]]:
@@ -79,12 +98,21 @@ class ParquetSink(Sink):
                 fingerprint = data_fingerprint(pads.dataset([first], format="parquet", filesystem=self.arrow_fs))
         return {"foreign": foreign, "has_rows": bool(committed), "fingerprint": fingerprint}
 
+    def _fence(self) -> None:
+        records = self._records()
+        self._epoch = 1 + max((_epoch(record) for _, record in records if record), default=0)
+        self._next_record = 1 + max((_record_seq(p) for p, _ in records), default=-1)
+        if self.lease is not None and self.lease.taken_over_from is not None:
+            # The run replaced may be paused before its next record: from this one on, its records are stale.
+            self._write_record({"files": [], "fence": True})
+
     def _recover(self) -> None:
-        """Roll interrupted commits forward; drop damaged records (never acted on); clear dead staging."""
+        """Roll interrupted commits forward; drop damaged and stale records (never acted on); clear dead staging."""
         missing = []
         for path, record in self._records():
             if record is None:
-                log.warning("%s: removing damaged commit record %s (its files were never moved)", self.describe(), path)
+                log.warning("%s: removing damaged commit record %s, or one written after its run lost the output "
+                            "(its files were never moved)", self.describe(), path)
                 self.fs.rm(path)
                 continue
             staging_run = record.get("staging", record.get("run_id"))
@@ -93,7 +121,11 @@ class ParquetSink(Sink):
                     staged = self._staged_path(name, staging_run)
                     if self.fs.exists(staged):
                         log.warning("%s: rolling forward interrupted commit of %s", self.describe(), name)
-                        self.fs.mv(staged, self._path(name))
+                        try:
+                            self.fs.mv(staged, self._path(name))
+                        except FileNotFoundError:  # its writer, paused until now, moved it in the meantime
+                            if not self.fs.exists(self._path(name)):
+                                missing.append(name)
                     else:
                         missing.append(name)
             for name in record.get("removes", []):
@@ -107,14 +139,17 @@ class ParquetSink(Sink):
                 self._write_record({"files": [], "removes": gone})
         self._clear_staging()
         self._clear_temporary_files()
-        records = self._records()
-        self._next_record = 1 + max((_record_seq(p) for p, _ in records), default=-1)
 
     def _write_record(self, record: dict[str, Any]) -> None:
-        record = {"run_id": self.run_id, "staging": self.run_id, "time": time.time(), **record}
+        """Write the next commit record; then make sure it is not stale before anything acts on it."""
+        record = {"run_id": self.run_id, "staging": self.run_id, "time": time.time(), "epoch": self._epoch, **record}
         name = f"c{self._next_record:012d}-{self.run_id}.json"
         self._next_record += 1
         write_atomic(self.fs, posixpath.join(self.meta, "commits", name), json.dumps(record).encode())
+        if self.lease is not None:
+            # Still the holder once the record exists: a later holder's recovery sees it. Otherwise it
+            # may be stale, and its files must stay where they are (see the module docstring).
+            self.lease.check()
 
     def _apply(self, files: list[str], removes: list[str]) -> None:
         for name in files:
@@ -171,6 +206,8 @@ class ParquetSink(Sink):
 
     def _finish(self, success: bool) -> None:
         if success:
+            if self.lease is not None:
+                self.lease.check()  # a run that lost the output must not mark the new holder's work complete
             write_atomic(self.fs, self._path("_SUCCESS"), b"")
 
 
@@ -196,7 +233,32 @@ def commit_records(fs, meta: str) -> list[tuple[str, dict[str, Any] | None]]:
                         "output (not vb_batch's record)", path)
             record = None
         records.append((path, record))
-    return records
+    return _without_stale(records)
+
+
+def _without_stale(records: list[tuple[str, dict[str, Any] | None]]) -> list[tuple[str, dict[str, Any] | None]]:
+    """`records` with each stale one (an epoch below a record's at the same or an earlier sequence) as None."""
+    highest: dict[int, int] = {}  # sequence number -> the highest epoch at it or before it
+    for path, record in records:
+        seq = _record_seq(path)
+        highest[seq] = max(highest.get(seq, 0), _epoch(record) if record else 0)
+    running = 0
+    for seq in sorted(highest):
+        running = highest[seq] = max(running, highest[seq])
+    fresh = []
+    for path, record in records:
+        if record is not None and _epoch(record) < highest[_record_seq(path)]:
+            log.warning("ignoring commit record %s: written by a run that had lost the output to a later writer "
+                        "(epoch %d < %d)", path, _epoch(record), highest[_record_seq(path)])
+            record = None
+        fresh.append((path, record))
+    return fresh
+
+
+def _epoch(record: dict[str, Any]) -> int:
+    """A record's writer epoch (0 for records of versions before epochs, and for anything not a number)."""
+    epoch = record.get("epoch", 0)
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else 0
 
 
 def _names_own_files(record: dict[str, Any]) -> bool:
