@@ -13,12 +13,14 @@ Iceberg table through the REST catalog over the table bucket, SigV4 signing name
 - every engine (local, Ray, Spark) writes to S3 what the stages give in one batch.
 
 The session's one SeaweedFS is conftest's `seaweed`; each test gets a fresh bucket (`s3`)
-and, for Iceberg, its own namespace in the table bucket. Cases a product bug stops are
-`xfail(strict=True)` with the exact cause.
+and, for Iceberg, its own namespace in the table bucket. An Iceberg table there holds nothing but
+what the catalog and its data files put there: the lease, fingerprint and run records are table
+properties (`vb_batch.io.sinks.iceberg`).
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import sys
@@ -33,19 +35,13 @@ from output_safety import TESTS, assert_each_id_once, child_env, job, painting, 
 import vb_batch
 from vb_batch.config import StorageOptions
 from vb_batch.io.filesystems import delta_storage_options
-from vb_batch.io.iceberg import iceberg_catalog
+from vb_batch.io.tables.iceberg import iceberg_catalog, iceberg_table
 from vb_batch.io.lease import LeaseHeldError
 from vb_batch.io.outputs import read_output
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
 
-# vb_batch keeps records, staging and its lease under `_vb/` inside an Iceberg table's location; a table
-# bucket refuses plain S3 access there, so the sink's first look (s3fs HeadObject) fails.
-ICEBERG_SIDE_FILES = ("issue 30: IcebergSink.open() -> _recover() -> _clear_temporary_files() globs "
-                      "<table location>/_vb/*.tmp with s3fs; the table bucket answers HeadObject 403 "
-                      "(PermissionError: Forbidden): side files have no place in a catalog-managed table "
-                      "(the lease's conditional PUT there is still let through)")
-FORMATS = ["parquet", "delta", pytest.param("iceberg", marks=pytest.mark.xfail(strict=True, reason=ICEBERG_SIDE_FILES))]
+FORMATS = ["parquet", "delta", "iceberg"]
 
 
 def images(ids: list[str]) -> pa.Table:
@@ -86,6 +82,7 @@ def lake_readers_agree(fmt: str, out: dict, ids: list[str]) -> None:
     assert sorted(seen.column("id").to_pylist()) == sorted(ids)
 
 
+@pytest.mark.slow  # ~1.5-2 s each
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_resume_append_and_overwrite_hold_on_s3(fmt, s3, seaweed):
     out = output_on(fmt, s3, seaweed)
@@ -112,8 +109,11 @@ def test_resume_append_and_overwrite_hold_on_s3(fmt, s3, seaweed):
     assert not any("/_vb/staging/" in k or "/_vb/intents/" in k or k.endswith("/_vb/lease.json") for k in keys), keys
     if fmt == "parquet":
         assert "labels/_SUCCESS" in keys
+    if fmt == "iceberg":
+        assert not side_files(seaweed, out)  # no `_vb/`, no marker, no records: only data files and metadata
 
 
+@pytest.mark.slow  # ~1.2 s each
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_retry_failed_re_runs_the_rows_whose_images_were_missing(fmt, s3, seaweed):
     missing = {3, 6, 7}
@@ -134,17 +134,25 @@ def test_retry_failed_re_runs_the_rows_whose_images_were_missing(fmt, s3, seawee
     assert summary.success and (summary.rows_processed, summary.rows_ok, summary.rows_skipped) == (3, 3, 7)
     assert_each_id_once(out, ids)
     lake_readers_agree(fmt, out, ids)
+    if fmt == "iceberg":
+        assert not side_files(seaweed, out)
 
 
-def lease_keys(s3, seaweed, out: dict) -> list[str]:
-    """The lease records of `out` in its bucket or, for Iceberg, under its namespace in the table bucket."""
+def side_files(seaweed, out: dict) -> list[str]:
+    """Objects of an Iceberg output's namespace in the table bucket outside its tables' data and metadata."""
+    found = seaweed.table_objects(out["table"].split(".")[0] + "/")
+    return [k for k in found if k.split("/")[2] not in ("data", "metadata")]
+
+
+def lease_records(s3, seaweed, out: dict) -> list[str]:
+    """The lease records of `out`: objects in its bucket or, for Iceberg, the table property `vb.writer`."""
     if out["format"] == "iceberg":
-        found = seaweed.table_objects(out["table"].split(".")[0] + "/")
-    else:
-        found = s3.keys(out["path"].split("/", 3)[3] + "/")
-    return [k for k in found if k.endswith("/_vb/lease.json")]
+        table = iceberg_table(iceberg_catalog(out["catalog"], StorageOptions(**out["storage"])), out["table"])
+        return [table.properties["vb.writer"]] if table is not None and "vb.writer" in table.properties else []
+    return [k for k in s3.keys(out["path"].split("/", 3)[3] + "/") if k.endswith("/_vb/lease.json")]
 
 
+@pytest.mark.slow  # ~2 s each: a gated child holds the lease
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_second_writer_is_refused_naming_the_holder(fmt, s3, seaweed, tmp_path):
     ids = ids_of(range(12))
@@ -158,19 +166,19 @@ def test_a_second_writer_is_refused_naming_the_holder(fmt, s3, seaweed, tmp_path
                              env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while not lease_keys(s3, seaweed, out):  # the first run holds the output, its model waits at the gate
+        while not lease_records(s3, seaweed, out):  # the first run holds the output, its model waits at the gate
             assert first.poll() is None, first.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "the first run never took the lease"
             time.sleep(0.05)
         with pytest.raises(LeaseHeldError, match=f"being written by run .*pid {first.pid}"):
             vb_batch.annotate(cfg)  # the same overwrite, fired twice
-        assert len(lease_keys(s3, seaweed, out)) == 1
+        assert len(lease_records(s3, seaweed, out)) == 1
     finally:
         (tmp_path / "gate").touch()
         _, stderr = first.communicate(timeout=120)
     assert first.returncode == 0, stderr[-3000:]
     assert_each_id_once(out, ids)
-    assert not lease_keys(s3, seaweed, out)  # released
+    assert not lease_records(s3, seaweed, out)  # released
 
 
 def test_iceberg_input_through_the_rest_catalog_resumes_with_only_new_rows(s3, seaweed):
@@ -210,6 +218,7 @@ def test_every_engine_writes_the_stages_output_to_s3(engine, s3, tmp_path):
     assert f"labels-{engine}/_SUCCESS" in keys and not any("/_vb/staging/" in k for k in keys)
 
 
+@pytest.mark.slow  # ~2 s: a server of its own
 def test_the_server_is_killed_and_its_folder_removed_even_when_a_test_fails():
     from seaweed_server import seaweed_server
 
@@ -222,3 +231,16 @@ def test_the_server_is_killed_and_its_folder_removed_even_when_a_test_fails():
     assert not server.root.exists()
     with pytest.raises(ConnectionRefusedError):  # nothing listens on its S3 port any more
         socket.create_connection(("127.0.0.1", int(server.endpoint_url.rsplit(":", 1)[1])), timeout=5)
+
+
+def test_a_catalog_table_with_the_default_report_still_runs_and_resumes(s3, seaweed, caplog):
+    """A table bucket refuses the report file in the table location: a warning, never a failed run."""
+    out = {**output_on("iceberg", s3, seaweed), "report": True}
+    s3.put("in/part-0.parquet", parquet_bytes(images(ids_of(range(3)))))
+    with caplog.at_level(logging.WARNING, logger="vb_batch"):
+        first = vb_batch.annotate(s3_job(s3, s3.url("in/"), out))
+        again = vb_batch.annotate(s3_job(s3, s3.url("in/"), out))  # nothing to do: looks for the report
+    assert first.success and first.rows_ok == 3
+    assert again.success and again.rows_skipped == 3 and again.rows_processed == 0
+    assert "could not write the run report" in caplog.text
+    assert_each_id_once(out, ids_of(range(3)))

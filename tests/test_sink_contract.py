@@ -266,10 +266,14 @@ def test_a_crash_before_the_commit_leaves_nothing_visible(out, fmt, tmp_path, mo
     if fmt != "parquet":
         assert len(data_files(out)) == 3  # moved into the table, never committed: invisible
 
-    summary = vb_batch.annotate(cfg)  # Parquet rolls the commit forward; lake tables delete the orphans
+    summary = vb_batch.annotate(cfg)  # Parquet rolls the commit forward; Delta deletes the orphans
     assert summary.success and summary.rows_processed + summary.rows_skipped == 7
     assert_each_id_once(out, ids)
-    assert len(data_files(out)) == 3
+    # Iceberg keeps no intent records beside the table (a table bucket takes none), so nothing names those
+    # files as a dead commit's: they stay unreferenced, for Iceberg's orphan-file removal past its retention.
+    # (A run that takes a lease over fences its holder out first and then deletes its files:
+    # tests/test_iceberg_native.py.)
+    assert len(data_files(out)) == (6 if fmt == "iceberg" else 3)
 
 
 def test_schema_and_field_metadata_read_back_equal(out, tmp_path):

@@ -34,17 +34,19 @@ def write_run_report(cfg: JobConfig, summary: RunSummary) -> None:
     from vb_batch.io.outputs import output_location
     from vb_batch.report import REPORT_NAME, write_report
 
-    location = output_location(cfg.output)
-    if summary.rows_processed == 0 and cfg.output.mode == "resume":
-        fs, root = fsspec_filesystem(location, cfg.output.storage)
-        if fs.exists(posixpath.join(root, REPORT_NAME)):
-            summary.report = posixpath.join(location, REPORT_NAME)
-            return
+    # Every step may be refused (a catalog-managed Iceberg table accepts no file but data files in
+    # its location): the labels are committed, so a report fault is a warning, never a failed job.
     try:
+        location = output_location(cfg.output)
+        if summary.rows_processed == 0 and cfg.output.mode == "resume":
+            fs, root = fsspec_filesystem(location, cfg.output.storage)
+            if fs.exists(posixpath.join(root, REPORT_NAME)):
+                summary.report = posixpath.join(location, REPORT_NAME)
+                return
         with phase("report"):
             summary.report = write_report(location, cfg.output.storage, cfg.output.report_samples, input_config=cfg.input)
     except Exception as exc:  # noqa: BLE001 - the labels are committed; a report fault must not fail the job
-        log.warning("could not write the run report: %s", exc)
+        log.warning("could not write the run report (vb-batch report OUTPUT writes it elsewhere later): %s", exc)
 
 
 def annotate(config: str | Path | dict[str, Any] | JobConfig, overrides: list[str] | None = None, backend=None) -> RunSummary:

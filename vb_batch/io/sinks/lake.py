@@ -1,7 +1,8 @@
 """The sink base of lake tables (Delta Lake, Iceberg): commits through the table's own log.
 
 Sinks of table formats follow the protocol of `vb_batch.io.sinks.base` and reuse its
-staging, ownership, lease and run records; only the commit differs::
+staging, ownership, lease and run records; only the commit differs (Iceberg keeps none of `_vb/`:
+it stages in its `data/` folder and keeps the rest in table properties, see `vb_batch.io.sinks.iceberg`)::
 
     <table>/_vb/staging/<run>/part-*.parquet   complete files being written (this process or workers)
     <table>/_vb/intents/<run>-<seq>.json       a commit in flight: the files it moves into the table
@@ -155,10 +156,12 @@ class TableSink(Sink):
         mode = "overwrite" if self.cfg.mode == "overwrite" and self._commits == 0 else "append"
         key = f"{self.run_id}-{self._commits:05d}"
         staged = [self._staged_path(name) for name in names]
+        targets = [self._data_path(name) for name in names]
         if self.cfg.partition_by:
             self._commit_rewritten(staged, mode, key)
+        elif staged == targets:  # staged where the table's data lives (Iceberg): nothing to move, no intent
+            self._commit_added(targets, mode, key)
         else:
-            targets = [self._data_path(name) for name in names]
             record_path = posixpath.join(self.meta, "intents", f"{key}.json")
             write_atomic(self.fs, record_path, json.dumps({"key": key, "files": targets}).encode())
             for directory in {posixpath.dirname(t) for t in targets}:

@@ -71,7 +71,7 @@ def open_iceberg(table, storage: StorageOptions | None = None, row_filter: str |
 
 
 def iceberg_location(table) -> str:
-    """Where an Iceberg table keeps vb_batch's own files (`_vb/`, the report): its location."""
+    """An Iceberg table's location: where vb_batch stages its part files (`data/`) and reads the table from."""
     return table.location().rstrip("/")
 
 
