@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -16,7 +15,6 @@ from vb_batch.io.sources import Source, repeated_ids
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 def check_paths(cfg: JobConfig, source: Source) -> None:
     """Refuse an output that is, contains or sits inside the input (symlinks and URL spellings resolved)."""

@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -64,7 +64,6 @@ from vb_batch.timing import PhaseTimes, collecting
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 # ---------------------------------------------------------------------------- the run
 

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 import uuid
-from typing import TypeVar
 
 import pyarrow as pa
 
 from vb_batch.config import ConfigError
 
-log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 # ---------------------------------------------------------------------------- resume
 

@@ -7,16 +7,13 @@ collectors (`vb_batch.timing`); stored as the run record under `_vb/runs/`.
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from vb_batch.timing import COUNTS, PhaseTimes
 
-log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 # ---------------------------------------------------------------------------- the summary
 
