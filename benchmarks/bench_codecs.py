@@ -11,20 +11,31 @@ default, like numpy) and on CUDA if present.
 
     python benchmarks/bench_codecs.py                  # 1024x1024, writes benchmarks/results/codecs.json
     python benchmarks/bench_codecs.py --size 512 --repeats 5 --no-write
+
+`--before-after` instead times the numpy uint8 decode against the codecs as they
+were at `--before` (a git revision, loaded from `git show` into this process) on a
+stream of distinct paintings per codec and size, old and new interleaved, each
+starting from empty colour tables as a worker process does: per-pixel ns of the
+first image, of the images after it, and of one image decoded again (warm). It
+checks that both return the same bits, and writes benchmarks/results/codecs_decode.json.
+
+    python benchmarks/bench_codecs.py --before-after --images 12
 """
 
 from __future__ import annotations
 
 import statistics
+import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import argument_parser, machine_info, publish  # noqa: E402
+from common import REPO, argument_parser, machine_info, publish  # noqa: E402
 
 from vb_batch.codecs import depth, normals, segmentation  # noqa: E402
 
@@ -166,6 +177,142 @@ def print_table(report: dict[str, Any]) -> None:
         )
 
 
+# The codecs before the block-filled colour tables (the last commit that changed them).
+BEFORE_REVISION = "2acf763"
+
+
+def codecs_at(revision: str) -> types.SimpleNamespace:
+    """depth, normals and segmentation as they were at a git revision, as fresh modules of this process."""
+    loaded: dict[str, types.ModuleType] = {}
+    for name in ("base", "depth", "normals", "segmentation"):
+        path = f"vb_batch/codecs/{name}.py"
+        source = subprocess.run(
+            ["git", "show", f"{revision}:{path}"], cwd=REPO, check=True, capture_output=True, text=True
+        ).stdout
+        module = types.ModuleType(f"codecs_at_{revision}.{name}")
+        module.__file__ = f"{revision}:{path}"
+        sys.modules[module.__name__] = module  # dataclasses look their module up
+        exec(compile(source.replace("vb_batch.codecs.base", f"codecs_at_{revision}.base"), path, "exec"), module.__dict__)
+        loaded[name] = module
+    return types.SimpleNamespace(**loaded)
+
+
+def scene_paintings(case: str, size: int, count: int, seed: int = 1) -> tuple[list[np.ndarray], Any]:
+    """`count` distinct noisy paintings of one codec (different scenes, as a job's rows), and the legend."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+
+    def noisy(rgb: np.ndarray) -> np.ndarray:
+        return np.clip(rgb + rng.normal(0, NOISE_LEVELS, rgb.shape), 0, 255).round().astype(np.uint8)
+
+    legend = None
+    if case.startswith("segmentation"):
+        legend = segmentation.Legend.from_names([f"class {i}" for i in range(int(case.split("-")[2]))])
+    images = []
+    for _ in range(count):
+        a, b, c, phase = rng.uniform(0.5, 3.0, 4)
+        if "photo" in case:  # what the identity and zero-cost models hand back: colours all over the cube
+            colours = rng.uniform(-128, 383, (4, 1, 1, 3))
+            waves = [np.ones_like(xx), xx, yy, np.sin(3 * a * xx + 2 * b * yy + phase)]
+            images.append(noisy(sum(colour * wave[..., None] for colour, wave in zip(colours, waves))))
+        elif case.startswith("depth"):
+            images.append(noisy(depth.encode(0.3 + 10 * a * xx + 20 * b * yy**2 + c * np.sin(7 * xx + phase))))
+        elif case.startswith("normals"):
+            n = np.stack([np.sin(a * xx + phase), np.cos(b * yy), np.full_like(xx, 0.3 + c / 3)], axis=-1)
+            images.append(noisy(normals.encode(n)))
+        else:
+            block = int(8 * a)
+            ids = np.kron(rng.integers(0, len(legend), (size // block + 1,) * 2), np.ones((block, block), np.int64))
+            images.append(noisy(segmentation.encode(ids[:size, :size], legend)))
+    return images, legend
+
+
+# codec-painting: generated paintings of that codec (segmentation with 19 or 150 classes); codec-photo:
+# photo-like colour fields decoded as that codec's paintings.
+BEFORE_AFTER_CASES = (
+    "depth-painting",
+    "normals-painting",
+    "segmentation-painting-19",
+    "segmentation-painting-150",
+    "depth-photo",
+    "segmentation-photo-150",
+)
+
+
+def before_after(sizes: tuple[int, ...], count: int, repeats: int, revision: str) -> dict[str, Any]:
+    before = codecs_at(revision)
+    results = []
+    for size in sizes:
+        for case in BEFORE_AFTER_CASES:
+            images, legend = scene_paintings(case, size, count)
+            codec = case.split("-")[0]
+            decoders = {}
+            for label, codecs in (("before", before), ("after", sys.modules[__name__])):
+                module = getattr(codecs, codec)
+                if legend is not None:
+                    theirs = module.Legend(legend.names, legend.colors)
+                    theirs.class_separations()
+                    decoders[label] = lambda rgb, module=module, theirs=theirs: module.decode(rgb, theirs)
+                else:
+                    decoders[label] = module.decode
+                if hasattr(module, "_decode_table"):
+                    module._decode_table.cache_clear()
+            per_image = {"before": [], "after": []}
+            for i, rgb in enumerate(images):
+                order = ("before", "after") if i % 2 == 0 else ("after", "before")
+                got = {}
+                for label in order:
+                    start = time.perf_counter()
+                    got[label] = decoders[label](rgb)
+                    per_image[label].append(time.perf_counter() - start)
+                for field in ("values", "confidence"):
+                    old, new = getattr(got["before"], field), getattr(got["after"], field)
+                    if old.dtype != new.dtype or old.tobytes() != new.tobytes():
+                        raise AssertionError(f"{case} {size}px image {i}: {field} differ before and after")
+            last = images[-1]
+            warm = {label: min(seconds(lambda d=decode: d(last), repeats)) for label, decode in decoders.items()}
+            pixels = size * size
+            ns = {
+                label: {
+                    "first_image": per_image[label][0] / pixels * 1e9,
+                    "later_images": statistics.mean(per_image[label][1:]) / pixels * 1e9,
+                    "all_images": sum(per_image[label]) / (pixels * count) * 1e9,
+                    "warm": warm[label] / pixels * 1e9,
+                }
+                for label in decoders
+            }
+            results.append({
+                "codec": case,
+                "size": size,
+                "images": count,
+                "ns_per_pixel": ns,
+                "speedup": {k: ns["before"][k] / ns["after"][k] for k in ns["before"]},
+                "identical": True,
+            })
+    return {
+        "benchmark": "benchmarks/bench_codecs.py --before-after",
+        "machine": machine_info(),
+        "before": f"vb_batch/codecs at {revision} (git show), in this process",
+        "method": (
+            "per codec and size, a stream of distinct noisy paintings (noise 3 levels), each decoded once by "
+            "before and after, alternating which goes first, both from empty colour tables; ns per pixel of the "
+            "first image, the mean of the later ones, all of them, and warm = best of repeats of the last image "
+            "again. Every decode's values and confidence are compared bit for bit."
+        ),
+        "results": results,
+    }
+
+
+def print_before_after(report: dict[str, Any]) -> None:
+    columns = ("first_image", "later_images", "all_images", "warm")
+    print(f"ns per pixel, before -> after (speedup); {report['before']}")
+    print(f"{'codec':<18} {'size':>5} " + " ".join(f"{c:>24}" for c in columns))
+    for r in report["results"]:
+        ns = r["ns_per_pixel"]
+        cells = [f"{ns['before'][c]:.1f} -> {ns['after'][c]:.1f} ({r['speedup'][c]:.1f}x)" for c in columns]
+        print(f"{r['codec']:<18} {r['size']:>5} " + " ".join(f"{cell:>24}" for cell in cells))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argument_parser(__doc__)
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels (square)")
@@ -174,7 +321,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--torch-threads", type=int, default=1,
         help="torch CPU threads (default 1: like numpy, and robust to other load on the machine)",
     )
+    parser.add_argument("--before-after", action="store_true", help="old vs new numpy decode (codecs_decode.json)")
+    parser.add_argument("--before", default=BEFORE_REVISION, help="git revision of the codecs to compare with")
+    parser.add_argument("--images", type=int, default=12, help="--before-after: distinct paintings per case")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024], help="--before-after: image sides")
     args = parser.parse_args(argv)
+    if args.before_after:
+        report = before_after(tuple(args.sizes), args.images, args.repeats, args.before)
+        return publish("codecs_decode", report, print_before_after, write=not args.no_write)
     report = measure(args.size, args.repeats, args.torch_threads)
     return publish("codecs", report, print_table, write=not args.no_write)
 

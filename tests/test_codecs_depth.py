@@ -205,6 +205,7 @@ def test_torch_equals_numpy():
         np.testing.assert_allclose(got.confidence.numpy(), expected.confidence, atol=1e-5)
 
 
+@pytest.mark.slow  # ~10 s: every one of the 16.7M colours
 def test_colour_table_equals_the_direct_computation_on_every_colour():
     """numpy uint8 decodes through a lazily filled per-preset table: bit for bit the direct float32 computation."""
     from vb_batch.codecs.base import ArrayBackend
@@ -311,3 +312,102 @@ def test_jpeg_q90_within_documented_bound(subsampling):
         steps = np.abs(f_of(decoded.values) - f_of(depth_m)) / STEP_F
         assert np.percentile(steps, 99) <= bounds["p99"], (seed, np.percentile(steps, 99))
         assert steps.max() <= bounds["max"], (seed, steps.max())
+
+
+# -- the colour table against the decode as it was before it ---------------------
+
+
+def decode_before_tables(rgb, preset):
+    """depth.decode's numpy computation as it stood before block-filled tables (commit 2acf763), kept verbatim
+    as the reference: float32 projection on every edge, ties to the earlier edge, Barron's inverse."""
+    preset = depth.get_preset(preset)
+    red, green, blue = np.ascontiguousarray(rgb.reshape(-1, 3).T, dtype=np.float32)
+    num_edges = preset.num_edges
+    vertices = np.asarray(preset.vertices) * 255.0
+    edges = []
+    for start, end in zip(vertices[:-1], vertices[1:]):
+        direction = end - start
+        edges.append((start.tolist(), direction.tolist(), float(direction @ direction)))
+    saturated_below = 0.5 / max(abs(d) for d in edges[-1][1])
+    far_m = np.inf if preset.max_depth_m is None else float(preset.max_depth_m)
+    exponent = 1.0 / (preset.lam + 1.0)
+    scale_m = -preset.lam * preset.c
+    confidence_factor = -0.5 / preset.confidence_sigma**2
+    best_remaining = best_distance2 = None
+    for e, (start, direction, length2) in enumerate(edges):
+        offsets = [plane - s if s else plane for plane, s in zip((red, green, blue), start)]
+        along = sum(o * (d / length2) for o, d in zip(offsets, direction) if d)
+        t = np.clip(along, 0.0, 1.0)
+        distance2 = sum((o - t * d if d else o) ** 2 for o, d in zip(offsets, direction))
+        remaining = (num_edges - e) - t
+        if best_distance2 is None:
+            best_remaining, best_distance2 = remaining, distance2
+        else:
+            closer = distance2 < best_distance2 * depth.TIE_MARGIN
+            best_remaining = np.where(closer, remaining, best_remaining)
+            best_distance2 = np.minimum(distance2, best_distance2)
+    saturated = best_remaining <= saturated_below
+    one_minus_f = np.clip(best_remaining, saturated_below, None) * (1.0 / num_edges)
+    depth_m = scale_m * (one_minus_f**exponent - 1.0)
+    if preset.max_depth_m is not None:
+        depth_m = np.clip(depth_m, None, far_m)
+    depth_m = np.where(saturated, far_m, depth_m)
+    confidence = np.exp(best_distance2 * confidence_factor)
+    confidence = np.where(np.isnan(confidence), 0.0, confidence)
+    return depth_m.reshape(rgb.shape[:-1]), confidence.reshape(rgb.shape[:-1])
+
+
+TABLE_PRESETS = [
+    "vision-banana",
+    {"name": "capped", "max_depth_m": 80.0, "confidence_sigma": 3.0},
+    {"name": "diagonal", "vertices": ((0, 0, 0), (1, 1, 0), (0.5, 0.2, 1), (1, 1, 1)), "lam": -2.0, "c": 5.0},
+    {"name": "one-edge", "vertices": ((0, 0, 0), (1, 1, 1))},
+]
+
+
+@pytest.mark.parametrize("preset", TABLE_PRESETS, ids=lambda p: p if isinstance(p, str) else p["name"])
+def test_table_decode_is_bit_identical_to_the_decode_before_it(preset):
+    """Random colours, noisy paintings, ties (vertices, midpoints between edges) and white, through a table
+    filled image by image: the same float32 bits as the direct computation it replaced."""
+    preset = depth.get_preset(preset)
+    rng = np.random.default_rng(21)
+    walk = np.round(np.asarray(preset.vertices) * 255)
+    ties = np.concatenate([walk, np.round((walk[:-1] + walk[1:]) / 2), np.round((walk[:-2] + walk[2:]) / 2)])
+    near_white = np.clip(walk[-1] + rng.integers(-2, 3, (50, 3)), 0, 255)
+    images = [
+        rng.integers(0, 256, (64, 96, 3)),  # anywhere in the cube
+        np.clip(depth.encode(smooth_depth(1), preset) + rng.normal(0, 3, (96, 128, 3)), 0, 255).round(),
+        np.clip(depth.encode(smooth_depth(2), preset) + rng.normal(0, 12, (96, 128, 3)), 0, 255).round(),
+        np.concatenate([ties, near_white, [[0, 0, 0], [255, 255, 255]]])[None],
+        rng.integers(0, 256, (2, 40, 40, 3)),  # a batch
+    ]
+    depth._decode_table.cache_clear()
+    for rgb in images:
+        rgb = rgb.astype(np.uint8)
+        decoded = depth.decode(rgb, preset)
+        expected_values, expected_confidence = decode_before_tables(rgb, preset)
+        assert decoded.values.dtype == np.float32 and decoded.values.shape == rgb.shape[:-1]
+        np.testing.assert_array_equal(decoded.values.view(np.uint32), expected_values.view(np.uint32))
+        np.testing.assert_array_equal(decoded.confidence.view(np.uint32), expected_confidence.view(np.uint32))
+    white = depth.decode(np.full((1, 1, 3), 255, np.uint8), preset).values[0, 0]
+    assert white == (np.inf if preset.max_depth_m is None else preset.max_depth_m)
+
+
+def test_table_fills_blocks_around_the_colours_seen():
+    """A colour fills its 8x8x8 block and the blocks sharing a face; the next image's noise finds its entries."""
+    depth._decode_table.cache_clear()
+    depth.decode(np.array([[[100, 0, 0]]], np.uint8))  # block (12, 0, 0)
+    table = depth._decode_table(depth.get_preset("vision-banana"))
+    filled = {tuple(int(v) for v in np.unravel_index(b, (32, 32, 32))) for b in np.flatnonzero(table.filled)}
+    assert filled == {(12, 0, 0), (11, 0, 0), (13, 0, 0), (12, 1, 0), (12, 0, 1)}
+    entries = table.entries.reshape(32**3, 512)
+    assert (entries[table.filled] != 0).all() and not entries[~table.filled].any()
+    # (100, 9, 3) lies in the green neighbour: a lookup, no fill.
+    depth.decode(np.array([[[100, 9, 3]]], np.uint8))
+    assert table.filled.sum() == 5
+    # Colours spread thin over 640 new blocks (more than NEIGHBOURS_UP_TO) fill those blocks alone.
+    blocks = np.arange(640)
+    spread = np.stack([blocks % 32 * 8 + 4, blocks // 32 * 8 + 4, np.full(640, 200)], axis=-1)
+    depth.decode(spread[None].astype(np.uint8))
+    assert table.filled.sum() == 5 + 640
+    depth._decode_table.cache_clear()

@@ -159,6 +159,7 @@ def test_encode_paints_unlabelled_and_out_of_range_black():
         segmentation.encode(np.array([0.5]), legend)
 
 
+@pytest.mark.slow  # ~2.5 s
 @settings(deadline=None, max_examples=25)
 @given(st.integers(1, 300), st.integers(0, 2**31 - 1))
 def test_exact_on_legend_colours(num_classes, seed):
@@ -411,3 +412,93 @@ def test_permuted_legends_never_repeat_a_colour_for_a_class(k):
         colours = {tuple(p.colors[cls]) for p in passes}
         assert len(colours) == k  # each pass paints this class in a colour no other pass uses
     assert all(p.names == legend.names for p in passes)
+
+
+# -- the colour table against the decode as it was before it ---------------------
+
+
+def decode_before_tables(rgb, legend, max_distance=None):
+    """segmentation.decode's numpy result as it stood before block-filled tables (commit 2acf763), kept as the
+    reference: float32 brute force over every candidate (legend colours in (r, g, b) order, then black),
+    argmin's first on ties, confidence 1 - d1/d2 rounded to 1/65535 steps as the table stores it."""
+    order = np.lexsort(legend.colors.T[::-1])
+    candidates = np.vstack([legend.colors[order], [0, 0, 0]]).astype(np.float32)
+    class_of = np.append(order, legend.unlabelled)
+    if max_distance is None:
+        radii = segmentation.DEFAULT_MAX_DISTANCE_FRACTION * legend.class_separations()[order]
+    else:
+        radii = np.full(len(legend), float(max_distance))
+    radii2 = np.asarray(np.append(radii, 0.0) ** 2, dtype=np.float32)
+    black = len(candidates) - 1
+    red, green, blue = np.ascontiguousarray(rgb.reshape(-1, 3).T, dtype=np.float32)
+    distance2 = (red[:, None] - candidates[:, 0]) ** 2
+    distance2 += (green[:, None] - candidates[:, 1]) ** 2
+    distance2 += (blue[:, None] - candidates[:, 2]) ** 2
+    first = np.argmin(distance2, axis=1)
+    d1 = np.take_along_axis(distance2, first[:, None], axis=1)[:, 0]
+    d2 = np.amin(np.where(np.arange(len(candidates)) == first[:, None], np.inf, distance2), axis=1)
+    labelled = (first != black) & (d1 <= radii2[first])
+    confidence = np.where(labelled, 1.0 - np.sqrt(d1) / np.sqrt(d2), 0.0)
+    nearest = np.where(labelled, first, black)
+    steps = np.rint(confidence * 65535).astype(np.uint32)
+    values = class_of.astype(legend.dtype)[nearest].reshape(rgb.shape[:-1])
+    return values, (steps.astype(np.float32) * np.float32(1 / 65535)).reshape(rgb.shape[:-1])
+
+
+@pytest.mark.slow  # ~9 s over its legends (up to 300 classes)
+@pytest.mark.parametrize(
+    "legend",
+    [
+        Legend.cityscapes(),
+        Legend.from_names(names(150)),
+        Legend.from_names(names(300)),  # uint16 ids
+        Legend.from_pairs([("b", (200, 0, 0)), ("a", (100, 0, 0)), ("c", (150, 50, 0)), ("d", (150, 0, 50))]),
+        Legend.from_pairs([("object", (255, 255, 255))]),
+    ],
+    ids=["cityscapes", "generated-150", "generated-300", "ties", "referring"],
+)
+def test_table_decode_is_bit_identical_to_the_decode_before_it(legend):
+    """Random colours, noisy paintings, colours equidistant from two or more candidates, and every colour of a
+    few whole blocks, through a table filled image by image: the same ids and confidence bits as before."""
+    rng = np.random.default_rng(31)
+    colours = legend.colors.astype(np.int64)
+    midpoints = (colours[:, None] + np.vstack([colours, [[0, 0, 0]]])[None]) // 2  # ties, between candidates
+    block = np.stack(np.meshgrid(*[np.arange(144, 160)] * 3, indexing="ij"), axis=-1).reshape(-1, 3)
+    images = [
+        rng.integers(0, 256, (48, 64, 3)),
+        noisy(segmentation.encode(rng.integers(0, len(legend), (48, 64)), legend), 4, rng),
+        noisy(segmentation.encode(rng.integers(0, len(legend), (48, 64)), legend), 24, rng),
+        np.concatenate([midpoints.reshape(-1, 3), block])[None],
+        rng.integers(0, 256, (2, 16, 16, 3)),  # a batch
+    ]
+    segmentation._decode_table.cache_clear()
+    for max_distance in (None, 30.0, math.inf, 0):
+        for rgb in images:
+            rgb = rgb.astype(np.uint8)
+            decoded = segmentation.decode(rgb, legend, max_distance=max_distance)
+            expected_ids, expected_confidence = decode_before_tables(rgb, legend, max_distance)
+            assert decoded.values.dtype == legend.dtype and decoded.values.shape == rgb.shape[:-1]
+            np.testing.assert_array_equal(decoded.values, expected_ids)
+            np.testing.assert_array_equal(decoded.confidence.view(np.uint32), expected_confidence.view(np.uint32))
+
+
+def test_ties_stay_with_the_colour_that_sorts_first():
+    """Four candidates equidistant from one colour: the table's pruned search keeps the full search's winner."""
+    legend = Legend.from_pairs([("z", (110, 100, 100)), ("y", (90, 100, 100)), ("x", (100, 110, 100)), ("w", (100, 90, 100))])
+    decoded = segmentation.decode(np.array([[[100, 100, 100]]], np.uint8), legend, max_distance=math.inf)
+    assert decoded.values.tolist() == [[1]]  # (90, 100, 100) sorts first
+    assert decoded.confidence.tolist() == [[0.0]]
+
+
+@pytest.mark.slow  # ~10 s: every one of the 16.7M colours
+def test_table_equals_the_decode_before_it_on_every_colour():
+    legend = Legend.cityscapes()
+    keys = np.arange(1 << 24, dtype=np.uint32)
+    cube = np.stack([keys >> 16, (keys >> 8) & 255, keys & 255], axis=-1).astype(np.uint8).reshape(4096, 4096, 3)
+    segmentation._decode_table.cache_clear()
+    decoded = segmentation.decode(cube, legend)
+    for rows in range(0, 4096, 512):
+        expected_ids, expected_confidence = decode_before_tables(cube[rows : rows + 512], legend)
+        np.testing.assert_array_equal(decoded.values[rows : rows + 512], expected_ids)
+        np.testing.assert_array_equal(decoded.confidence[rows : rows + 512], expected_confidence)
+    segmentation._decode_table.cache_clear()

@@ -10,6 +10,7 @@ when the caller already passed a tensor.
 
 from __future__ import annotations
 
+import mmap
 import sys
 from dataclasses import dataclass
 from types import ModuleType
@@ -164,39 +165,109 @@ def decode_in_chunks(
 
 
 class ColourTable:
-    """A decode memoised over the 2**24 uint8 colours, filled on demand; numpy only.
+    """A decode memoised over the 2**24 uint8 colours, filled on demand a block at a time; numpy only.
 
-    `compute(colours)` maps a (K, 3) uint8 array of distinct colours to K
-    packed entries of `dtype`, none of them 0: 0 marks a colour not computed
-    yet. The zeroed array is reserved lazily by the OS, so memory grows only
-    with the colours actually seen (at most 2**24 entries). Each entry is one
-    aligned word, and concurrent fills write identical words, so threads may
-    share a table.
+    The colours are cut into 32**3 blocks of 8x8x8 (`BLOCK_SIDE`), stored one
+    after the other: a colour's entry is at its block id * 512 + its place in
+    the block (`colour_keys`), so a block is one contiguous run (one page for
+    8-byte entries) and nearby colours share pages. Entries are packed values
+    of `dtype`, never 0: 0 marks a colour not computed yet.
+
+    A pixel whose colour has no entry gets its whole block computed:
+    `compute_blocks` maps a (B, 3) int32 array of block origins (multiples of
+    8) to (B, 512) entries, red slowest within a block as `block_planes` lays
+    them out; per colour a block costs less than colours one by one. Noise
+    spreads a painting's colours around the walk or the legend, so the six
+    blocks sharing a face with each new one are computed too when an image
+    brings at most `NEIGHBOURS_UP_TO` new blocks (a painting's colours, or
+    noise at their edge): images after the first one or two are then lookups
+    only. More new blocks are colours spread thin (many classes' first image,
+    a photo) and are computed alone. At worst every block is computed once,
+    2**24 colours in all.
+
+    The table is an anonymous memory map: zero pages reserved lazily by the OS,
+    so memory grows only with the blocks filled, and (unlike numpy's huge-page
+    allocations) a first write to a page that was read costs a 4 KB page, not
+    2 MB. Each entry is one aligned word, and concurrent fills write identical
+    words, so threads may share a table.
     """
 
-    def __init__(self, compute: Callable[[np.ndarray], np.ndarray], dtype: Any) -> None:
-        self.compute = compute
-        self.entries = np.zeros(1 << 24, dtype=dtype)
+    def __init__(self, compute_blocks: Callable[[np.ndarray], np.ndarray], dtype: Any) -> None:
+        self.compute_blocks = compute_blocks
+        dtype = np.dtype(dtype).newbyteorder("<")  # unpacked through little-endian views
+        self.entries = np.frombuffer(mmap.mmap(-1, dtype.itemsize << 24), dtype=dtype)
+        self.filled = np.zeros(NUM_BLOCKS, dtype=bool)
 
     def lookup(self, pixels: np.ndarray) -> np.ndarray:
-        """The packed entries of (P, 3) uint8 pixels, computing the colours not seen before."""
-        key = pixels[:, 0].astype(np.int32) << 16
-        key |= pixels[:, 1].astype(np.int32) << 8
-        key |= pixels[:, 2]
+        """The packed entries of (P, 3) uint8 pixels, filling the blocks of colours not seen before."""
+        key = colour_keys(pixels)
         entries = self.entries[key]
-        missing = entries == 0
-        if missing.any():
-            new_keys = distinct(key[missing])
-            new_colours = np.stack([new_keys >> 16, (new_keys >> 8) & 255, new_keys & 255], axis=1).astype(np.uint8)
-            self.entries[new_keys] = self.compute(new_colours)
+        if not entries.all():
+            missing = np.flatnonzero(entries == 0)
+            self.fill(key[missing] >> BLOCK_BITS)
             entries[missing] = self.entries[key[missing]]
         return entries
 
+    def fill(self, blocks: np.ndarray) -> None:
+        """Compute and store every colour of the given block ids, and of the blocks sharing a face with them
+        when the new blocks are few (see the class docstring)."""
+        wanted = np.zeros(NUM_BLOCKS, dtype=bool)
+        wanted[blocks] = True
+        if np.count_nonzero(wanted & ~self.filled) <= NEIGHBOURS_UP_TO:
+            wanted = wanted.reshape((NUM_BLOCKS_PER_SIDE,) * 3)
+            around = wanted.copy()
+            for axis in range(3):
+                lower, upper = [slice(None)] * 3, [slice(None)] * 3
+                lower[axis], upper[axis] = slice(None, -1), slice(1, None)
+                around[tuple(lower)] |= wanted[tuple(upper)]
+                around[tuple(upper)] |= wanted[tuple(lower)]
+            wanted = around.reshape(-1)
+        blocks = np.flatnonzero(wanted & ~self.filled)
+        by_block = self.entries.reshape(NUM_BLOCKS, -1)
+        for start in range(0, len(blocks), FILL_BLOCKS):
+            part = blocks[start : start + FILL_BLOCKS]
+            origins = np.stack([part >> 10, (part >> 5) & 31, part & 31], axis=1).astype(np.int32) * BLOCK_SIDE
+            by_block[part] = self.compute_blocks(origins).reshape(len(part), -1)
+            self.filled[part] = True
 
-def distinct(keys: np.ndarray) -> np.ndarray:
-    """The distinct 24-bit colour keys, sorted: by a 2**24-entry mask for many keys (~10x faster than np.unique)."""
-    if len(keys) < 1 << 16:
-        return np.unique(keys)
-    seen = np.zeros(1 << 24, dtype=bool)
-    seen[keys] = True
-    return np.flatnonzero(seen)
+
+# Blocks of the colour table: 8 levels per channel, 32**3 blocks of 512 colours.
+BLOCK_SIDE = 8
+BLOCK_BITS = 9
+NUM_BLOCKS_PER_SIDE = 256 // BLOCK_SIDE
+NUM_BLOCKS = NUM_BLOCKS_PER_SIDE**3
+# Blocks computed per call of `compute_blocks` (bounds its temporaries).
+FILL_BLOCKS = 128
+# More new blocks than this at once are colours spread thin: filled without their neighbours.
+NEIGHBOURS_UP_TO = 512
+
+# A channel's level -> its bits of the table index: the block coordinate (level // 8) among the block id's
+# bits, and the place in the block (level % 8) among the low 9 bits, red slowest in both.
+_levels = np.arange(256, dtype=np.int32)
+_KEY_BITS = tuple(
+    ((_levels >> 3) << (BLOCK_BITS + 5 * (2 - channel))) | ((_levels & 7) << (3 * (2 - channel)))
+    for channel in range(3)
+)
+
+
+def colour_keys(pixels: np.ndarray) -> np.ndarray:
+    """(P, 3) uint8 pixels -> int32 table indices: block id (r//8, g//8, b//8) * 512 + place (r%8, g%8, b%8)."""
+    key = np.take(_KEY_BITS[0], pixels[:, 0])
+    key |= np.take(_KEY_BITS[1], pixels[:, 1])
+    key |= np.take(_KEY_BITS[2], pixels[:, 2])
+    return key
+
+
+def block_planes(origins: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(B, 3) block origins -> float32 red (B, 8, 1, 1), green (B, 1, 8, 1) and blue (B, 1, 1, 8) levels.
+
+    Broadcast together they are the blocks' colours in table order (red slowest): an
+    element-wise kernel run on them computes each block as (B, 8, 8, 8).
+    """
+    levels = (origins[:, :, None] + np.arange(BLOCK_SIDE, dtype=np.int32)).astype(np.float32)  # (B, 3, 8)
+    return levels[:, 0, :, None, None], levels[:, 1, None, :, None], levels[:, 2, None, None, :]
+
+
+def full_shape(origins: np.ndarray) -> tuple[int, int, int, int]:
+    """The (B, 8, 8, 8) shape of the colours of B blocks."""
+    return (len(origins), BLOCK_SIDE, BLOCK_SIDE, BLOCK_SIDE)

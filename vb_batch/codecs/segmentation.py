@@ -19,12 +19,13 @@ runner-up: 1 on a legend colour, 0 on the boundary between two colours, and
 (r, g, b), and a class beats black. Float input is first rounded to 8-bit
 levels; NaN pixels are unlabelled.
 
-Speed: numpy decodes through a per-legend table over all 2**24 colours,
-filled lazily with the exact nearest-colour computation for the colours an
-image actually contains (so repeated batches cost one lookup per pixel, and
-the table only grows to the colours seen: at most 64 MB per colour set).
-Permuted legends share one table. torch computes the same thing directly, in
-chunks, on the tensor's device.
+Speed: numpy decodes through a per-legend table over all 2**24 colours
+(`codecs.base.ColourTable`), filled a block of 8x8x8 colours at a time by
+`codecs.block_search`, which searches per block only the candidates that can
+win there and returns the brute force's results bit for bit. Repeated colours
+cost one lookup per pixel; the table grows with the blocks filled, to at most
+64 MB per colour set. Permuted legends share one table. torch computes the
+same thing by brute force, in chunks, on the tensor's device.
 
 Ensembling (`vote`): paint K passes, each with `legend.permuted(seed)` (same
 class names and ids, colours shuffled), decode each with its own legend so
@@ -57,6 +58,7 @@ from vb_batch.codecs.base import (
     decode_in_chunks,
     painted_pixels,
 )
+from vb_batch.codecs.block_search import block_bounds, nearest_in_blocks
 
 BLACK = (0, 0, 0)
 DEFAULT_MAX_DISTANCE_FRACTION = 0.5
@@ -341,9 +343,9 @@ def decode(rgb: Any, legend: Legend, max_distance: float | None = None) -> Decod
         values = backend.astype(values, ids_dtype)
     else:
         entries = _decode_table(candidates.tobytes(), radii.tobytes()).lookup(backend.astype(pixels, "uint8"))
-        nearest = (entries >> 16).astype(np.intp) - 1
+        # Entry: (candidate index + 1) << 16 | confidence in 1/65535 steps.
+        values = np.take(np.append(legend.unlabelled, class_of).astype(legend.dtype), entries >> 16)
         confidence = (entries & 0xFFFF).astype(np.float32) * np.float32(1 / 65535)
-        values = class_of.astype(legend.dtype)[nearest]
     return Decoded(values=values.reshape(lead_shape), confidence=confidence.reshape(lead_shape))
 
 
@@ -378,24 +380,13 @@ def _nearest_colours(
     return decode_in_chunks(backend, pixels, nearest, elements_per_pixel=3 * num_candidates)
 
 
-def _pack_nearest(candidates: np.ndarray, radii: np.ndarray) -> Any:
-    """`_nearest_colours` of distinct colours packed as (candidate index + 1) << 16 | confidence in 1/65535 steps."""
-
-    def compute(colours: np.ndarray) -> np.ndarray:
-        nearest, confidence = _nearest_colours(ArrayBackend(np), colours, candidates, radii)
-        packed = (nearest.astype(np.uint32) + 1) << 16
-        packed |= np.rint(confidence * 65535).astype(np.uint32)
-        return packed
-
-    return compute
-
-
 @functools.lru_cache(maxsize=4)
 def _decode_table(candidate_bytes: bytes, radii_bytes: bytes) -> ColourTable:
     # Keyed by bytes so that legends with the same colour set (permutations) share a table.
     candidates = np.frombuffer(candidate_bytes, dtype=np.uint8).reshape(-1, 3)
     radii = np.frombuffer(radii_bytes, dtype=np.float64)
-    return ColourTable(_pack_nearest(candidates, radii), np.uint32)
+    bounds = block_bounds(candidates)
+    return ColourTable(lambda origins: nearest_in_blocks(origins, candidates, radii, bounds), np.uint32)
 
 
 def vote(decodes: Sequence[Decoded], unlabelled: int | None = None) -> Decoded:
