@@ -198,3 +198,47 @@ def tiny(tmp_path_factory):
         return built[name]
 
     return get
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    """An Iceberg SQL catalog on sqlite, its warehouse under tmp_path (the `catalog` section of a job)."""
+    return {"type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db", "warehouse": f"file://{tmp_path}/warehouse"}
+
+
+@pytest.fixture(scope="module")
+def moto_s3():
+    """One moto S3 server on loopback for a module's tests (each test uses its own prefix), fake credentials set.
+
+    The output-safety tests were written against it; `s3` below is the suite's real S3.
+    """
+    from s3_server import s3_server, use_fake_credentials
+
+    with pytest.MonkeyPatch.context() as mp:
+        use_fake_credentials(mp)
+        with s3_server() as server:
+            yield server
+
+
+# ---------------------------------------------------------------------------- object storage: a real S3 and REST catalog
+
+
+@pytest.fixture(scope="session")
+def seaweed():
+    """One SeaweedFS for the session: S3 and an Iceberg REST catalog over a table bucket (`seaweed_server.py`)."""
+    from seaweed_server import seaweed_server
+
+    with seaweed_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3(seaweed, monkeypatch):
+    """The suite's S3: a fresh bucket on the session's SeaweedFS, the fake credentials in the environment.
+
+    moto (`s3_server.s3_server()`) only where a test needs a fault SeaweedFS cannot produce.
+    """
+    from s3_server import use_fake_credentials
+
+    use_fake_credentials(monkeypatch)
+    return seaweed.new_bucket()

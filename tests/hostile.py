@@ -1,6 +1,6 @@
 """A hostile image table: every kind of broken row mixed with good and unusual-but-valid ones.
 
-The same table feeds the local, Ray and Spark engines (tests/test_reliability.py,
+The same table feeds the local, Ray and Spark engines (tests/test_engine_contract.py,
 test_ray.py, test_spark.py): every input id must come out exactly once, good rows
 with outputs, bad rows with the right error code.
 """

@@ -94,6 +94,7 @@ def fewest_calls(backend_sizes: list[tuple[int, int]], batch_size: int) -> int:
 streams = st.lists(st.lists(st.one_of(st.none(), st.integers(-1, len(SIZES) - 1)), max_size=6), max_size=8)
 
 
+@pytest.mark.slow  # ~2 s: a property test over streams of batches
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cells=streams, batch_size=st.integers(1, 5), window=st.integers(0, 12), keyed=st.booleans())
 def test_every_row_answered_once_in_order_with_its_own_seed(cells, batch_size, window, keyed):

@@ -124,6 +124,7 @@ def assert_row_error_or_image(data: bytes, formats) -> None:
         assert rgb.shape[0] * rgb.shape[1] <= MAX_PIXELS
 
 
+@pytest.mark.slow  # ~5 s: 4000 mutated images
 @settings(max_examples=4000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.sampled_from(sorted(SEEDS)),

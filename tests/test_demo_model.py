@@ -55,6 +55,7 @@ def test_the_prompt_picks_the_task():
         parse_prompt("Make it look like a watercolour.")
 
 
+@pytest.mark.slow  # ~2-4 s
 def test_legend_colours_come_from_the_prompt(pipe):
     image = scenes.render_scene(scenes.HELD_OUT_SEED_START).rgb
     names = list(scenes.SCENE_CLASSES)
@@ -79,6 +80,7 @@ def test_legend_colours_come_from_the_prompt(pipe):
 
 
 # The fast path (bf16 weights, codecs decoded in the model worker) must keep the floors too.
+@pytest.mark.slow  # ~1.5 s each
 @pytest.mark.parametrize("dtype, decode_on_device", [("float32", False), ("bfloat16", True)])
 def test_job_with_the_demo_backend_meets_the_metric_floors(scene_table, tmp_path, dtype, decode_on_device):
     # A job's own legend (order and colours unlike the truth's): classes are matched by name.
@@ -104,6 +106,7 @@ def test_job_with_the_demo_backend_meets_the_metric_floors(scene_table, tmp_path
     assert model["segmentation"]["miou"] > methods["majority class"]["segmentation"]["miou"]
 
 
+@pytest.mark.slow  # ~1.5 s
 def test_referring_paints_the_named_class(pipe):
     scene = scenes.render_scene(scenes.HELD_OUT_SEED_START + 1)
     painting = pipe(image=[scene.rgb], prompt=[get_task("referring").default_template.format(phrase="the floor")],

@@ -123,6 +123,7 @@ def test_an_id_column_repeated_follows_the_same_policy(tmp_path):
     assert captions(tmp_path / "out") == ["upload 0", "upload 1", "upload 3"]
 
 
+@pytest.mark.slow  # ~2 s
 def test_on_s3_identical_images_are_refused_or_kept_by_policy(s3):
     s3.put("dup/in.parquet", parquet_bytes(uploads()))
     out = {"path": s3.url("dup/labels"), "storage": s3.storage}

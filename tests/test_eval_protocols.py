@@ -387,6 +387,7 @@ def marigold_least_square(gt, pred, valid, max_resolution):
     return pred * scale + shift
 
 
+@pytest.mark.slow  # ~5 s: a full-size frame
 def test_eth3d_fits_the_alignment_at_1024_as_marigold_on_a_2016x3024_frame():
     rng = np.random.default_rng(35)
     shape = (2016, 3024)

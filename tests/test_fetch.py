@@ -116,6 +116,7 @@ def is_url(cell: object) -> bool:
     return bool(match) and match.group(1).lower() not in ("file", "local")
 
 
+@pytest.mark.slow  # ~3.5 s: a property test over real servers
 def test_any_cell_gives_a_row_error_or_bytes(tmp_path, server):
     """Random and adversarial cells through check_uri and read_uri: nothing but RowError escapes.
 
@@ -307,6 +308,7 @@ def test_stalling_server_fails_the_row_within_the_timeout(server):
     assert info.value.message == f"{server.url('/stall')}: no data for 1 s (input.storage.timeout_s)"
 
 
+@pytest.mark.slow  # 4 s: waits out its deadline
 def test_dripping_server_fails_the_row_at_the_deadline(server):
     """A byte every 0.3 s never trips the 1 s read timeout; the total deadline (4 x 1 s) ends it."""
     cfg = config(allowed_prefixes=[server.url("/")], allow_private_addresses=True, storage={"timeout_s": 1.0})
@@ -420,6 +422,7 @@ def test_s3_reads_are_bounded_by_size(s3):
     assert info.value.code == "too_large" and f"{len(IMAGE)} bytes" in info.value.message
 
 
+@pytest.mark.slow  # 4 s: waits out its timeouts
 def test_s3_timeouts_apply():
     """storage.timeout_s reaches the S3 client (each request gives up after 1 s and is retried on a new
     connection), and the total deadline (4 x 1 s) ends the row although s3fs and botocore would retry on."""

@@ -146,6 +146,7 @@ def s3(monkeypatch):
         yield server
 
 
+@pytest.mark.slow  # ~3.5 s: Delta and Iceberg through S3
 def test_lake_tables_in_and_out_of_s3(s3, tmp_path):
     from s3_server import SECRET
 

@@ -122,6 +122,7 @@ def test_a_dead_holder_elsewhere_is_taken_over_after_watching_not_by_its_timesta
     assert "taking over the writer lease of run 20260101T000000Z-otherrun" in caplog.text
 
 
+@pytest.mark.slow  # ~1.5 s: watches the lease out
 def test_the_longer_of_the_two_leases_is_watched(tmp_path):
     out = tmp_path / "out"
     write_record(out, other_host_record(heartbeat_age=3600, seconds=1.5))  # the holder renews every 0.5 s
@@ -141,6 +142,7 @@ HUNG_HOLDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # ~2 s: watches the lease out
 def test_a_hung_holder_on_this_host_is_taken_over_by_the_same_rule(tmp_path, caplog):
     out = tmp_path / "out"
     hung = subprocess.Popen([sys.executable, "-c", HUNG_HOLDER, str(out), str(LEASE_S)], stdout=subprocess.PIPE,
@@ -265,6 +267,7 @@ def test_on_s3_a_live_holder_is_refused_and_a_dead_one_taken_over_after_the_watc
     assert s3.keys("out/_vb/") == []
 
 
+@pytest.mark.slow  # 1-2 s each: contenders race on S3
 def test_on_s3_racing_contenders_get_one_winner(any_s3):
     s3 = any_s3
     won, refused, errors = [], [], []

@@ -128,6 +128,7 @@ def test_read_ahead_keeps_order_raises_the_readers_error_and_stops_on_close():
     assert closed_on == ["vb-read"]
 
 
+@pytest.mark.slow  # ~3 s
 def test_the_model_thread_neither_reads_nor_decodes_and_the_summary_says_where_its_time_went(tmp_path, monkeypatch):
     image = png_bytes(depth.encode(np.full((16, 16), 3.0, np.float32)))
     pq.write_table(pa.table({"id": list(range(64)), "image": [image] * 64}), tmp_path / "in.parquet")

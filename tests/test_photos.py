@@ -137,7 +137,10 @@ def test_bilinear_resize_keeps_the_pillow_convention(h, w, fy, fx, kind, holes, 
     new, old = resize_values(values, kind, size), pillow_bilinear(values, kind, size)
     assert new.shape == old.shape and new.dtype == np.float32
     both = np.isfinite(new) & np.isfinite(old)
-    np.testing.assert_allclose(new[both], old[both], rtol=1e-5, atol=1e-5)
+    # Normals are divided by their interpolated length, which amplifies float32 rounding where that length is
+    # short (opposite normals blended): 1.3e-5 was seen at h=w=25, fy=fx=5.71875, seed=25.
+    tolerance = 1e-4 if kind == "normals" else 1e-5
+    np.testing.assert_allclose(new[both], old[both], rtol=tolerance, atol=tolerance)
     if not holes:
         assert both.all()
     else:

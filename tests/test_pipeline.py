@@ -238,6 +238,7 @@ def test_max_error_fraction_fails_the_run_after_committing(tmp_path, capsys):
     assert not (tmp_path / "out" / "_SUCCESS").exists()
 
 
+@pytest.mark.slow  # ~2 s
 def test_decode_on_device_gives_the_cpu_decode(painted_table, tmp_path, legend, monkeypatch):
     """`model.decode_on_device` (torch codecs in the model worker, here on the CPU) stores what numpy decodes."""
     import vb_batch.pipeline.model as model_stage

@@ -273,6 +273,7 @@ def test_two_nodes_model_actors_run_on_the_gpu_node(worker_env, tiny_marigold, t
         cluster.shutdown()
 
 
+@pytest.mark.slow  # ~12 s: a Ray cluster and a killed actor
 def test_killed_model_actor_is_restarted_and_nothing_duplicated(worker_env, tmp_path):
     """A model actor dies mid-batch: Ray restarts it, retries the batch, and every id comes out once."""
     tests = str(Path(__file__).resolve().parent)
@@ -306,6 +307,7 @@ vb_batch.annotate(sys.argv[1])
 """
 
 
+@pytest.mark.slow  # ~12 s: a Ray driver killed and resumed
 def test_kill_9_of_the_ray_driver_then_resume(worker_env, tmp_path, monkeypatch):
     """The driver of a Ray job is killed -9 mid-run; a resumed run gives every id exactly once."""
     from ray.cluster_utils import Cluster

@@ -138,6 +138,7 @@ def hostile_output(tmp_path):
     return out
 
 
+@pytest.mark.slow  # ~2 s: a headless Chromium
 def test_the_browser_runs_nothing_from_a_hostile_output(hostile_output, tmp_path):
     assert main(["report", str(hostile_output)]) == 0
     report = hostile_output / REPORT_NAME

@@ -81,6 +81,7 @@ vb_batch.annotate(sys.argv[1], backend=Slow(None))
 """
 
 
+@pytest.mark.slow  # ~1.5 s: a child killed, then a resume
 def test_kill_9_then_resume_gives_each_id_once(tmp_path):
     make_input(tmp_path / "in.parquet", 120)
     job = tmp_path / "job.yaml"
