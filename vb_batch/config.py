@@ -240,6 +240,13 @@ class OutputConfig(_Section):
         default=4096, ge=0,
         description="rows staged before a commit makes them visible (0: one commit at the end)",
     )
+    # Seconds at most between commits while rows are written, whatever commit_every says: a kill -9
+    # loses at most about this much work (plus a batch). Files cut short by it are shorter than
+    # rows_per_file. 0: rows only.
+    commit_every_s: float = Field(
+        default=60.0, ge=0,
+        description="seconds at most between commits while rows are written: what a kill can lose (0: rows only)",
+    )
     compression: str = Field(default="zstd", description="Parquet compression codec")
     # The grid maps are stored at: the whole image's, or the one the model answered at (e.g. 768 px
     # for a 12 MP photo), either capped by max_side. Summary scalars come from the model's grid either way.

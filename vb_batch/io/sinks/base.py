@@ -11,7 +11,8 @@ Every sink (Parquet, Delta, Iceberg) has one protocol, used by every engine thro
         sink.staging + sink.stage(name, rows)
                                a complete part file another process wrote into `staging` with
                                `sinks.staging.StagedParts` (Ray tasks, Spark executors) counts towards a commit
-        sink.commit()          make staged rows visible atomically (also every `output.commit_every` rows)
+        sink.commit()          make staged rows visible atomically (also every `output.commit_every` rows,
+                               and once `output.commit_every_s` seconds passed since the last commit)
         sink.close(success, summary)
 
 Ownership. A sink deletes or moves only files it can prove are its own: files
@@ -58,6 +59,7 @@ import contextlib
 import json
 import os
 import posixpath
+import time
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -104,6 +106,7 @@ class Sink:
         self._files: PartWriter | None = None  # this process's own part files, opened by the first write
         self._staged: list[str] = []
         self._staged_rows = 0
+        self._last_commit = time.monotonic()  # the time rule's clock: the last commit, or the sink's start
         self.rows_written = 0
         self.files_committed: list[str] = []
         self.lease: Lease | None = None
@@ -169,6 +172,7 @@ class Sink:
         self.check()
         self._fence()
         self._recover()
+        self._last_commit = time.monotonic()  # the time rule counts from here, not from a slow model load
         if self.cfg.mode == "overwrite":
             self._clear()
         self._write_marker()
@@ -211,6 +215,8 @@ class Sink:
             self._files = PartWriter(self.schema, self.cfg, self.run_id, self.staging,
                                      lambda file: self.stage(file.name, file.rows))
         self._files.write(batch)
+        if self.commit_due():  # the time rule: the open file is cut short and committed
+            self.commit()
 
     def stage(self, name: str, rows: int) -> None:
         """Count a complete part file in `self.staging` towards the next commit.
@@ -222,8 +228,17 @@ class Sink:
         self._staged.append(name)
         self._staged_rows += rows
         self.rows_written += rows
-        if self.cfg.commit_every and self._staged_rows >= self.cfg.commit_every:
+        if (self.cfg.commit_every and self._staged_rows >= self.cfg.commit_every) or self.commit_due():
             self.commit()
+
+    def commit_due(self) -> bool:
+        """The time rule: `output.commit_every_s` seconds (on this process's monotonic clock) since the last commit.
+
+        Checked as rows arrive (each written batch, each staged file), so a
+        kill loses at most the rows of about that many seconds and one batch.
+        """
+        every = self.cfg.commit_every_s
+        return bool(every) and time.monotonic() - self._last_commit >= every
 
     def commit(self) -> None:
         """Make every staged file visible atomically (see the module docstring)."""
@@ -248,6 +263,7 @@ class Sink:
             raise
         self.files_committed += self._staged
         self._staged, self._staged_rows = [], 0
+        self._last_commit = time.monotonic()
 
     def close(self, success: bool, summary: dict[str, Any] | None = None) -> None:
         """Commit what was written (complete rows, also after a failure); the run record; success marks."""

@@ -271,6 +271,11 @@ class Compactor:
     file's worth, `submit(names, tag)` (a `compact` task on the cluster, as a
     `concurrent.futures.Future`) merges them; what it leaves over is pooled
     again. `finish` compacts the rest into the run's last, shorter file.
+
+    The time rule (`output.commit_every_s`): when the sink's commit is due and
+    rows wait in the pool, the pool is merged at once into one shorter file,
+    staged and committed whatever its size (the driver waits for that one
+    merge), so pooled rows wait no longer than the sink's own.
     """
 
     def __init__(self, run: PartCounter, submit: Callable[[list[str], str], Future]):
@@ -279,6 +284,7 @@ class Compactor:
         self.per_file = run.sink.cfg.rows_per_file
         self.pool: list[tuple[str, int]] = []
         self.in_flight: set[Future] = set()
+        self.flushing: Future | None = None  # the time rule's merge, until collected: committed whatever its size
         self.tasks = 0
 
     def add(self, report: dict[str, Any]) -> None:
@@ -291,6 +297,10 @@ class Compactor:
         self._collect(wait=False)
         if self._pooled_rows() >= self.per_file:
             self._launch()
+        elif self.pool and self.sink.commit_due():
+            self.flushing = self._launch()
+            futures_wait([self.flushing])  # a short merge: its rows are committed now, not at the next report
+            self._collect(wait=False)
 
     def finish(self) -> None:
         while self.in_flight:
@@ -307,21 +317,27 @@ class Compactor:
     def _pooled_rows(self) -> int:
         return sum(rows for _, rows in self.pool)
 
-    def _launch(self) -> None:
+    def _launch(self) -> Future:
         names = [name for name, _ in self.pool]
         self.pool = []
-        self.in_flight.add(self.submit(names, f"c{self.tasks:06d}"))
+        future = self.submit(names, f"c{self.tasks:06d}")
+        self.in_flight.add(future)
         self.tasks += 1
+        return future
 
     def _collect(self, wait: bool, last: bool = False) -> None:
         if not self.in_flight:
             return
         done, self.in_flight = futures_wait(self.in_flight, timeout=None if wait else 0, return_when=FIRST_COMPLETED)
         for future in done:
+            flushed = future is self.flushing
             for report in future.result():
-                if report["rows"] < self.per_file and not last:
+                if report["rows"] < self.per_file and not (last or flushed):
                     self.pool.append((report["file"], report["rows"]))
                 else:
                     self.sink.stage(report["file"], report["rows"])
                 if report.get("phases"):  # the merge's own seconds; its rows were counted with the small files
                     self.run.apply(part_report(0, phases={e["name"]: e["seconds"] for e in report["phases"]}))
+            if flushed:
+                self.flushing = None
+                self.sink.commit()
