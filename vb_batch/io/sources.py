@@ -14,7 +14,15 @@ camera in ('a', 'b')") keeps matching rows for every format: it prunes
 partitions and files (Iceberg: by manifest statistics), row groups by their
 statistics, and filters rows.
 
-A row without an id gets a stable one: its URI, or the SHA-256 of its bytes.
+A Hugging Face image cell is read from its `bytes`; a cell with null bytes and a
+`path` (what `datasets.Image()` stores for images built from files) names its
+image like a URI cell, read under the same fetch rules (`image_path_uri`): a
+URL or absolute path as it is, a relative path under the input's folder when
+`input.path` is local (a relative path of a remote input is the row's
+`uri_invalid`); a cell with neither is `null_image`.
+
+A row without an id gets a stable one: its URI (a path-only image cell: its
+`path` as stored), or the SHA-256 of its bytes.
 Rows that would share an id are found before any row runs (`duplicate_rows`,
 which reads the ids, or hashes the images, with each row's place: the file
 and its row in that file, the numbering `read_unit` uses); under
@@ -26,6 +34,7 @@ and its row in that file, the numbering `read_unit` uses); under
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -37,9 +46,11 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from vb_batch.config import ConfigError, InputConfig
+from vb_batch.errors import RowError
 from vb_batch.io.filesystems import arrow_filesystem, fsspec_filesystem, split_scheme
 from vb_batch.io.filters import filter_expression
 from vb_batch.io.formats import detect_format
+from vb_batch.io.uri import scheme_of, shown_text
 from vb_batch.timing import timed_items
 
 IMAGE_COLUMN_GUESSES = ("image", "image_bytes", "bytes", "img")
@@ -55,6 +66,45 @@ def image_bytes(column: pa.Array | pa.ChunkedArray) -> pa.Array:
     return column
 
 
+def image_paths(column: pa.Array | pa.ChunkedArray) -> list[str | None]:
+    """Per row, the `path` of a Hugging Face image cell that has no bytes; None where the bytes are the image."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if not pa.types.is_struct(column.type) or column.type.get_field_index("path") < 0:
+        return [None] * len(column)
+    path = pc.struct_field(column, "path").cast(pa.string())
+    return pc.if_else(pc.is_null(pc.struct_field(column, "bytes")), path, pa.scalar(None, pa.string())).to_pylist()
+
+
+def input_folder(cfg: InputConfig) -> str | None:
+    """The local folder a relative image path resolves against: `input.path` (a file's parent); None if remote."""
+    scheme, path = split_scheme(cfg.path)
+    if not cfg.path or scheme not in ("file", "local"):
+        return None
+    path = os.path.abspath(path)
+    return path if os.path.isdir(path) else os.path.dirname(path)
+
+
+def image_path_uri(path: str, folder: str | None) -> str:
+    """The URI a path-only image cell names, for `vb_batch.io.fetch.read_uri` (which applies the fetch rules).
+
+    A URL or an absolute path as written; a relative path (HF stores the path it was given)
+    joined to `folder` (`input_folder`), then checked like any URI (`..` and symlinks resolved,
+    `input.allowed_prefixes`). A relative path without a local input folder is the row's
+    `uri_invalid`: it is never read from the working directory.
+    """
+    if not path or not _is_relative_path(path):
+        return path
+    if folder is None:
+        raise RowError("uri_invalid", f"{shown_text(path)}: a relative image path, and input.path is not a local "
+                                      "folder to resolve it against; store absolute paths or URLs")
+    return os.path.join(folder, path)
+
+
+def _is_relative_path(path: str) -> bool:
+    return scheme_of(path) == "file" and not path.startswith("/") and not path.lower().startswith(("file:", "local:"))
+
+
 def content_id(data: bytes | None) -> str:
     return "sha256:" + hashlib.sha256(data or b"").hexdigest()
 
@@ -64,11 +114,16 @@ ROW_PLACE_COLUMN = "__vb_row_place"
 
 
 def derived_ids(batch: pa.RecordBatch | pa.Table, image_column: str | None, uri_column: str | None) -> pa.Array:
-    """The ids vb_batch gives rows without an id column: the URI, or the SHA-256 of the image bytes."""
+    """The ids vb_batch gives rows without an id column: the URI, or the SHA-256 of the image bytes.
+
+    A path-only Hugging Face image cell's id is its `path` as stored, as a URI cell's is its URI.
+    """
     if uri_column:
         return batch.column(batch.schema.get_field_index(uri_column)).cast(pa.string())
-    cells = image_bytes(batch.column(batch.schema.get_field_index(image_column))).to_pylist()
-    return pa.array([content_id(b) for b in cells], pa.string())
+    column = batch.column(batch.schema.get_field_index(image_column))
+    cells = image_bytes(column).to_pylist()
+    return pa.array([content_id(b) if path is None else path for b, path in zip(cells, image_paths(column))],
+                    pa.string())
 
 
 def with_ids(batch: pa.RecordBatch, id_column: str, image_column: str | None, uri_column: str | None) -> pa.RecordBatch:

@@ -1,5 +1,8 @@
 """Stage 1 (CPU): each row's image bytes or URI -> RGB uint8 pixels, decoded no larger than the model needs.
 
+A Hugging Face image cell with null bytes and a `path` is read from that path as a
+URI cell is, under the same fetch rules (`vb_batch.io.sources.image_path_uri`).
+
     fetch_decode:  rows -> `_vb_rgb` (the decoded pixels), `_vb_image_size` (the whole
                    image's (height, width)) and `vb_error` per row; rows in parallel
 
@@ -21,7 +24,7 @@ from vb_batch.errors import ERROR_COLUMN, ERROR_TYPE
 from vb_batch.io.encodings import arrays_to_column
 from vb_batch.io.fetch import read_uri
 from vb_batch.io.images import NeededSize, decode_for_model
-from vb_batch.io.sources import image_bytes
+from vb_batch.io.sources import image_bytes, image_path_uri, image_paths, input_folder
 from vb_batch.models.base import working_resolution
 from vb_batch.pipeline.columns import (
     IMAGE_COLUMN,
@@ -85,20 +88,26 @@ def fetch_decode(batch: pa.RecordBatch, plan: ResolvedJob) -> pa.RecordBatch:
     cfg = plan.cfg.input
     with phase("fetch_decode"):
         if plan.image_column:
-            cells = image_bytes(batch.column(batch.schema.get_field_index(plan.image_column))).to_pylist()
+            column = batch.column(batch.schema.get_field_index(plan.image_column))
+            cells, paths = image_bytes(column).to_pylist(), image_paths(column)
+            folder = input_folder(cfg) if any(p is not None for p in paths) else None
         else:
             cells = column_values(batch, plan.uri_column)
         errors = row_errors(batch)
         needed = _needed(plan)
+
+    def read_one(i: int) -> bytes | None:
+        if not plan.image_column:
+            return read_uri(cells[i], cfg)
+        return cells[i] if paths[i] is None else read_uri(image_path_uri(paths[i], folder), cfg)
 
     def fetch_one(i: int):
         if errors[i] is not None:
             return None, None, errors[i]
         with phase("fetch_decode"):
             try:
-                data = cells[i] if plan.image_column else read_uri(cells[i], cfg)
-                decoded = decode_for_model(data, cfg.max_pixels, cfg.min_side, cfg.image_formats, cfg.max_bytes, needed,
-                                           timeout_s=cfg.decode_timeout_s, max_jpeg_scans=cfg.max_jpeg_scans)
+                decoded = decode_for_model(read_one(i), cfg.max_pixels, cfg.min_side, cfg.image_formats, cfg.max_bytes,
+                                           needed, timeout_s=cfg.decode_timeout_s, max_jpeg_scans=cfg.max_jpeg_scans)
                 return decoded.pixels, list(decoded.size), None
             except Exception as exc:  # noqa: BLE001 - the row guard: whatever one row raises is its own error
                 return None, None, row_error(exc, "internal_error", "fetch and decode: ")
