@@ -2,7 +2,7 @@
 
 Runs the shipped demo generalist on held-out procedural scenes (never trained on), decodes its
 paintings with the codecs exactly as the pipeline does (per-pixel confidence; the stored row
-confidence is their mean, as `vb_batch.stages.decode_encode` writes it) and scores:
+confidence is their mean, as `vb_batch.pipeline.outputs.decode_encode` writes it) and scores:
 
 * per pixel and per row: AUSE of the model's confidence, next to the baseline of a confidence
   that ranks nothing (what the demo model painted before it carried its uncertainty: every
@@ -28,7 +28,7 @@ from common import RESULTS_DIR, argument_parser, machine_info
 from vb_batch.codecs import depth as depth_codec
 from vb_batch.codecs import normals as normals_codec
 from vb_batch.codecs import segmentation as seg_codec
-from vb_batch.confidence_eval import sparsification, threshold_table
+from vb_batch.evaluation.confidence import sparsification, threshold_table
 from vb_batch.metrics import DEFAULT_MAX_DEPTH_M, DEFAULT_MIN_DEPTH_M, normal_angles
 from vb_batch.models.demo_generalist import SHIPPED_MODEL, load_demo_pipeline
 from vb_batch.scenes import HELD_OUT_SEED_START, render_scene, scene_legend

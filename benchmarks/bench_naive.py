@@ -50,7 +50,7 @@ def naive_loop(input_dir: Path, output_file: Path, checkpoints: dict[str, str]) 
     from diffusers import DiffusionPipeline
     from PIL import Image
 
-    from vb_batch.stages import row_seed
+    from vb_batch.pipeline.resolved import row_seed
 
     pipes = {}
     for task, path in checkpoints.items():

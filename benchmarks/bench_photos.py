@@ -142,7 +142,7 @@ def run(input_path: Path, out: Path, engine_stages: dict[str, Any] | None = None
 def png_levels(height: int, width: int) -> dict[str, dict[str, float]]:
     """CPU seconds (best of 3, one thread: robust to the machine's load) and MB of one map per zlib level."""
     from vb_batch.io.encodings import ColumnMeta, encode_map
-    from vb_batch.stages import resize_values
+    from vb_batch.pipeline.grid import resize_values
 
     painter = CachedPainter.__new__(CachedPainter)
     depth_map = resize_values(decoded(painter.painting(height, width, "depth"), "depth"), "depth", (height, width))
