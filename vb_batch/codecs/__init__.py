@@ -1,4 +1,11 @@
-"""Invertible colour codecs: painted RGB <-> depth (metres), unit normals, class ids."""
+"""Invertible colour codecs: painted RGB <-> depth (metres), unit normals, class ids.
+
+    depth.py          Barron's squash + the 7-edge walk of the RGB cube (named presets)
+    normals.py        (n + 1) / 2 per axis, OpenGL or OpenCV frame
+    segmentation.py   nearest legend colour with a distance threshold; permuted-legend ensembles
+    base.py           what the codecs share: Decoded, the per-preset colour tables
+    block_search.py   the legend colours that can be nearest in a block of colours (table filling)
+"""
 
 from vb_batch.codecs.base import Decoded
 from vb_batch.codecs import depth, normals, segmentation
