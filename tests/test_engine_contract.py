@@ -296,3 +296,21 @@ def test_mixed_sizes_share_model_calls_across_batches(engine, tmp_path):
     assert sorted(s for call in calls[100] for s in call) == sorted(s for call in calls[0] for s in call)
     grouped, alone = (comparable(read_output(str(tmp_path / f"out-{w}"))) for w in (100, 0))
     assert grouped.equals(alone)
+
+
+def test_the_summary_says_how_busy_the_model_was(engine, tmp_path):
+    """Calls, input wait and output wait of the model, summed over its workers, and the calls' share."""
+    write_painted_input(tmp_path / "in.parquet")
+    summary = vb_batch.annotate(job(tmp_path / "in.parquet", tmp_path / "out", engine,
+                                    model={"backend": "worker_backends:SlowBackend", "options": {"seconds": 0.05}}))
+    assert summary.success
+    calls = ROWS // 2  # batch_size 2: at least one sleeping call per two rows
+    assert summary.model_seconds >= 0.05 * calls
+    assert summary.model_input_wait_seconds >= 0 and summary.model_output_wait_seconds >= 0
+    stage = summary.model_seconds + summary.model_input_wait_seconds + summary.model_output_wait_seconds
+    assert 0 < summary.model_busy <= 1 and summary.model_busy == pytest.approx(summary.model_seconds / stage)
+    record = json.loads((tmp_path / "out" / "_vb" / "runs" / f"{summary.run_id}.json").read_text())
+    for key in ("model_seconds", "model_input_wait_seconds", "model_output_wait_seconds"):
+        assert record[key] == pytest.approx(getattr(summary, key))
+    assert record["model_busy"] == pytest.approx(summary.model_busy, abs=1e-4)
+    assert f"model busy {summary.model_busy:.2f} of its stage" in summary.render()

@@ -90,6 +90,7 @@ log = logging.getLogger(__name__)
 
 NODE_COLUMN = "_vb_model_node"
 MODEL_SECONDS_COLUMN = "_vb_model_seconds"  # the batch's time in the model actor, spread evenly over its rows
+MODEL_WAIT_COLUMN = "_vb_model_input_wait_seconds"  # the actor's idle time before the batch, spread likewise
 PHASE_PREFIX = "_vb_seconds_"  # a phase's seconds in prepare and model, spread evenly over the rows
 # Process-local storage: Ray workers would each see their own, empty one.
 PROCESS_LOCAL_SCHEMES = ("memory",)
@@ -184,7 +185,9 @@ class ModelActor:
     """One per actor in the pool: builds the backend once, then runs `run_model` on each batch.
 
     It records the node it runs on in every row (dropped by `finish`), so the run
-    record can say where the model ran.
+    record can say where the model ran, and its seconds in `run_model` and idle
+    before the call (since it was built or its last call returned: Ray Data does
+    not say whether for lack of input or because its output was not taken).
     """
 
     def __init__(self, plan: ResolvedJob):
@@ -193,16 +196,21 @@ class ModelActor:
         self.plan = plan
         self.backend = cached_backend(plan)
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.idle_since = time.perf_counter()
 
     def __call__(self, table: pa.Table) -> pa.Table:
         times = PhaseTimes()
         started = time.perf_counter()
+        waited = started - self.idle_since
         with collecting(times):
             batch = run_model(record_batch(table), self.plan, self.backend)
         seconds = (time.perf_counter() - started) / max(1, batch.num_rows)
         batch = spread_phases(shapes_only(batch), times)
         batch = batch.append_column(NODE_COLUMN, pa.array([self.node_id] * batch.num_rows, pa.string()))
         batch = batch.append_column(MODEL_SECONDS_COLUMN, pa.array([seconds] * batch.num_rows, pa.float64()))
+        wait = waited / max(1, batch.num_rows)
+        batch = batch.append_column(MODEL_WAIT_COLUMN, pa.array([wait] * batch.num_rows, pa.float64()))
+        self.idle_since = time.perf_counter()
         return pa.Table.from_batches([batch])
 
 
@@ -215,9 +223,11 @@ def finish(table: pa.Table, plan: ResolvedJob, staging: str) -> pa.Table:
     batch = gather_phases(batch, times)
     nodes = Counter(batch.column(batch.schema.get_field_index(NODE_COLUMN)).to_pylist())
     model_seconds = sum(batch.column(batch.schema.get_field_index(MODEL_SECONDS_COLUMN)).to_pylist())
+    model_wait = sum(batch.column(batch.schema.get_field_index(MODEL_WAIT_COLUMN)).to_pylist())
     with collecting(times):
         out = pa.Table.from_batches([decode_encode(batch, plan)])
         reports = stage_parts(plan, staging, out, uuid.uuid4().hex[:16], model_seconds, dict(nodes), times=times)
+    reports[0].update(model_input_wait_seconds=model_wait, model_output_wait_seconds=0.0)
     return pa.Table.from_pylist(reports, schema=PART_SCHEMA)
 
 
@@ -329,12 +339,14 @@ class RayEngine(Engine):
                 ray.shutdown()
 
     def execute(self, run: Run, session: None) -> None:
-        run.summary.model_seconds = 0.0  # summed over the actors
+        run.summary.model_seconds = 0.0  # summed over the actors, as are their waits
+        run.summary.model_input_wait_seconds = run.summary.model_output_wait_seconds = 0.0
         import ray
 
         task = ray.remote(num_cpus=run.cfg.engine.cpus_per_task)(compact)
         compactor = Compactor(run, lambda names, tag: task.remote(run.plan, run.sink.staging, names, tag).future())
         for reports in build_dataset(run).iter_batches(batch_format="pyarrow", batch_size=None):
             for report in reports.to_pylist():
+                run.summary.add_model_waits(report)
                 compactor.add(report)
         compactor.finish()

@@ -33,9 +33,9 @@ import pyarrow as pa
 from vb_batch.config import EngineConfig, InputConfig
 from vb_batch.engines.core import Engine, Run
 from vb_batch.engines.resume import ResumeFilter
-from vb_batch.io.sinks.staging import PART_SCHEMA, Compactor, StagedParts, compact
+from vb_batch.io.sinks.staging import PART_SCHEMA, Compactor, StagedParts, compact, part_report
 from vb_batch.io.sources import read_unit, with_ids
-from vb_batch.pipeline.loop import annotate_stream
+from vb_batch.pipeline.loop import ModelClock, annotate_stream
 from vb_batch.pipeline.resolved import ResolvedJob
 from vb_batch.pipeline.stream import cached_backend
 from vb_batch.timing import PhaseTimes, collecting
@@ -86,7 +86,8 @@ def annotate_unit(unit: dict, index: int, plan: ResolvedJob, input_schema: pa.Sc
     The one per-batch loop (`annotate_stream`) runs the stages: reading and CPU
     stages overlap the model. It yields a part report as each file is complete;
     what the task holds is a few model batches and one open file, whatever the
-    unit's size. Model seconds go with the file their rows went to.
+    unit's size. Model seconds go with the file their rows went to; the model's waits for input
+    and for output (the loop's `ModelClock`) go in a last report of their own.
     """
     cfg: InputConfig = plan.cfg.input
     backend = cached_backend(plan)
@@ -102,8 +103,9 @@ def annotate_unit(unit: dict, index: int, plan: ResolvedJob, input_schema: pa.Sc
 
     # A fixed tag per unit: a retried or speculative attempt rewrites the same files.
     parts = StagedParts(plan, staging, f"u{index:06d}", times)
+    clock = ModelClock()
     stream = annotate_stream(pending(), plan, backend, io_threads=task_io_threads(plan.cfg.engine),
-                             prefetch_batches=plan.cfg.engine.prefetch_batches, times=times)
+                             prefetch_batches=plan.cfg.engine.prefetch_batches, times=times, clock=clock)
     with contextlib.closing(stream):
         for annotated in stream:
             # Collect only while this task works: a generator's context would leak into the consumer's.
@@ -113,6 +115,8 @@ def annotate_unit(unit: dict, index: int, plan: ResolvedJob, input_schema: pa.Sc
     with collecting(times):
         reports = parts.close(skipped)
     yield from reports
+    yield {**part_report(0), "model_input_wait_seconds": clock.input_wait_seconds,
+           "model_output_wait_seconds": clock.output_wait_seconds}
 
 
 def task_io_threads(engine: EngineConfig) -> int:
@@ -148,7 +152,8 @@ class SparkEngine(Engine):
         units = run.source.units(max_rows=cfg.engine.unit_rows)
         wave_size = cfg.engine.partitions or 4 * spark.sparkContext.defaultParallelism
         log.info("run %s on spark: %d units in waves of %d", plan.run_id, len(units), wave_size)
-        run.summary.model_seconds = 0.0  # summed over the executors' units
+        run.summary.model_seconds = 0.0  # summed over the executors' units, as are the waits
+        run.summary.model_input_wait_seconds = run.summary.model_output_wait_seconds = 0.0
         # Plain values only in the closure: the plan, the schema, the staging URL, the committed ids.
         resume = spark.sparkContext.broadcast(run.resume)
         input_schema, staging = run.source.dataset.schema, run.sink.staging
@@ -182,12 +187,14 @@ class SparkEngine(Engine):
             for n, wave in enumerate(waves(units, wave_size)):
                 in_flight.append(jobs.submit(run_wave, n * wave_size, wave))
                 if len(in_flight) >= 2:
-                    self._apply(compactor, in_flight.popleft())
+                    self._apply(run, compactor, in_flight.popleft())
             while in_flight:
-                self._apply(compactor, in_flight.popleft())
+                self._apply(run, compactor, in_flight.popleft())
             compactor.finish()
 
     @staticmethod
-    def _apply(compactor: Compactor, job: Future) -> None:
+    def _apply(run: Run, compactor: Compactor, job: Future) -> None:
         for row in job.result():
-            compactor.add(row.asDict(recursive=True))
+            report = row.asDict(recursive=True)
+            run.summary.add_model_waits(report)
+            compactor.add(report)

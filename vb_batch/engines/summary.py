@@ -37,9 +37,17 @@ class RunSummary:
     success: bool = False
     message: str = ""
     report: str = ""
-    # Where the model's time went, from engines that measure it (None elsewhere): seconds in the
-    # model stage, summed over model workers; seconds to load the model (local); seconds the model
-    # thread waited for decoded input and for the writer (local: a fed model waits near zero).
+    # Where the model's time went (None where an engine did not run the model), summed over the
+    # model workers: seconds in model calls, seconds to load the model (local), and seconds the
+    # model worker waited for input and for its output to be taken; `model_busy` is the calls'
+    # share of the three. What each engine measures:
+    #   local: the one model thread of `annotate_stream` (`ModelClock`): calls; the wait for decoded
+    #          input; the wait to hand a batch on to the io threads and the writer.
+    #   spark: the same `ModelClock`, one per task, carried in the part reports and summed.
+    #   ray:   each model actor around its `__call__`: calls in `run_model`; the time between
+    #          calls (from the actor's start to its first call, then from one call's return to the
+    #          next) as input wait. Ray Data does not tell an actor why no batch came (no input yet,
+    #          or its output not taken), so a backed-up output shows as input wait; output wait is 0.
     model_seconds: float | None = None
     model_load_seconds: float | None = None
     model_input_wait_seconds: float | None = None
@@ -88,8 +96,24 @@ class RunSummary:
         for code, n in Counter(codes).items():
             self.errors_by_code[code] = self.errors_by_code.get(code, 0) + n
 
+    @property
+    def model_busy(self) -> float | None:
+        """Model calls' share of the model stage's time (calls + input wait + output wait); None if unmeasured."""
+        if self.model_seconds is None or self.model_input_wait_seconds is None:
+            return None
+        stage = self.model_seconds + self.model_input_wait_seconds + (self.model_output_wait_seconds or 0.0)
+        return self.model_seconds / stage if stage > 0 else None
+
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "rows_per_second": round(self.rows_per_second, 3)}
+        busy = self.model_busy
+        return {**asdict(self), "rows_per_second": round(self.rows_per_second, 3),
+                "model_busy": None if busy is None else round(busy, 4)}
+
+    def add_model_waits(self, report: dict[str, Any]) -> None:
+        """Add a worker's part report's model waits (input, output) to the run's; reports without them add none."""
+        for key in ("model_input_wait_seconds", "model_output_wait_seconds"):
+            if report.get(key) is not None:
+                setattr(self, key, (getattr(self, key) or 0.0) + report[key])
 
     def take_times(self, times: PhaseTimes) -> None:
         """Seconds per phase, and the model's call counts that travel with them, from the run's collector."""
@@ -101,15 +125,11 @@ class RunSummary:
             self.model_images = round(counts.get("model_images", 0))
 
     def model_line(self) -> str:
-        """e.g. "1.92 s, 80% of the run; waited 0.04 s for input, 0.00 s for the writer; loaded in 0.38 s"."""
+        """e.g. "1.92 s, 80% of the run; loaded in 0.38 s; 12 calls of 4.0 images on average"."""
         parts = [f"{self.model_seconds:.2f} s"]
-        if self.model_input_wait_seconds is not None:  # one model thread (local)
+        if self.engine == "local":  # one model thread
             if self.seconds > 0:
                 parts[0] += f", {self.model_seconds / self.seconds:.0%} of the run"
-            parts.append(
-                f"waited {self.model_input_wait_seconds:.2f} s for input, "
-                f"{self.model_output_wait_seconds or 0.0:.2f} s for the writer"
-            )
         else:
             parts[0] += " summed over the model workers"
         if self.model_load_seconds is not None:
@@ -131,6 +151,11 @@ class RunSummary:
             lines.append(f"  skipped {code}: {n} row(s) (not already done: see input.duplicate_ids)")
         if self.model_seconds is not None:
             lines.append(f"  model: {self.model_line()}")
+        if self.model_busy is not None:
+            lines.append(
+                f"  model busy {self.model_busy:.2f} of its stage: {self.model_seconds:.1f} s in calls, "
+                f"{self.model_input_wait_seconds:.1f} s waiting for input, {self.model_output_wait_seconds or 0.0:.1f} s for output"
+            )
         if self.estimate:
             from vb_batch.models.hosted import describe_estimate
 

@@ -139,7 +139,8 @@ class PartWriter:
 
 # What an engine reports for each part of the output it wrote: a staged file (or None when the
 # sink wrote the rows itself), its rows, input rows skipped as already done, one error code per
-# failed row, the seconds the model spent on these rows, and on which nodes it ran.
+# failed row, the seconds the model spent on these rows, and on which nodes it ran; a worker's
+# report may add the seconds its model waited for input and for output (null in other reports).
 PART_SCHEMA = pa.schema(
     [
         pa.field("file", pa.string()),
@@ -149,6 +150,8 @@ PART_SCHEMA = pa.schema(
         pa.field("model_seconds", pa.float64()),
         pa.field("model_nodes", pa.list_(pa.struct([pa.field("node", pa.string()), pa.field("rows", pa.int64())]))),
         pa.field("phases", pa.list_(pa.struct([pa.field("name", pa.string()), pa.field("seconds", pa.float64())]))),
+        pa.field("model_input_wait_seconds", pa.float64()),
+        pa.field("model_output_wait_seconds", pa.float64()),
     ]
 )
 
