@@ -314,3 +314,25 @@ def test_the_summary_says_how_busy_the_model_was(engine, tmp_path):
         assert record[key] == pytest.approx(getattr(summary, key))
     assert record["model_busy"] == pytest.approx(summary.model_busy, abs=1e-4)
     assert f"model busy {summary.model_busy:.2f} of its stage" in summary.render()
+
+
+@pytest.mark.parametrize("policy, ok, skipped", [("first", 4, 1), ("position", 5, 0)])
+def test_identical_images_without_an_id_follow_the_policy(engine, tmp_path, policy, ok, skipped):
+    """Content ids (no id column) on every engine: a re-uploaded photo is skipped once (`first`) or kept
+    with an id of its own (`position`); every input row is in the output or the summary, and a resume
+    does nothing twice."""
+    from conftest import png_bytes
+
+    photos = [png_bytes(depth.encode(np.full((8, 12), 1.0 + n, np.float32))) for n in (0, 1, 2, 3, 0)]
+    pq.write_table(pa.table({"image": pa.array(photos, pa.binary()), "caption": [f"upload {i}" for i in range(5)]}),
+                   tmp_path / "in.parquet", row_group_size=2)
+    cfg = job(tmp_path / "in.parquet", tmp_path / "out", engine, input={"duplicate_ids": policy},
+              output={"mode": "resume"})
+    summary = vb_batch.annotate(cfg)
+    assert summary.success and (summary.rows_ok, summary.rows_skipped) == (ok, skipped)
+    out = read_output(str(tmp_path / "out"), columns=["id", "caption"])
+    captions = sorted(out.column("caption").to_pylist())
+    assert captions == [f"upload {i}" for i in range(ok)]  # `first` keeps upload 0, skips its re-upload (4)
+    assert len(set(out.column("id").to_pylist())) == ok
+    again = vb_batch.annotate(cfg)
+    assert again.rows_processed == 0 and again.rows_skipped == 5
