@@ -210,7 +210,8 @@ def catalog(tmp_path):
 def moto_s3():
     """One moto S3 server on loopback for a module's tests (each test uses its own prefix), fake credentials set.
 
-    The output-safety tests were written against it; `s3` below is the suite's real S3.
+    Only where a test compares a real server's answers with moto's (the lease's conditional writes);
+    `s3` below is the suite's S3.
     """
     from s3_server import s3_server, use_fake_credentials
 

@@ -11,7 +11,7 @@ job never harms anything but its own output and never loses or repeats a row. Th
   (`crashing_job.py`) that can SIGKILL itself at a named point;
 - outputs: `output_ids`, `digests` (to prove nothing else changed), `meta_dir`, `lake_output`.
 
-The fixtures `catalog` (an Iceberg catalog on sqlite) and `moto_s3` (an S3 server on loopback) are in
+The fixtures `catalog` (an Iceberg catalog on sqlite) and `s3` (a fresh bucket on the session's SeaweedFS, a real S3 server) are in
 conftest.py.
 """
 

@@ -145,17 +145,17 @@ def check_a_damaged_iceberg_writer_record_is_taken_over(out: dict, tmp_path: Pat
     ("parquet", "ParquetSink._apply", "rolling forward interrupted commit"),  # record written, files not moved
     ("delta", "DeltaSink._commit_added", "moved into the table by a run that died"),  # files moved, log not written
 ], ids=["parquet", "delta"])
-def test_a_kill_9_on_s3_mid_commit_is_completed_by_the_next_run(fmt, point, repair, moto_s3, tmp_path, caplog):
+def test_a_kill_9_on_s3_mid_commit_is_completed_by_the_next_run(fmt, point, repair, s3, tmp_path, caplog):
     ids = [f"img-{i}" for i in range(20)]
-    moto_s3.put(f"crash-{fmt}/in.parquet", parquet_bytes(images_table(ids)))
-    out = {"format": fmt, "path": moto_s3.url(f"crash-{fmt}/labels"), "storage": moto_s3.storage}
-    cfg = job(moto_s3.url(f"crash-{fmt}/in.parquet"), out)
-    cfg["input"]["storage"] = moto_s3.storage
+    s3.put(f"crash-{fmt}/in.parquet", parquet_bytes(images_table(ids)))
+    out = {"format": fmt, "path": s3.url(f"crash-{fmt}/labels"), "storage": s3.storage}
+    cfg = job(s3.url(f"crash-{fmt}/in.parquet"), out)
+    cfg["input"]["storage"] = s3.storage
     job_path = tmp_path / "job.yaml"
     job_path.write_text(yaml.safe_dump(cfg))
     child = run_child(job_path, (point, "before", 2))  # in the middle of the second commit
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
-    storage = StorageOptions(**moto_s3.storage)
+    storage = StorageOptions(**s3.storage)
     seen = read_output(OutputConfig(**out), columns=["id"], storage=storage).column("id").to_pylist()
     assert sorted(seen) == sorted(ids[:8])  # the first commit, and nothing of the second
     with caplog.at_level(logging.WARNING, logger="vb_batch"):
@@ -163,7 +163,7 @@ def test_a_kill_9_on_s3_mid_commit_is_completed_by_the_next_run(fmt, point, repa
     assert summary.success and repair in caplog.text and "taking over the writer lease" in caplog.text
     table = read_output(OutputConfig(**out), columns=["id"], storage=storage)
     assert sorted(table.column("id").to_pylist()) == sorted(ids)
-    keys = moto_s3.keys(f"crash-{fmt}/labels/")
+    keys = s3.keys(f"crash-{fmt}/labels/")
     assert not any("/_vb/staging/" in k or "/_vb/intents/" in k or k.endswith("/_vb/lease.json") for k in keys), keys
     if fmt == "parquet":
         assert f"crash-{fmt}/labels/_SUCCESS" in keys

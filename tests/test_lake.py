@@ -137,15 +137,6 @@ def test_partitioned_output(tmp_path, catalog, fmt):
     assert open_output(output).dataset.schema.field("depth").metadata[b"vb.scale"] == b"256.0"
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    from s3_server import s3_server, use_fake_credentials
-
-    use_fake_credentials(monkeypatch)
-    with s3_server() as server:
-        yield server
-
-
 @pytest.mark.slow  # ~3.5 s: Delta and Iceberg through S3
 def test_lake_tables_in_and_out_of_s3(s3, tmp_path):
     from s3_server import SECRET

@@ -118,22 +118,22 @@ S3_OVERLAPS = [
 
 
 @pytest.mark.slow  # ~2 s: ten jobs on S3
-def test_s3_outputs_overlapping_the_input_are_refused(moto_s3, tmp_path, capsys):
-    moto_s3.put("data/in.parquet", parquet_bytes(images_table([f"img-{i}" for i in range(4)])))
-    moto_s3.put("data/notes.txt", b"someone else's notes")
-    before = s3_objects(moto_s3, "")
+def test_s3_outputs_overlapping_the_input_are_refused(s3, tmp_path, capsys):
+    s3.put("data/in.parquet", parquet_bytes(images_table([f"img-{i}" for i in range(4)])))
+    s3.put("data/notes.txt", b"someone else's notes")
+    before = s3_objects(s3, "")
     for inp, out in S3_OVERLAPS:
-        cfg = job(inp.format(b=moto_s3.bucket), {"path": out.format(b=moto_s3.bucket), "mode": "overwrite", "storage": moto_s3.storage})
-        cfg["input"]["storage"] = moto_s3.storage
+        cfg = job(inp.format(b=s3.bucket), {"path": out.format(b=s3.bucket), "mode": "overwrite", "storage": s3.storage})
+        cfg["input"]["storage"] = s3.storage
         code, line = cli(cfg, tmp_path, capsys)
         assert code == 2 and line.startswith("vb-batch: output.path:"), (inp, out, line)
-        assert s3_objects(moto_s3, "") == before, (inp, out)
+        assert s3_objects(s3, "") == before, (inp, out)
     # A prefix that merely starts with the same letters is another place: the job runs.
-    cfg = job(moto_s3.url("data/in.parquet"), {"path": moto_s3.url("data-labels"), "mode": "overwrite", "storage": moto_s3.storage})
-    cfg["input"]["storage"] = moto_s3.storage
+    cfg = job(s3.url("data/in.parquet"), {"path": s3.url("data-labels"), "mode": "overwrite", "storage": s3.storage})
+    cfg["input"]["storage"] = s3.storage
     assert cli(cfg, tmp_path, capsys)[0] == 0
-    assert s3_objects(moto_s3, "data/") == {k: v for k, v in before.items() if k.startswith("data/")}
-    table = read_output(moto_s3.url("data-labels"), columns=["id"], storage=StorageOptions(**moto_s3.storage))
+    assert s3_objects(s3, "data/") == {k: v for k, v in before.items() if k.startswith("data/")}
+    table = read_output(s3.url("data-labels"), columns=["id"], storage=StorageOptions(**s3.storage))
     assert sorted(table.column("id").to_pylist()) == [f"img-{i}" for i in range(4)]
 
 

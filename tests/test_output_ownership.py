@@ -110,23 +110,23 @@ def test_an_iceberg_table_vb_batch_did_not_write_is_refused(tmp_path, catalog, c
     assert len(table.snapshots()) == 1 and sorted(table.scan().to_arrow().column("id").to_pylist()) == ["a", "b"]
 
 
-def test_foreign_files_on_s3_are_refused_or_left_alone(moto_s3, tmp_path, capsys):
-    moto_s3.put("fin/in.parquet", parquet_bytes(images_table([f"img-{i}" for i in range(4)])))
-    moto_s3.put("fout/part-00000-theirs.parquet", parquet_bytes(pa.table({"id": ["theirs-0"], "value": [1.0]})))
-    moto_s3.put("fout/notes.txt", b"theirs")
-    before = s3_objects(moto_s3, "fout/")
-    cfg = job(moto_s3.url("fin/in.parquet"), {"path": moto_s3.url("fout"), "mode": "resume", "storage": moto_s3.storage})
-    cfg["input"]["storage"] = moto_s3.storage
+def test_foreign_files_on_s3_are_refused_or_left_alone(s3, tmp_path, capsys):
+    s3.put("fin/in.parquet", parquet_bytes(images_table([f"img-{i}" for i in range(4)])))
+    s3.put("fout/part-00000-theirs.parquet", parquet_bytes(pa.table({"id": ["theirs-0"], "value": [1.0]})))
+    s3.put("fout/notes.txt", b"theirs")
+    before = s3_objects(s3, "fout/")
+    cfg = job(s3.url("fin/in.parquet"), {"path": s3.url("fout"), "mode": "resume", "storage": s3.storage})
+    cfg["input"]["storage"] = s3.storage
     code, line = cli(cfg, tmp_path, capsys)
     assert code == 2 and "allow_foreign_files" in line and "part-00000-theirs.parquet" in line, line
-    assert s3_objects(moto_s3, "fout/") == before
+    assert s3_objects(s3, "fout/") == before
     cfg["output"]["allow_foreign_files"] = True
     for mode in ("resume", "overwrite"):
         cfg["output"]["mode"] = mode
         assert cli(cfg, tmp_path, capsys)[0] == 0
-        after = s3_objects(moto_s3, "fout/")
+        after = s3_objects(s3, "fout/")
         assert {k: after.get(k) for k in before} == before, mode
-        seen = read_output(moto_s3.url("fout"), columns=["id"], storage=StorageOptions(**moto_s3.storage)).column("id").to_pylist()
+        seen = read_output(s3.url("fout"), columns=["id"], storage=StorageOptions(**s3.storage)).column("id").to_pylist()
         assert sorted(seen) == [f"img-{i}" for i in range(4)], mode
 
 

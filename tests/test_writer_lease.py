@@ -195,14 +195,14 @@ def race_for_lease(make_lease, contenders: int = 4) -> list[int]:
     return [n for n, _ in won]
 
 
-def test_leases_race_safely_on_s3_and_locally(moto_s3, tmp_path):
-    storage = StorageOptions(**moto_s3.storage)
-    url = moto_s3.url("race/labels")
+def test_leases_race_safely_on_s3_and_locally(s3, tmp_path):
+    storage = StorageOptions(**s3.storage)
+    url = s3.url("race/labels")
     fs, root = fsspec_filesystem(url, storage)
     for round_ in range(20):
         winners = race_for_lease(lambda n, r=round_: Lease(fs, f"{root}/_vb", url, f"run-{r}-{n}", 120))
         assert len(winners) == 1, (round_, winners)
-        assert moto_s3.keys("race/") == []  # released: the next round starts from a free lease
+        assert s3.keys("race/") == []  # released: the next round starts from a free lease
     local = tmp_path / "labels"
     lfs, lroot = fsspec_filesystem(str(local))
     for round_ in range(20):
@@ -210,35 +210,35 @@ def test_leases_race_safely_on_s3_and_locally(moto_s3, tmp_path):
         assert len(winners) == 1, (round_, winners)
 
 
-def test_s3_leases_of_other_hosts(moto_s3, caplog):
-    storage = StorageOptions(**moto_s3.storage)
-    url = moto_s3.url("hosts/labels")
+def test_s3_leases_of_other_hosts(s3, caplog):
+    storage = StorageOptions(**s3.storage)
+    url = s3.url("hosts/labels")
     fs, root = fsspec_filesystem(url, storage)
     record = {"token": "t0", "run_id": "run-elsewhere", "host": "other-host.example", "pid": 1, "seconds": 120.0}
-    moto_s3.put("hosts/labels/_vb/lease.json", json.dumps({**record, "heartbeat": time.time()}).encode())
+    s3.put("hosts/labels/_vb/lease.json", json.dumps({**record, "heartbeat": time.time()}).encode())
     with pytest.raises(LeaseHeldError, match="run-elsewhere"):
         Lease(fs, f"{root}/_vb", url, "run-here", 120).acquire()
     stale = {**record, "heartbeat": time.time() - 600, "seconds": 1.0}  # watched for 1 s, then taken over
-    moto_s3.put("hosts/labels/_vb/lease.json", json.dumps(stale).encode())
+    s3.put("hosts/labels/_vb/lease.json", json.dumps(stale).encode())
     lease = Lease(fs, f"{root}/_vb", url, "run-here", 1.0)
     with caplog.at_level(logging.WARNING, logger="vb_batch"):
         lease.acquire()
     try:
         assert "taking over the writer lease of run run-elsewhere (its record did not change for 1 s" in caplog.text
-        assert json.loads(moto_s3.get("hosts/labels/_vb/lease.json"))["run_id"] == "run-here"
+        assert json.loads(s3.get("hosts/labels/_vb/lease.json"))["run_id"] == "run-here"
         lease.check()
     finally:
         lease.release()
-    assert moto_s3.keys("hosts/") == []
+    assert s3.keys("hosts/") == []
 
     # Taken over between two heartbeats: the next commit's check stops it, and its release leaves the new lease.
     lease = Lease(fs, f"{root}/_vb", url, "run-here", 120)
     lease.acquire()
-    moto_s3.put("hosts/labels/_vb/lease.json", json.dumps({**record, "heartbeat": time.time()}).encode())
+    s3.put("hosts/labels/_vb/lease.json", json.dumps({**record, "heartbeat": time.time()}).encode())
     with pytest.raises(LeaseLostError, match="run run-elsewhere .host other-host.example. took the writer lease over"):
         lease.check()
     lease.release()
-    assert json.loads(moto_s3.get("hosts/labels/_vb/lease.json"))["run_id"] == "run-elsewhere"
+    assert json.loads(s3.get("hosts/labels/_vb/lease.json"))["run_id"] == "run-elsewhere"
 
 
 def test_a_run_that_lost_its_lease_stops_and_leaves_the_new_holder_alone(tmp_path):
