@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,7 +43,6 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from tqdm.auto import tqdm
 
 from vb_batch.config import ConfigError, JobConfig, redacted
 from vb_batch.engines.checks import check_ids, check_paths
@@ -54,9 +52,11 @@ from vb_batch.io.filesystems import (
     check_bucket,
 )
 from vb_batch.io.formats import open_sink
+from vb_batch.io.positions import InputState, relative_name, usable
 from vb_batch.io.sinks import Sink, schema_fingerprint
 from vb_batch.io.sinks.staging import part_report
 from vb_batch.io.sources import Source, open_source
+from vb_batch.logs import Progress, print_estimate
 from vb_batch.masking import mask_text, mask_url, secret_values
 from vb_batch.models.base import ModelBackend, cost_estimate, resolved_model_settings
 from vb_batch.pipeline.resolved import ResolvedJob
@@ -81,7 +81,9 @@ class Run:
     resume: ResumeFilter | None = None
     advance: Callable[[int], None] = lambda rows: None
     times: PhaseTimes = field(default_factory=PhaseTimes)  # seconds per phase, every thread and worker
-    ids: pa.Array | None = None  # the input's ids, when it has an id column (read by the id checks)
+    ids: pa.Array | None = None  # the input's pending ids, when they are a column (read by the id checks)
+    state: InputState | None = None  # where the input stood at the start (`vb_batch.io.positions`)
+    position: dict[str, Any] | None = None  # the recorded input position this run skips files by
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def apply(self, report: dict[str, Any]) -> None:
@@ -116,7 +118,6 @@ def start_run(cfg: JobConfig, engine: str, started: float | None = None) -> Run:
     check_paths(cfg, source)
     if cfg.output.format != "iceberg":
         check_bucket(cfg.output.path, cfg.output.storage, "output.path")
-    ids = check_ids(source)
     plan = ResolvedJob.build(cfg, source.schema, image_column=source.image_column, uri_column=source.uri_column)
     schema = plan.output_schema()
     sink = open_sink(cfg.output, plan.run_id, schema, source.id_column,
@@ -125,12 +126,87 @@ def start_run(cfg: JobConfig, engine: str, started: float | None = None) -> Run:
     sink.check()
     summary = RunSummary(run_id=plan.run_id, output=mask_url(cfg.output.name), engine=engine,
                          model_settings=resolved_model_settings(cfg.model))
+    # A resume opens only what its output's input position does not call done (read-only here; checked
+    # again once the lease is held, `check_position`); the id checks then read only what is pending.
+    state = source.state()
+    position = sink.input_position() if cfg.output.mode == "resume" else None
+    if usable(position, state, cfg.run.retry_failed):
+        source.skip_done(source.done_by(position, state))
+    if source.unread:
+        summary.files_unread = len(source.unread)
+        summary.rows_unread = sum(rows or 0 for rows in source.unread.values())
+        summary.input_position = describe_position(position)
+    else:
+        position = None
+    ids = check_ids(source)
     duplicates = sum(len(rows) for rows in (source.skip_rows or {}).values())
     if duplicates:
         summary.skipped_by_code["duplicate_id"] = duplicates
-    # The ids let a resume with nothing left return before the model loads.
-    keep_ids = source.has_id and cfg.output.mode == "resume"
-    return Run(cfg, source, plan, sink, summary, started, ids=ids if keep_ids else None)
+    # The pending ids: a resume looks up only these among the committed ones, and returns before the
+    # model loads when all are.
+    keep_ids = ids is not None and cfg.output.mode == "resume"
+    return Run(cfg, source, plan, sink, summary, started, ids=ids if keep_ids else None, state=state,
+               position=position)
+
+
+def check_position(run: Run, done: pa.Array | None) -> pa.Array | None:
+    """With the lease held: the files this run left unread must still be done by the output's position;
+    the committed ids among the pending ones (`done`, again for the whole input when it changed).
+
+    The position was read before the lease, and the run holding the output meanwhile, or this run's
+    own recovery (a committed file found lost), may have voided it: then the files' rows may be gone
+    from the output, and this run reads the whole input after all.
+    """
+    if not run.source.unread:
+        return done
+    now = run.sink.input_position()
+    kept = run.source.done_by(now, run.state) if usable(now, run.state, run.cfg.run.retry_failed) else {}
+    lost = set(run.source.unread) - set(kept)
+    if not lost:
+        return done
+    log.warning("%s: %d input file(s) recorded as done are no longer (the output changed: rows removed); "
+                "reading the whole input", run.sink.describe(), len(lost))
+    run.source = open_source(run.cfg.input)
+    ids = check_ids(run.source)
+    run.ids = ids if ids is not None else None
+    run.position, summary = None, run.summary
+    summary.files_unread, summary.rows_unread, summary.input_position = 0, 0, ""
+    return run.sink.committed_ids(among=run.ids)
+
+
+def input_read(run: Run) -> dict[str, Any] | None:
+    """The input position this run may record once it went through its whole input (None: an image listing)."""
+    if run.state is None:
+        return None
+    source = run.source
+    rows = {relative_name(url, source.root()): n for url, n in source.unread.items() if n is not None}
+    unread = {relative_name(url, source.root()) for url in source.unread}
+    read = source.rows_by_file() if run.state.kind == "files" else {}
+    position = run.state.position({**{name: rows.get(name) for name in unread}, **read})
+    if run.position is not None and same_position(position, run.position):
+        return None  # nothing new was found: the output already says so, no commit needed
+    position.update(run_id=run.plan.run_id, recorded=time.time())
+    return position
+
+
+def same_position(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two input positions say the same (who recorded them and when aside)."""
+    def said(p: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in p.items() if k not in ("run_id", "recorded", "output_snapshot")}
+    return said(a) == said(b)
+
+
+def describe_position(position: dict[str, Any] | None) -> str:
+    """An input position in words, for the summary."""
+    if not position:
+        return ""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(position.get("recorded", 0)))
+    if position.get("kind") == "files":
+        what = f"a listing of {len(position.get('files') or {})} file(s)"
+    else:
+        what = f"{position.get('kind')} {'version' if position.get('kind') == 'delta' else 'snapshot'} " \
+               f"{position.get('input_version')}"
+    return f"{what}, recorded by run {position.get('run_id', '?')} at {when} UTC"
 
 
 @contextlib.contextmanager
@@ -142,24 +218,28 @@ def tracked_run(run: Run, record: Callable[[], dict[str, Any]] = dict) -> Iterat
     summary, the redacted config and `record()`.
     """
     cfg, summary = run.cfg, run.summary
-    bar = tqdm(total=summary.rows_read or None, unit="img", desc="vb-batch", disable=not cfg.run.progress, smoothing=0.1)
+    # A bar on a terminal, JSON progress events with --log-format json, nothing in a log file (`vb_batch.logs`).
+    progress = Progress(summary.run_id, summary.engine, summary.rows_read, enabled=cfg.run.progress)
 
     def advance(rows: int) -> None:
-        bar.update(rows)
-        bar.set_postfix(ok=summary.rows_ok, failed=summary.rows_failed, refresh=False)
+        progress.update(rows, summary.rows_ok, summary.rows_failed)
 
     run.advance = advance
+    if summary.rows_unread:
+        advance(summary.rows_unread)  # skipped unread: done as soon as the run starts
     try:
         yield
         # Every row read was processed, or dropped before the model as already committed.
         summary.rows_skipped = max(summary.rows_skipped, summary.rows_read - summary.rows_processed)
         summary.success = summary.within_error_budget(cfg.run.max_error_fraction)
+        # The whole input went through: where it stood is recorded after the last commit.
+        run.sink.position = input_read(run)
     except BaseException as exc:
         # The run record is stored with the output: what an exception says is masked like the config.
         summary.message = mask_text(f"stopped by {type(exc).__name__}: {exc}", secret_values(cfg.model_dump(mode="json")))
         raise
     finally:
-        bar.close()
+        progress.close()
         summary.seconds = time.perf_counter() - run.started
         summary.take_times(run.times)
         run.sink.close(success=summary.success, summary={**summary.as_dict(), "config": redacted(cfg), **record()})
@@ -213,10 +293,13 @@ def execute_run(engine: Engine, cfg: JobConfig, backend: ModelBackend | None = N
         scope.enter_context(collecting(run.times))
         scope.enter_context(run.sink.lease_held())
         # Resume never clears anything: open first, and skip the model when every input id is committed.
-        done = run.sink.open() if cfg.output.mode == "resume" else None
-        if done is not None and all_committed(run.ids, done):
+        done = run.sink.open(among=run.ids) if cfg.output.mode == "resume" else None
+        done = check_position(run, done)
+        if done is not None:
+            run.source.done_ids = done  # units whose ids are all committed are not read
+        if done is not None and (all_committed(run.ids, done) or nothing_pending(run.source)):
             run.resume = ResumeFilter(done, run.source.id_column, key=run.plan.run_id)
-            run.summary.rows_read = len(run.ids)
+            run.summary.rows_read = (len(run.ids) if run.ids is not None else 0) + run.summary.rows_unread
             lap("start")
             with tracked_run(run, lambda: {"nothing_to_do": True}):
                 run.summary.message = "nothing to do: every input id is committed (the model was not loaded)"
@@ -228,7 +311,7 @@ def execute_run(engine: Engine, cfg: JobConfig, backend: ModelBackend | None = N
                 if cfg.output.mode != "resume":
                     done = run.sink.open()
                 run.resume = ResumeFilter(done, run.source.id_column, key=run.plan.run_id)
-                run.summary.rows_read = run.source.count_rows()
+                run.summary.rows_read = run.source.count_rows() + run.summary.rows_unread
                 log.info("run %s on %s: %s", run.plan.run_id, engine.name, redacted(cfg))
                 estimate_cost(run)
                 try:
@@ -250,7 +333,7 @@ def execute_run(engine: Engine, cfg: JobConfig, backend: ModelBackend | None = N
 
 def estimate_cost(run: Run) -> None:
     """For backends that price their calls (hosted models): requests and cost before any is made."""
-    pending = max(0, run.summary.rows_read - len(run.resume or []))
+    pending = max(0, run.summary.rows_read - run.summary.rows_unread - len(run.resume or []))
     passes = sum(task.passes(run.plan.ctx) for task in run.plan.tasks)
     estimate = cost_estimate(run.cfg.model, pending, passes)
     if estimate is None:
@@ -261,7 +344,12 @@ def estimate_cost(run: Run) -> None:
     line = f"vb-batch estimate: {describe_estimate(run.summary.estimate)}"
     log.info(line)
     if run.cfg.run.progress:
-        print(line, file=sys.stderr, flush=True)
+        print_estimate(line, estimate)  # a line on stderr, or a JSON event
+
+
+def nothing_pending(source: Source) -> bool:
+    """Whether an input position left no data file to read."""
+    return bool(source.unread) and not any(True for _ in source.dataset.get_fragments())
 
 
 def all_committed(ids: pa.Array | None, done: pa.Array) -> bool:

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from vb_batch.timing import COUNTS, PhaseTimes
+from vb_batch.timing import COUNTS, USAGE_COUNTS, PhaseTimes
 
 
 
@@ -33,6 +33,12 @@ class RunSummary:
     # Rows skipped for a reason other than "already committed", by code (`duplicate_id`: a later row
     # of an id under `input.duplicate_ids: first`); they are counted in `rows_skipped` too.
     skipped_by_code: dict[str, int] = field(default_factory=dict)
+    # Input files a recorded input position calls done (`vb_batch.io.positions`): skipped without
+    # being opened, with their rows (as the position or the table's log counts them; with an
+    # input.filter, a lake table's are not known), counted in rows_read and rows_skipped too.
+    files_unread: int = 0
+    rows_unread: int = 0
+    input_position: str = ""  # the position this run started from, in words ("" when none counted)
     seconds: float = 0.0
     success: bool = False
     message: str = ""
@@ -65,6 +71,9 @@ class RunSummary:
     wall_seconds: dict[str, float] = field(default_factory=dict)
     unexplained_seconds: float = 0.0
     estimate: dict[str, Any] | None = None  # hosted backends: requests and cost, before the run
+    # Hosted backends: what the services billed this run (input, output, thought tokens; cost in US$ at the
+    # model's token prices, summed over the rows' `vb_usage`), None where nothing was reported.
+    usage: dict[str, float] | None = None
     model_settings: dict[str, Any] = field(default_factory=dict)  # defaults resolved from the checkpoint
 
     @property
@@ -123,6 +132,9 @@ class RunSummary:
         if "model_calls" in counts:
             self.model_calls = round(counts["model_calls"])
             self.model_images = round(counts.get("model_images", 0))
+        if any(name in counts for name in USAGE_COUNTS):
+            self.usage = {name.removeprefix("usage_"): round(counts.get(name, 0), 6) if name == "usage_cost"
+                          else round(counts.get(name, 0)) for name in USAGE_COUNTS}
 
     def model_line(self) -> str:
         """e.g. "1.92 s, 80% of the run; loaded in 0.38 s; 12 calls of 4.0 images on average"."""
@@ -147,6 +159,9 @@ class RunSummary:
         ]
         for code, n in sorted(self.errors_by_code.items(), key=lambda kv: -kv[1]):
             lines.append(f"  error {code}: {n} row(s)")
+        if self.files_unread:
+            lines.append(f"  skipped unread: {self.files_unread} input file(s) ({self.rows_unread} of the skipped "
+                         f"rows), done as of {self.input_position}")
         for code, n in sorted(self.skipped_by_code.items()):
             lines.append(f"  skipped {code}: {n} row(s) (not already done: see input.duplicate_ids)")
         if self.model_seconds is not None:
@@ -160,6 +175,10 @@ class RunSummary:
             from vb_batch.models.hosted import describe_estimate
 
             lines.append(f"  estimate: {describe_estimate(self.estimate)}")
+        if self.usage:
+            u = self.usage
+            lines.append(f"  billed: {u['input_tokens']} input + {u['output_tokens']} output + {u['thought_tokens']} "
+                         f"thought tokens; cost {u['cost']:.4f} US$ (at model.token_prices)")
         if self.wall_seconds:
             spent = " + ".join(f"{name.replace('_', ' ')} {s:.2f}" for name, s in self.wall_seconds.items())
             lines.append(f"  wall: {spent} s; unexplained {self.unexplained_seconds:.2f} s")

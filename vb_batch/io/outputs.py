@@ -80,12 +80,19 @@ def open_output(output: str | OutputConfig, storage: StorageOptions | None = Non
     fs, root = fsspec_filesystem(path, storage)
     arrow_fs, _ = arrow_filesystem(path, storage)
     meta = posixpath.join(root, META_DIR)
+    # Listed before the records are read: a commit whose record appears after the listing counts as in flight.
+    try:
+        present = {posixpath.basename(p) for p in fs.ls(root, detail=False)}
+    except FileNotFoundError:
+        present = set()
     records = commit_records(fs, meta)
     schema = marker_schema(fs, meta)
     if records or schema is not None:
-        # Only the files vb_batch committed (not whatever else lies in the folder), and of a commit in
-        # flight (record written, files still moving) only those already in place.
-        present = {posixpath.basename(p) for p in fs.ls(root, detail=False)}
+        # Only the files vb_batch committed (not whatever else lies in the folder). The newest commits are in
+        # flight until their files are all in place (record written, files still moving): the output as it
+        # was before them, so a commit that also removes files (compaction, retry_failed) never shows half.
+        while records and (records[-1][1] is None or not set(records[-1][1].get("files", [])) <= present):
+            records = records[:-1]
         files = [posixpath.join(root, name) for name in visible_files(records) if name in present]
         # No committed rows yet: the columns the marker records, so that selecting them still works.
         dataset = pads.dataset(files, format="parquet", filesystem=arrow_fs, schema=None if files else schema)

@@ -34,10 +34,13 @@ and its row in that file, the numbering `read_unit` uses); under
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import posixpath
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 import pyarrow as pa
@@ -47,11 +50,14 @@ import pyarrow.parquet as pq
 
 from vb_batch.config import ConfigError, InputConfig
 from vb_batch.errors import RowError
-from vb_batch.io.filesystems import arrow_filesystem, fsspec_filesystem, split_scheme
+from vb_batch.io.filesystems import arrow_filesystem, delta_storage_options, fsspec_filesystem, split_scheme
 from vb_batch.io.filters import filter_expression
 from vb_batch.io.formats import detect_format
+from vb_batch.io.positions import InputState, done_files, file_listing, input_identity, relative_name
 from vb_batch.io.uri import scheme_of, shown_text
 from vb_batch.timing import timed_items
+
+log = logging.getLogger(__name__)
 
 IMAGE_COLUMN_GUESSES = ("image", "image_bytes", "bytes", "img")
 URI_COLUMN_GUESSES = ("uri", "url", "path", "image_uri", "image_url", "image_path")
@@ -155,6 +161,15 @@ class Source:
     cfg: InputConfig | None = None  # how to reach the files (storage) and which rows to keep (filter)
     # input.duplicate_ids: first: {file URL: rows in that file to skip}, set by the duplicate-id check.
     skip_rows: dict[str, list[int]] | None = None
+    kind: str = "files"  # files (Parquet), delta, iceberg or images: what an input position records
+    version: int | None = None  # delta: the table version read; iceberg: the snapshot id read
+    table: Any = None  # iceberg: the pyiceberg table read (for the files of a recorded snapshot)
+    # Files an input position called done, left out of `dataset` (`skip_done`): URL -> rows (None: unknown)
+    unread: dict[str, int | None] = field(default_factory=dict)
+    # Committed ids among this input's pending ones: `units` leaves out those whose ids all are
+    done_ids: pa.Array | None = None
+    pruned_rows: int = 0  # rows of units left out by `done_ids`, read by their id column only
+    _done_lookup: tuple[pa.Array, frozenset] | None = field(default=None, repr=False)
 
     @property
     def schema(self) -> pa.Schema:
@@ -180,6 +195,63 @@ class Source:
                 if batch.num_rows:
                     yield self.with_ids(batch)
 
+    # ------------------------------------------------------------ input positions (`vb_batch.io.positions`)
+    def state(self) -> InputState | None:
+        """Where this input stands now, as an input position records it (None: an image listing)."""
+        if self.kind == "images" or self.cfg is None:
+            return None
+        state = InputState(self.kind, input_identity(self.cfg, self.location), version=self.version)
+        if self.kind == "files":
+            state.files = file_listing(self.location or self.cfg.path, self.cfg)
+        return state
+
+    def done_by(self, position: dict[str, Any], state: InputState) -> dict[str, int | None]:
+        """URL (as units name files) -> rows, of every data file of the dataset that `position` says is done."""
+        urls = [self.file_url(f) for f in self.dataset.get_fragments()] + list(self.unread)
+        if self.kind == "files":
+            by_name = {relative_name(url, self.root()): url for url in urls}
+            return {by_name[name]: rows for name, rows in done_files(position, state).items() if name in by_name}
+        version = position.get("input_version")
+        if not isinstance(version, int):
+            return {}
+        try:
+            recorded = (_delta_files(self.cfg, version) if self.kind == "delta"
+                        else _iceberg_files(self.table, version, self.cfg))
+            current = (_delta_files(self.cfg, self.version) if self.kind == "delta"
+                       else _iceberg_files(self.table, self.version, self.cfg))
+        except Exception as exc:  # the version was vacuumed / the snapshot expired: nothing counts as done
+            log.info("input position %s %s cannot be read (%s); reading the whole input", self.kind, version, exc)
+            return {}
+        paths = {unquote(split_scheme(url)[1]): url for url in urls}
+        # The log counts a file's rows before input.filter: with a filter, how many it keeps is not known.
+        return {paths[p]: None if self.filter is not None else current.get(p) for p in recorded if p in paths}
+
+    def skip_done(self, done: dict[str, int | None]) -> None:
+        """Leave the files `done` names out of the dataset: no later step opens them (`unread`)."""
+        if not done or not isinstance(self.dataset, pads.FileSystemDataset):
+            return
+        kept = [f for f in self.dataset.get_fragments() if self.file_url(f) not in done]
+        self.unread = dict(done)
+        self.dataset = pads.FileSystemDataset(kept, self.dataset.schema, self.dataset.format, self.dataset.filesystem)
+
+    def rows_by_file(self) -> dict[str, int]:
+        """Rows per data file still in the dataset, by relative name (the files kind of position)."""
+        root = self.root()
+        return {relative_name(self.file_url(f), root): f.count_rows(filter=self.filter) if self.filter is not None
+                else f.metadata.num_rows for f in self.dataset.get_fragments()}
+
+    def root(self) -> str:
+        """The input's root as its filesystem names paths (what positions name files relative to)."""
+        return fsspec_filesystem(self.location or self.cfg.path, self.cfg.storage)[1]
+
+    def _prune_column(self) -> str | None:
+        """The column whose values are the ids, read to leave done units out (None: ids need the images)."""
+        if self.has_id:
+            return self.id_column
+        if self.uri_column and (self.cfg is None or self.cfg.duplicate_ids != "position"):
+            return self.uri_column
+        return None
+
     def units(self, listing_rows: int = 256, max_rows: int | None = None) -> list[dict[str, Any]]:
         """The input split into independent pieces of work (tasks of a distributed engine).
 
@@ -193,6 +265,7 @@ class Source:
         """
         if isinstance(self.dataset, pads.FileSystemDataset):
             units = []
+            self.pruned_rows = 0
             place_ids = not self.has_id and self.cfg is not None and self.cfg.duplicate_ids == "position"
             for fragment in self.dataset.get_fragments(filter=self.filter):
                 url = self.file_url(fragment)
@@ -203,6 +276,9 @@ class Source:
                 starts = _row_group_starts(fragment) if skip else []
                 for group in fragment.split_by_row_group(self.filter, schema=self.dataset.schema):
                     info = group.row_groups[0]
+                    if self._all_done(group, skip):
+                        self.pruned_rows += info.num_rows
+                        continue
                     unit = {"file": url, "row_group": info.id, **({"partition": partition} if partition else {})}
                     if skip:
                         unit["skip_rows"] = [r for r in skip if starts[info.id] <= r < starts[info.id] + info.num_rows]
@@ -219,6 +295,18 @@ class Source:
             {"rows": listing.slice(start, listing_rows).to_pylist()}
             for start in range(0, listing.num_rows, listing_rows)
         ]
+
+    def _all_done(self, group: pads.FileFragment, skip: list[int]) -> bool:
+        """Whether every id of a row group (after `input.filter`) is in `done_ids`: read by its id column only."""
+        column = self._prune_column()
+        if self.done_ids is None or not len(self.done_ids) or column is None or skip:
+            return False
+        ids = group.to_table(columns=[column], filter=self.filter, schema=self.dataset.schema).column(column)
+        if self._done_lookup is None or self._done_lookup[0] is not self.done_ids:
+            # One lookup for every row group (`is_in` would hash all of `done_ids` again for each).
+            self._done_lookup = (self.done_ids, frozenset(self.done_ids.to_pylist()))
+        done = self._done_lookup[1]
+        return all(i is not None and i in done for i in ids.to_pylist())
 
     def file_url(self, fragment: pads.FileFragment) -> str:
         """The URL a unit names a data file by."""
@@ -354,6 +442,28 @@ def _unit_tables(
                 return
 
 
+def _delta_files(cfg: InputConfig, version: int | None) -> dict[str, int | None]:
+    """Path (as the filesystem names it) -> rows, of the data files of a Delta table's version."""
+    from deltalake import DeltaTable
+
+    from vb_batch.io.tables.arrow import local_uri
+
+    table = DeltaTable(local_uri(cfg.path), version=version,
+                       storage_options=delta_storage_options(cfg.path, cfg.storage))
+    actions = pa.table(table.get_add_actions(flatten=True))
+    root = split_scheme(local_uri(cfg.path))[1].rstrip("/")
+    rows = actions.column("num_records").to_pylist() if "num_records" in actions.column_names else [None] * len(actions)
+    return {unquote(posixpath.join(root, path)): n for path, n in zip(actions.column("path").to_pylist(), rows)}
+
+
+def _iceberg_files(table, snapshot_id: int | None, cfg: InputConfig) -> dict[str, int | None]:
+    """Path (as the filesystem names it) -> rows, of the data files of an Iceberg snapshot."""
+    if snapshot_id is None:
+        return {}
+    tasks = table.scan(row_filter=cfg.filter or "true", snapshot_id=snapshot_id).plan_files()
+    return {unquote(split_scheme(t.file.file_path)[1]): t.file.record_count for t in tasks}
+
+
 def _image_files_table(cfg: InputConfig) -> pa.Table:
     fs, root = fsspec_filesystem(cfg.path, cfg.storage)
     extensions = tuple(e.lower() for e in cfg.extensions)
@@ -382,16 +492,17 @@ def open_source(cfg: InputConfig) -> Source:
     if fmt == "images":
         dataset = pads.dataset(_image_files_table(cfg))
         expr = filter_expression(cfg.filter, dataset.schema) if cfg.filter else None
-        return Source(dataset, cfg.id_column, None, "uri", has_id=True, filter=expr, cfg=cfg)
+        return Source(dataset, cfg.id_column, None, "uri", has_id=True, filter=expr, cfg=cfg, kind="images")
 
-    location = cfg.path
+    location, kind, version, handle = cfg.path, "files", None, None
     if fmt == "delta":
-        from vb_batch.io.tables.delta import open_delta
+        from vb_batch.io.tables.delta import delta_table, open_delta
 
-        try:
-            dataset = open_delta(cfg.path, cfg.storage, vb_metadata=False)
-        except FileNotFoundError:
-            raise ConfigError(f"input.path: no Delta table at {cfg.path!r}") from None
+        handle = delta_table(cfg.path, cfg.storage)
+        if handle is None:
+            raise ConfigError(f"input.path: no Delta table at {cfg.path!r}")
+        dataset = open_delta(cfg.path, cfg.storage, vb_metadata=False, table=handle)
+        kind, version, handle = "delta", handle.version(), None
     elif fmt == "iceberg":
         from vb_batch.io import iceberg
 
@@ -401,7 +512,9 @@ def open_source(cfg: InputConfig) -> Source:
                 raise ConfigError(f"input.table: no Iceberg table {cfg.table!r} in input.catalog")
         else:  # a table's location: read its newest metadata file
             table = iceberg.open_iceberg_path(cfg.path, cfg.storage)
-        dataset = iceberg.open_iceberg(table, cfg.storage, row_filter=cfg.filter)
+        snapshot = table.current_snapshot()
+        kind, handle, version = "iceberg", table, snapshot.snapshot_id if snapshot is not None else None
+        dataset = iceberg.open_iceberg(table, cfg.storage, row_filter=cfg.filter, snapshot_id=version)
         location = iceberg.iceberg_location(table)
     else:
         fs, path = arrow_filesystem(cfg.path, cfg.storage)
@@ -435,4 +548,5 @@ def open_source(cfg: InputConfig) -> Source:
             "(leave input.id_column out to use each row's URI or the SHA-256 of its image as its id)"
         )
     expr = filter_expression(cfg.filter, dataset.schema) if cfg.filter else None
-    return Source(dataset, cfg.id_column, image_col, uri_col, has_id=has_id, filter=expr, location=location, cfg=cfg)
+    return Source(dataset, cfg.id_column, image_col, uri_col, has_id=has_id, filter=expr, location=location, cfg=cfg,
+                  kind=kind, version=version, table=handle)

@@ -11,6 +11,8 @@
     lake       the base of lake-table sinks: commits through the table's own log
     delta      a Delta table (`deltalake`, the `lake` extra; imported only when used)
     iceberg    an Iceberg table in a catalog (`pyiceberg`, the `lake` extra; imported only when used)
+    compaction `vb-batch compact`: an output's small files merged in one commit of its format, under
+               the writer lease (imported only when used)
 
 `vb_batch.io.formats` picks the sink class for `output.format`; engines use the
 protocol through the run core (`vb_batch.engines.core`) and write from workers

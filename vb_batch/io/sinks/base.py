@@ -11,6 +11,7 @@ Every sink (Parquet, Delta, Iceberg) has one protocol, used by every engine thro
         sink.staging + sink.stage(name, rows)
                                a complete part file another process wrote into `staging` with
                                `sinks.staging.StagedParts` (Ray tasks, Spark executors) counts towards a commit
+        sink.position = p      the run went through its whole input: record where it stood (close, last)
         sink.commit()          make staged rows visible atomically (also every `output.commit_every` rows,
                                and once `output.commit_every_s` seconds passed since the last commit)
         sink.close(success, summary)
@@ -64,6 +65,8 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 from fsspec.implementations.local import LocalFileSystem
 
 from vb_batch.config import ConfigError, OutputConfig
@@ -71,6 +74,7 @@ from vb_batch.errors import OutputExistsError
 from vb_batch.io.filesystems import arrow_filesystem, fsspec_filesystem
 from vb_batch.io.lease import LEASE_NAME, Lease, LeaseLostError
 from vb_batch.io.sinks.metadata import (
+    LATEST_RUN,
     MARKER,
     META_DIR,
     fingerprint_changes,
@@ -88,7 +92,7 @@ class Sink:
     """Staging, commits, ownership, the lease and the run records; subclasses commit through their format.
 
     Format hooks: `_state()`, `_fence()`, `_recover()`, `_clear()`, `_commit_files(names)`,
-    `_committed_ids()`, `_retire_failed()`, `_finish(success)`.
+    `_committed_dataset()`, `_retire_failed()`, `_finish(success)`, `input_position()`, `_commit_position(p)`.
     """
 
     format: ClassVar[str] = "parquet"
@@ -110,6 +114,11 @@ class Sink:
         self.rows_written = 0
         self.files_committed: list[str] = []
         self.lease: Lease | None = None
+        # Where the input stood, recorded by `close` after the last commit (`vb_batch.io.positions`): set by
+        # the run core only when the run went through its whole input.
+        self.position: dict[str, Any] | None = None
+        self._closing = False  # the last commit is the one that carries `position` (where the format can)
+        self._position_written = False
         self._use_location(cfg.path)
 
     def _use_location(self, url: str) -> None:
@@ -167,8 +176,12 @@ class Sink:
         with self.lease:
             yield self.lease
 
-    def open(self) -> pa.Array | None:
-        """Recover what a crashed run left, apply the mode; the ids already committed (resume), else None."""
+    def open(self, among: pa.Array | None = None) -> pa.Array | None:
+        """Recover what a crashed run left, apply the mode; the ids already committed (resume), else None.
+
+        `among`: only the committed ids among these (the input's pending ids), found by streaming the
+        output's id column, so that what a resume holds grows with what is pending, not with the output.
+        """
         self.check()
         self._fence()
         self._recover()
@@ -182,7 +195,35 @@ class Sink:
             return None
         if self.retry_failed:
             self._retire_failed()
-        return self._committed_ids()
+        return self._committed_ids(among)
+
+    def committed_ids(self, among: pa.Array | None = None) -> pa.Array:
+        """The ids of the committed rows (`among`: only those among these), by streaming the id column."""
+        return self._committed_ids(among)
+
+    def _committed_ids(self, among: pa.Array | None = None) -> pa.Array:
+        id_type = self.schema.field(self.id_column).type
+        values = among.drop_null().unique() if among is not None else None
+        dataset = self._committed_dataset(values)
+        if dataset is None:
+            return pa.array([], id_type)
+        if values is None:
+            return dataset.to_table(columns=[self.id_column]).column(self.id_column).combine_chunks()
+        try:
+            values = values.cast(dataset.schema.field(self.id_column).type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, KeyError):  # ids of another type: every committed id
+            return dataset.to_table(columns=[self.id_column]).column(self.id_column).combine_chunks()
+        try:  # the filter prunes row groups by their id statistics: sequential ids read next to nothing
+            batches = dataset.to_batches(columns=[self.id_column], batch_size=1 << 16,
+                                         filter=pc.field(self.id_column).isin(values))
+            found = [b.column(0) for b in batches]
+        except pa.ArrowNotImplementedError:  # string views (delta-rs writes them): no kernel, compare as strings
+            plain = pa.string() if pa.types.is_string_view(values.type) else values.type
+            values = values.cast(plain)
+            found = [ids.filter(pc.is_in(ids, value_set=values)) for ids in
+                     (b.column(0).cast(plain) for b in dataset.to_batches(columns=[self.id_column],
+                                                                          batch_size=1 << 16))]
+        return pa.concat_arrays(found) if found else pa.array([], values.type)
 
     def _write_marker(self) -> None:
         marker = posixpath.join(self.meta, MARKER)
@@ -268,10 +309,15 @@ class Sink:
     def close(self, success: bool, summary: dict[str, Any] | None = None) -> None:
         """Commit what was written (complete rows, also after a failure); the run record; success marks."""
         committed = False
+        self._closing = True
         try:
             self.commit()
             committed = True
             self._finish(success)
+            if self._position_due() is not None:  # no last commit carried it
+                with phase("commit"):
+                    self._commit_position(self.position)
+                self._position_written = True
         finally:
             if self._files is not None:  # a failed commit: the open file stays uncommitted
                 with contextlib.suppress(Exception):
@@ -279,19 +325,36 @@ class Sink:
             # A commit that failed half-way may have recorded files still in staging: the next run
             # (holding the lease) rolls it forward from there, so staging is kept for it.
             if committed:
-                # Only this run's own staging: a run that lost its lease must not delete the new holder's.
-                staging = posixpath.join(self.meta, "staging")
-                with contextlib.suppress(FileNotFoundError):
-                    self.fs.rm(posixpath.join(staging, self.run_id), recursive=True)
-                if isinstance(self.fs, LocalFileSystem):  # object stores have no empty folders to leave behind
-                    with contextlib.suppress(OSError):  # not empty: another run's staging
-                        os.rmdir(staging)
+                self.remove_own_staging()
             if summary is not None:
                 self._write_run_record(summary)
+
+    def remove_own_staging(self) -> None:
+        """This run's staging folder, and `_vb/staging/` when left empty: only its own, since a run that
+        lost its lease must not delete the new holder's."""
+        staging = posixpath.join(self.meta, "staging")
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(posixpath.join(staging, self.run_id), recursive=True)
+        if isinstance(self.fs, LocalFileSystem):  # object stores have no empty folders to leave behind
+            with contextlib.suppress(OSError):  # not empty: another run's staging
+                os.rmdir(staging)
 
     def _write_run_record(self, record: dict[str, Any]) -> None:
         write_atomic(self.fs, posixpath.join(self.meta, "runs", f"{self.run_id}.json"),
                      json.dumps(record, indent=2, default=str).encode())
+        self._point_to_latest_run(record)
+
+    def _point_to_latest_run(self, record: dict[str, Any]) -> None:
+        """`_vb/latest-run.json`: the run record a scheduler reads without listing `_vb/runs/`, written
+        after the record itself; never by a run that lost the output to another (that one's stands)."""
+        if self.lease is not None:
+            try:
+                self.lease.check()
+            except LeaseLostError:
+                return
+        pointer = {"run_id": self.run_id, "record": f"{META_DIR}/runs/{self.run_id}.json",
+                   "success": record.get("success"), "updated": time.time()}
+        write_atomic(self.fs, posixpath.join(self.meta, LATEST_RUN), json.dumps(pointer, indent=2).encode())
 
     def update_run_record(self, changes: dict[str, Any]) -> None:
         """Rewrite this run's record with `changes` (the final times, the report) over what close wrote."""
@@ -316,8 +379,23 @@ class Sink:
     def _commit_files(self, names: list[str]) -> None:
         raise NotImplementedError
 
-    def _committed_ids(self) -> pa.Array:
+    def _committed_dataset(self, among: pa.Array | None = None) -> pads.Dataset | None:
+        """The committed rows as a pyarrow dataset (None: none yet); `among`: it may leave out files that the
+        format's own statistics (Delta's add actions, Iceberg's manifests) say hold none of these ids."""
         raise NotImplementedError
+
+    def input_position(self) -> dict[str, Any] | None:
+        """The newest input position in the output's log, None when there is none or a later commit removed
+        rows (`vb_batch.io.positions`); read-only."""
+        return None
+
+    def _position_due(self) -> dict[str, Any] | None:
+        """The input position, while the run's last commit (in `close`) has yet to record it."""
+        due = self._closing and self.position is not None and not self._position_written
+        return self.position if due else None
+
+    def _commit_position(self, position: dict[str, Any]) -> None:
+        """Record `position` in the output's log, after the run's last commit, fenced like a commit."""
 
     def _retire_failed(self) -> None:
         raise NotImplementedError

@@ -18,6 +18,10 @@ another run's stops this run with `LeaseLostError`. A run that took the lease
 over, or that finds a commit in flight (an intent), commits its epoch at once,
 alone (one table version with no data), before its recovery deletes the files
 of the commit the old holder never finished.
+
+Input positions (`vb_batch.io.positions`): a run that read its whole input ends with one more
+commit, without data, whose info carries `vb.input-position`; any later commit that removes rows
+(dataChange), other than compaction (`vb.operation: compact`, OPTIMIZE), voids it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import logging
 import posixpath
 import time
+from urllib.parse import unquote
 from collections.abc import Callable
 from typing import Any
 
@@ -35,8 +40,16 @@ import pyarrow.parquet as pq
 
 from vb_batch.config import ConfigError
 from vb_batch.errors import ERROR_COLUMN
-from vb_batch.io.filesystems import delta_storage_options
+from vb_batch.io.filesystems import delta_storage_options, fsspec_filesystem
 from vb_batch.io.lease import LeaseLostError
+from vb_batch.io.positions import (
+    COMPACTION,
+    OPERATION_KEY,
+    POSITION_KEY,
+    decode_position,
+    encode_position,
+    may_hold,
+)
 from vb_batch.io.sinks.lake import TableSink
 from vb_batch.io.tables.arrow import job_metadata, local_uri
 from vb_batch.io.tables.delta import delta_job_metadata, delta_table, open_delta
@@ -46,6 +59,8 @@ WRITER_APP = "vb_batch.writer"  # the app transaction whose version is the write
 # Commits that lose the race for a table version to other writers' commits (compaction, a reader's
 # maintenance) before this one gives up; each loss is checked against the fence, never retried blindly.
 COMMIT_ATTEMPTS = 8
+# Table versions read back (newest first) for the last input position before a run reads its whole input.
+POSITION_SEARCH_VERSIONS = 1000
 
 log = logging.getLogger(__name__)
 
@@ -116,19 +131,63 @@ class DeltaSink(TableSink):
     def _table_dataset(self) -> pads.Dataset:
         return open_delta(self.cfg.path, self.cfg.storage, vb_metadata=False)
 
-    def _committed_ids(self) -> pa.Array:
-        if not self._exists():
-            return pa.array([], self.schema.field(self.id_column).type)
-        table = open_delta(self.cfg.path, self.cfg.storage).to_table(columns=[self.id_column])
-        return table.column(self.id_column).combine_chunks()
+    def _committed_dataset(self, among: pa.Array | None = None) -> pads.Dataset | None:
+        table = self._table()
+        if table is None:
+            return None
+        if among is None:
+            return open_delta(self.cfg.path, self.cfg.storage, table=table)
+        # The files whose id range (the add actions' stats) may hold one of `among`, read as plain Parquet.
+        actions = pa.table(table.get_add_actions(flatten=True))
+        low, high = f"min.{self.id_column}", f"max.{self.id_column}"
+        paths = actions.column("path").to_pylist()
+        if low in actions.column_names and high in actions.column_names:
+            ordered = sorted(among.to_pylist())
+            paths = [p for p, lo, hi in zip(paths, actions.column(low).to_pylist(), actions.column(high).to_pylist())
+                     if may_hold(ordered, lo, hi)]
+        if not paths:
+            return None
+        return pads.dataset([posixpath.join(self.root, unquote(p)) for p in paths], format="parquet",
+                            filesystem=self.arrow_fs)
+
+    def input_position(self) -> dict[str, Any] | None:
+        """The newest commit info's `vb.input-position`, read back through the log's JSON commits, unless a
+        later commit removed rows (an overwrite, a delete; compaction only moves them)."""
+        table = self._table()
+        if table is None:
+            return None
+        fs, root = fsspec_filesystem(self.cfg.path, self.cfg.storage)
+        version = table.version()
+        for v in range(version, max(-1, version - POSITION_SEARCH_VERSIONS), -1):
+            try:
+                with fs.open(posixpath.join(root, "_delta_log", f"{v:020d}.json"), "rb") as f:
+                    actions = [json.loads(line) for line in f.read().splitlines() if line.strip()]
+            except FileNotFoundError:  # expired by log retention: the position cannot be told
+                return None
+            info = next((a["commitInfo"] for a in actions if "commitInfo" in a), {})
+            if POSITION_KEY in info:
+                return decode_position(info[POSITION_KEY])
+            moved = info.get(OPERATION_KEY) == COMPACTION or info.get("operation") == "OPTIMIZE"
+            if not moved and any((a.get("remove") or {}).get("dataChange", True) for a in actions if "remove" in a):
+                return None
+        return None
+
+    def _commit_position(self, position: dict[str, Any]) -> None:
+        if self._table() is None:
+            return  # no table: nothing was written, so there is nothing a position could save a run from reading
+        self._commit_fenced(  # `_commit_fenced` adds the position due to the commit's info
+            lambda table, props: table.create_write_transaction([], mode="append", schema=table.schema(),
+                                                                commit_properties=props), key=None)
 
     def _retire_failed(self) -> None:
         """`run.retry_failed`: delete the failed rows in one table version (the run then redoes them)."""
         table = self._table()
         if table is not None and table.file_uris():
             # A failed row's error has a code; delta-rs cannot test a whole struct column for null.
+            # A delete that matches no row commits nothing (delta-rs): the log keeps the epoch it had.
             self._commit_fenced(lambda table, props: table.delete(f"`{ERROR_COLUMN}`.`code` IS NOT NULL",
-                                                                  commit_properties=props), f"{self.run_id}-retire")
+                                                                  commit_properties=props)["num_deleted_rows"] > 0,
+                                f"{self.run_id}-retire")
 
     # ---------------------------------------------------------------- the fence
     def _fence(self) -> None:
@@ -156,7 +215,8 @@ class DeltaSink(TableSink):
         else:
             table.create_write_transaction([], mode="append", schema=table.schema(), commit_properties=props)
 
-    def _commit_fenced(self, commit: Callable[[Any, Any], None], key: str | None, taking_over: bool = False) -> None:
+    def _commit_fenced(self, commit: Callable[[Any, Any], Any], key: str | None, taking_over: bool = False,
+                       info: dict[str, str] | None = None) -> None:
         """Run `commit(table, commit_properties)` against the table version just read, if the log there
         holds the writer epoch this run expects; a lost race for the version is checked again.
 
@@ -173,15 +233,20 @@ class DeltaSink(TableSink):
             expected = self._epoch if self._epoch_committed else self._epoch_read
             if found != expected:
                 self._fenced_off(found, expected)
+            position = self._position_due()
+            if position is not None:
+                info = {**(info or {}), POSITION_KEY: encode_position(position)}
             try:
-                commit(table, self._commit_properties(key))
+                landed = commit(table, self._commit_properties(key, info)) is not False
             except CommitFailedError:
                 continue  # another commit took this version: check the fence at the newer one
             except DeltaError:
                 if table is None and self._table() is not None:
                     continue  # another run created the table first
                 raise
-            self._epoch_committed = True
+            if landed:  # `commit` returns False when it found nothing to commit
+                self._epoch_committed = True
+                self._position_written = self._position_written or position is not None
             return
         raise RuntimeError(f"{self.describe()}: {COMMIT_ATTEMPTS} commits in a row lost the race for the next "
                            "table version to other writers; committed rows are kept, re-run with output.mode=resume")
@@ -200,16 +265,17 @@ class DeltaSink(TableSink):
         done = table.transaction_version(DELTA_APP + run_id) if table is not None else None
         return done is not None and done >= int(seq)
 
-    def _commit_properties(self, key: str | None):
-        """This run's epoch (the fence), the commit's sequence number when it has one, the job's keys;
-        retries off, so that a commit lands at the version whose fence was checked or not at all."""
+    def _commit_properties(self, key: str | None, info: dict[str, str] | None = None):
+        """This run's epoch (the fence), the commit's sequence number when it has one, the job's keys (and
+        `info`); retries off, so that a commit lands at the version whose fence was checked or not at all."""
         from deltalake.transaction import CommitProperties, Transaction
 
         transactions = [Transaction(WRITER_APP, self._epoch)]
         seq = key.rsplit("-", 1)[1] if key else ""
         if seq.isdigit():
             transactions.append(Transaction(self.app_id, int(seq)))
-        return CommitProperties(custom_metadata=job_metadata(self.schema), app_transactions=transactions,
+        return CommitProperties(custom_metadata={**job_metadata(self.schema), **(info or {})},
+                                app_transactions=transactions,
                                 max_commit_retries=0)
 
     def _commit_added(self, paths: list[str], mode: str, key: str) -> None:

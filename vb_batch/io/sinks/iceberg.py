@@ -11,6 +11,8 @@ Iceberg's own metadata, committed through the catalog:
     table property  vb.fingerprint    the job fingerprint (what `_vb/output.json` holds elsewhere)
     table property  vb.last-run       the last run's record (JSON); each snapshot's summary names its run
     table property  vb.column.<name>  a column's field metadata; the job-level keys (`vb.job`, ...)
+    table property  vb.input-position where the input stood when a run that read all of it started, and
+                                      the output's snapshot then (`vb_batch.io.positions`)
     snapshot summary vb.run_id, vb.commit (run and sequence: `<run>-<seq>`), vb.epoch
 
 Staging. Part files are written straight into `<location>/data/` under names
@@ -58,6 +60,7 @@ import pyarrow.parquet as pq
 from vb_batch.config import ConfigError
 from vb_batch.io.filesystems import split_scheme
 from vb_batch.io.lease import Lease, LeaseLostError, parse_record
+from vb_batch.io.positions import COMPACTION, OPERATION_KEY, POSITION_KEY, decode_position, encode_position
 from vb_batch.io.sinks.lake import TableSink
 from vb_batch.io.sinks.metadata import data_fingerprint
 from vb_batch.io.tables.arrow import job_metadata
@@ -75,6 +78,8 @@ COMMIT_ATTEMPTS = 8
 # Tables vb_batch creates keep a bounded history of metadata files: each lease heartbeat is a commit.
 CREATED_TABLE_PROPERTIES = {"write.metadata.delete-after-commit.enabled": "true",
                             "write.metadata.previous-versions-max": "100"}
+# Pending ids at most for which a resume's lookup prunes data files by their id bounds (an `In` filter).
+PRUNE_IDS_AT_MOST = 100_000
 PLAIN_RUN_ID = re.compile(r"[A-Za-z0-9._-]+")
 
 
@@ -223,9 +228,44 @@ class IcebergSink(TableSink):
         schema = self.table.schema()
         return [schema.find_column_name(f.source_id) for f in self.table.spec().fields]
 
-    def _committed_ids(self) -> pa.Array:
-        table = self.table.scan(selected_fields=(self.id_column,)).to_arrow()
-        return table.column(self.id_column).combine_chunks()
+    def _committed_dataset(self, among: pa.Array | None = None) -> pads.Dataset | None:
+        if self.table is None or self.table.current_snapshot() is None:
+            return None
+        if among is None or len(among) > PRUNE_IDS_AT_MOST:
+            return open_iceberg(self.table, self.cfg.storage)
+        # The data files whose id bounds (the manifests') may hold one of `among`.
+        from pyiceberg.expressions import In
+
+        kept = In(self.id_column, set(among.to_pylist())) if len(among) else "false"
+        tasks = list(self.table.scan(row_filter=kept).plan_files())
+        if not tasks:
+            return None
+        return pads.dataset([split_scheme(t.file.file_path)[1] for t in tasks], format="parquet",
+                            filesystem=self.arrow_fs)
+
+    def input_position(self) -> dict[str, Any] | None:
+        """The table property `vb.input-position`, unless a snapshot after the one it names removed rows
+        (an overwrite, a delete; a compaction's snapshot says `vb.operation: compact`) or that snapshot is
+        no longer in the table's history (expired: what happened since cannot be told)."""
+        table = self.catalog.load_table(self.cfg.table) if self.table is not None else None
+        position = decode_position(table.properties.get(POSITION_KEY)) if table is not None else None
+        if position is None:
+            return None
+        at, snapshot = position.get("output_snapshot"), table.current_snapshot()
+        while snapshot is not None and snapshot.snapshot_id != at:
+            operation = getattr(snapshot.summary.operation, "value", str(snapshot.summary.operation))
+            if operation in ("overwrite", "delete") and snapshot.summary.get(OPERATION_KEY) != COMPACTION:
+                return None
+            parent = snapshot.parent_snapshot_id
+            snapshot = table.snapshot_by_id(parent) if parent is not None else None
+        return position if snapshot is not None or at is None else None
+
+    def _commit_position(self, position: dict[str, Any]) -> None:
+        def build(tx) -> None:
+            at = tx.table_metadata.current_snapshot_id
+            tx.set_properties({POSITION_KEY: encode_position({**position, "output_snapshot": at})})
+
+        self._commit_fenced(build, key=None)
 
     def _is_committed(self, key: str) -> bool:
         return self.table is not None and any(s.summary.get("vb.commit") == key for s in self.table.snapshots())
@@ -257,7 +297,7 @@ class IcebergSink(TableSink):
         with self.lease:
             yield self.lease
 
-    def open(self) -> pa.Array | None:
+    def open(self, among: pa.Array | None = None) -> pa.Array | None:
         """As `Sink.open`, all in the table's metadata: no marker, no `_SUCCESS`, no records to recover (the
         fingerprint lands with the first commit; an overwrite's first commit replaces the rows)."""
         self.check()
@@ -266,7 +306,7 @@ class IcebergSink(TableSink):
             return None
         if self.retry_failed:
             self._retire_failed()
-        return self._committed_ids()
+        return self._committed_ids(among)
 
     def _fence(self) -> None:
         self._epoch_read = self._epoch_in(self.table)

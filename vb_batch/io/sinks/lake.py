@@ -9,6 +9,7 @@ it stages in its `data/` folder and keeps the rest in table properties, see `vb_
     <table>/part-<run>-*.parquet               Delta data files (Iceberg: <location>/data/part-*.parquet)
     <table>/_vb/output.json                    what the table holds (the job fingerprint)
     <table>/_vb/runs/<run>.json                summary of a run (no `_SUCCESS`: the log says what is done)
+    <table>/_vb/latest-run.json                names the latest run's record (Iceberg: property vb.last-run)
 
 A commit moves the staged files next to the table's data (no rewrite) and adds
 them in one transaction of the table's own log: `AddAction`s for Delta,

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 META_DIR = "_vb"
 MARKER = "output.json"
+# `_vb/latest-run.json` names the latest run's record under `_vb/runs/` (Iceberg: the `vb.last-run` property).
+LATEST_RUN = "latest-run.json"
 # What vb_batch itself keeps at the top of an output, besides data files and `_vb/`.
 OWN_FILES = frozenset({"_SUCCESS", "_report.html", "_metrics.parquet"})
 

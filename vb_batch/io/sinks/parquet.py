@@ -6,8 +6,10 @@ The Parquet dataset layout::
     out/_vb/output.json                 what this output is: format, fingerprint
     out/_vb/lease.json                  the writer lease of the run in progress
     out/_vb/staging/<run>/...           files being written (hidden: "_" prefix)
-    out/_vb/commits/c<seq>-<run>.json   one record per commit: files it adds and removes
+    out/_vb/commits/c<seq>-<run>.json   one record per commit: files it adds and removes (or the input
+                                        position of a run that read its whole input: `io.positions`)
     out/_vb/runs/<run>.json             summary of a run
+    out/_vb/latest-run.json             names the latest run's record (for schedulers)
     out/_SUCCESS                        written last by a run that finished
 
 Commit records apply in sequence order; a record may add files, remove files
@@ -47,6 +49,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from vb_batch.errors import ERROR_COLUMN
+from vb_batch.io.positions import COMPACTION, OPERATION_KEY, decode_position
 from vb_batch.io.sinks.base import Sink
 from vb_batch.io.sinks.metadata import (
     META_DIR,
@@ -159,7 +162,10 @@ class ParquetSink(Sink):
                 self.fs.rm(self._path(name))
 
     def _commit_files(self, names: list[str]) -> None:
-        self._write_record({"files": list(names), "rows": self._staged_rows})
+        position = self._position_due()
+        self._write_record({"files": list(names), "rows": self._staged_rows,
+                            **({"position": position} if position is not None else {})})
+        self._position_written = position is not None
         self._apply(names, [])
 
     def _clear(self) -> None:
@@ -174,12 +180,24 @@ class ParquetSink(Sink):
             if self.fs.exists(self._path(name)):
                 self.fs.rm(self._path(name))
 
-    def _committed_ids(self) -> pa.Array:
+    def _committed_dataset(self, among: pa.Array | None = None) -> pads.Dataset | None:
         files = [self._path(f) for f in self.committed_files()]
-        if not files:
-            return pa.array([], self.schema.field(self.id_column).type)
-        table = pads.dataset(files, format="parquet", filesystem=self.arrow_fs).to_table(columns=[self.id_column])
-        return table.column(self.id_column).combine_chunks()
+        return pads.dataset(files, format="parquet", filesystem=self.arrow_fs) if files else None
+
+    def input_position(self) -> dict[str, Any] | None:
+        """The newest record's `position`, unless a later record removed rows (compaction's records move them)."""
+        position = None
+        for _, record in self._records():
+            if record is None:
+                continue
+            if record.get("position") is not None:
+                position = record["position"]
+            elif record.get("reset") or (record.get("removes") and record.get(OPERATION_KEY) != COMPACTION):
+                position = None
+        return decode_position(position)
+
+    def _commit_position(self, position: dict[str, Any]) -> None:
+        self._write_record({"files": [], "position": position})
 
     def _retire_failed(self) -> None:
         """`run.retry_failed`: rewrite the files that hold failed rows without them, in one commit."""

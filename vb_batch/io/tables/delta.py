@@ -46,15 +46,16 @@ def delta_job_metadata(uri: str, storage: StorageOptions | None, version: int) -
     return {}
 
 
-def open_delta(uri: str, storage: StorageOptions | None = None, vb_metadata: bool = True) -> pads.Dataset:
+def open_delta(uri: str, storage: StorageOptions | None = None, vb_metadata: bool = True, table=None) -> pads.Dataset:
     """The current version of a Delta table as a pyarrow dataset, read through vb_batch's filesystem.
 
     Fragments are the table's Parquet files (absolute paths in
     `arrow_filesystem(uri)`), with partition values as partition expressions;
     the schema carries field metadata and (`vb_metadata`: a vb_batch output)
-    the job-level `vb.*` keys of the latest vb_batch commit in the history.
+    the job-level `vb.*` keys of the latest vb_batch commit in the history. `table`: a `DeltaTable`
+    already loaded (its version is the one read).
     """
-    table = delta_table(uri, storage)
+    table = table if table is not None else delta_table(uri, storage)
     if table is None:
         raise FileNotFoundError(f"no Delta table at {uri!r}")
     fs, root = arrow_filesystem(uri, storage)

@@ -50,8 +50,9 @@ def iceberg_schema(table) -> pa.Schema:
     return with_metadata(schema_to_pyarrow(table.schema(), include_field_ids=False), columns, job)
 
 
-def open_iceberg(table, storage: StorageOptions | None = None, row_filter: str | None = None) -> pads.Dataset:
-    """An Iceberg table's current snapshot as a pyarrow dataset of its data files.
+def open_iceberg(table, storage: StorageOptions | None = None, row_filter: str | None = None,
+                 snapshot_id: int | None = None) -> pads.Dataset:
+    """An Iceberg table's current snapshot (or `snapshot_id`) as a pyarrow dataset of its data files.
 
     `row_filter` (pyiceberg syntax) prunes files by partition and column
     statistics; filter rows with `row_filter_expression` on top. Tables with
@@ -59,7 +60,7 @@ def open_iceberg(table, storage: StorageOptions | None = None, row_filter: str |
     first.
     """
     schema = iceberg_schema(table)
-    tasks = list(table.scan(row_filter=row_filter or "true").plan_files())
+    tasks = list(table.scan(row_filter=row_filter or "true", snapshot_id=snapshot_id).plan_files())
     if any(task.delete_files for task in tasks):
         raise ConfigError(
             f"iceberg table {table.name()}: it has row-level delete files, which vb_batch cannot read "
