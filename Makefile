@@ -10,7 +10,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The CPU wheel: an unpinned torch would pull several GB of CUDA packages.
 TORCH := torch==2.13.0
-EXTRAS_TEST := test,ray,spark,lake,s3,hosted
+EXTRAS_TEST := test,ray,spark,lake,s3,hosted,schedulers
 TEST_RESULTS := .cache/test-results.xml
 
 .PHONY: demo test test-fast venv venv-test browser clean

@@ -12,32 +12,46 @@
       (both: --allow-uri-prefix PREFIX [--allow-private-addresses] to show inputs given by URI)
     vb-batch tiny-model PATH --task depth         build a tiny random Marigold checkpoint
     vb-batch describe OUTPUT                      every column with its unit, scale and meaning
+    vb-batch compact OUTPUT                       merge small files into files of rows_per_file rows (Parquet,
+                                                  Delta, Iceberg: --table --catalog; or --config JOB.yaml)
 
-Anywhere on the line: -v (-vv: debug), -q (errors only), --log-format json (one JSON object a line).
+Anywhere on the line: -v (-vv: debug), -q (errors only), --log-format json (every line on stdout and
+stderr one JSON object; --progress-every SECONDS: progress events). Logs, exit codes and scheduler
+recipes (cron, Airflow, Dagster): docs/operations.md.
 
 Exit codes (EXIT_*): 0 success (failed rows within run.max_error_fraction), 1 the job failed
 or more than run.max_error_fraction of its rows failed (after committing every row), 2 the
 config is invalid (the message names the field), 3 another run holds the output's writer lease
-(nothing was changed: try again later), 130 interrupted.
+(nothing was changed: try again later), 4 a hosted model's quota is exhausted (the rows answered
+are committed: resume once the quota is back), 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
-import logging
 import sys
 import traceback
 
 from vb_batch._version import __version__
 from vb_batch.config import ConfigError, load_config, redacted
-from vb_batch.errors import OutputExistsError
+from vb_batch.errors import OutputExistsError, QuotaExhaustedError
+from vb_batch.logs import (
+    configure_logging,
+    json_logs,
+    json_output,
+    print_failure,
+    summary_output,
+)
 from vb_batch.masking import mask_text, secret_values
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the job failed, or too many of its rows did (run.max_error_fraction)
 EXIT_CONFIG = 2  # the config must change
 EXIT_LEASE_HELD = 3  # another run writes this output now: a scheduler may simply try again later
+EXIT_QUOTA = 4  # a hosted model's quota is exhausted (for the day): resume once it is back
 EXIT_INTERRUPTED = 130
 
 
@@ -58,8 +72,9 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     args.secrets = secret_values(cfg.model_dump(mode="json"))  # scrubbed from any failure shown
     summary = run_job(cfg)
-    print(summary.render())
-    return EXIT_OK if summary.success else EXIT_FAILED
+    code = EXIT_OK if summary.success else EXIT_FAILED
+    print(summary_output(summary, code))  # the rendered summary, or one JSON object (--log-format json)
+    return code
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -80,7 +95,7 @@ def _validate(args: argparse.Namespace) -> int:
         # What the backend fills in where the config is silent (a distilled klein's 4 steps, Qwen's CFG,
         # the working sizes), read from the checkpoint's local files only.
         shown["model_resolved"] = resolved_model_settings(cfg.model)
-    print(json.dumps(shown, indent=2))
+    print(json.dumps(shown, indent=None if json_logs() else 2))
     return 0
 
 
@@ -184,6 +199,18 @@ def _describe(args: argparse.Namespace) -> int:
 
     print(vb_batch.describe(args.output))
     return 0
+
+
+def _compact(args: argparse.Namespace) -> int:
+    from vb_batch.io.sinks.compaction import compact_output, output_for_compaction
+
+    cfg = output_for_compaction(args.output, args.config, args.format, args.table, args.catalog, args.storage)
+    args.secrets = secret_values(cfg.model_dump(mode="json"))  # scrubbed from any failure shown
+    result = compact_output(cfg, rows_per_file=args.rows_per_file, retention_hours=args.retention_hours,
+                            enforce_retention=not args.allow_short_retention,
+                            progress=lambda line: print(line, file=sys.stderr))
+    print(result.render())
+    return EXIT_OK
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
@@ -359,6 +386,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("output", help="output dataset path or URL")
     p.set_defaults(func=_describe)
+    p = sub.add_parser(
+        "compact",
+        help="merge an output's small files into files of rows_per_file rows, under its writer lease",
+        description="Merge the small part files that appends leave into files of --rows-per-file rows, in one "
+        "atomic commit under the output's writer lease (a run holding it: exit 3); rows, ids and values are "
+        "unchanged. Then Delta: VACUUM of unreferenced files older than --retention-hours; Iceberg: snapshots "
+        "older than it expire and the files only they referenced are deleted. A killed compaction is "
+        "recovered by the next run or compaction.",
+    )
+    p.add_argument("output", nargs="?", help="output path or URL (Parquet dataset, Delta table)")
+    p.add_argument("--config", metavar="JOB.yaml", help="compact the output section of this job")
+    p.add_argument("--format", choices=["auto", "parquet", "delta", "iceberg"], default="auto",
+                   help="the output's format (default: auto, detected; iceberg with --table)")
+    p.add_argument("--table", help="iceberg: the table, namespace.name")
+    p.add_argument("--catalog", action="append", default=[], metavar="KEY=VALUE",
+                   help="iceberg: a catalog property, as output.catalog (repeatable)")
+    p.add_argument("--storage", action="append", default=[], metavar="KEY=VALUE",
+                   help="how to reach object storage, as output.storage (repeatable), e.g. endpoint_url=http://...")
+    p.add_argument("--rows-per-file", type=int, metavar="N",
+                   help="rows per merged file (default: the job's output.rows_per_file, else 1024)")
+    p.add_argument("--retention-hours", type=float, default=168.0, metavar="H",
+                   help="Delta: vacuum files unreferenced for longer; Iceberg: expire older snapshots (default: 168)")
+    p.add_argument("--allow-short-retention", action="store_true",
+                   help="Delta: allow a retention below the table's own (readers of older versions may fail)")
+    p.set_defaults(func=_compact)
     for p in sub.choices.values():  # every command, those added above included: the flags go anywhere
         _logging_flags(p, anywhere=True)
     return parser
@@ -371,51 +423,51 @@ def _logging_flags(parser: argparse.ArgumentParser, anywhere: bool = False) -> N
     parser.add_argument("-v", "--verbose", action="count", help="log progress (-vv: debug details)",
                         **(keep or {"default": 0}))
     parser.add_argument("-q", "--quiet", action="store_true", help="log errors only", **keep)
-    parser.add_argument("--log-format", choices=["text", "json"], help="log lines as text (default) or JSON objects",
+    parser.add_argument("--log-format", choices=["text", "json"],
+                        help="text (default), or json: every line on stdout and stderr one JSON object (docs/operations.md)",
                         **(keep or {"default": "text"}))
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per log record: time, level, logger, message (and the traceback, when there is one)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
-            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
-def configure_logging(verbose: int = 0, quiet: bool = False, log_format: str = "text") -> None:
-    """Level from -v / -q (WARNING by default), lines as text with the level name, or as JSON objects."""
-    level = logging.ERROR if quiet else logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonLogFormatter() if log_format == "json"
-                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, "_vb_batch", False)]:
-        root.removeHandler(old)
-    handler._vb_batch = True  # ours to replace when main runs again in one process (tests, notebooks)
-    root.addHandler(handler)
-    root.setLevel(level)
+    parser.add_argument("--progress-every", type=float, metavar="SECONDS",
+                        help="with --log-format json: a progress event every SECONDS while a job runs (default: 10)",
+                        **(keep or {"default": None}))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    configure_logging(args.verbose, args.quiet, args.log_format)
+    args = parse_args(argv)
+    configure_logging(args.verbose, args.quiet, args.log_format, args.progress_every)
+    with json_output() if args.log_format == "json" else contextlib.nullcontext():
+        try:
+            return args.func(args)
+        except KeyboardInterrupt:
+            print_failure(EXIT_INTERRUPTED, "interrupted; committed rows are kept, re-run with output.mode=resume")
+            return EXIT_INTERRUPTED
+        except Exception as exc:  # noqa: BLE001 - every failure ends in one clear line (the traceback with -v)
+            code, text = failure(exc)
+            secrets = getattr(args, "secrets", ())
+            shown = mask_text(traceback.format_exc(), secrets) if args.verbose else None
+            if shown and args.log_format != "json":
+                print(shown, file=sys.stderr, end="")
+            print_failure(code, mask_text(text, secrets), shown)
+            return code
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; with --log-format json a usage error, too, is one JSON object (exit 2)."""
+    parser = build_parser()
+    words = sys.argv[1:] if argv is None else argv
+    wants_json = "--log-format=json" in words or any(
+        a == "--log-format" and b == "json" for a, b in zip(words, words[1:]))
+    if not wants_json:
+        return parser.parse_args(argv)
+    said = io.StringIO()
     try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("vb-batch: interrupted; committed rows are kept, re-run with output.mode=resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as exc:  # noqa: BLE001 - every failure ends in one clear line (the traceback with -v)
-        code, text = failure(exc)
-        if args.verbose:
-            traceback.print_exc()
-        print(f"vb-batch: {mask_text(text, getattr(args, 'secrets', ()))}", file=sys.stderr)
-        return code
+        with contextlib.redirect_stderr(said):
+            return parser.parse_args(argv)
+    except SystemExit as exc:
+        if exc.code:
+            configure_logging(log_format="json")
+            lines = said.getvalue().strip().splitlines()
+            print_failure(EXIT_CONFIG, lines[-1] if lines else "invalid command line", said.getvalue().strip())
+        raise
 
 
 def failure(exc: BaseException) -> tuple[int, str]:
@@ -427,6 +479,9 @@ def failure(exc: BaseException) -> tuple[int, str]:
         return EXIT_CONFIG, str(exc)
     if isinstance(exc, LeaseHeldError):
         return EXIT_LEASE_HELD, str(exc)
+    if isinstance(exc, QuotaExhaustedError):
+        return EXIT_QUOTA, (f"quota exhausted: {exc}; the rows answered are committed: re-run with "
+                            "output.mode=resume once the quota is back (recorded batch jobs are re-attached)")
     if isinstance(exc, (OutputExistsError, LeaseLostError)):
         return EXIT_FAILED, str(exc)
     if isinstance(exc, FileNotFoundError):

@@ -110,7 +110,9 @@ def quiet_loading() -> None:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    if not log.isEnabledFor(logging.INFO):
+    from vb_batch.logs import json_logs
+
+    if not log.isEnabledFor(logging.INFO) or json_logs():  # JSON logs: never a bar
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
 
