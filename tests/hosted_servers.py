@@ -6,6 +6,7 @@ GeminiServer (google-genai with `HttpOptions(base_url=...)`):
     POST /upload/v1beta/files                           resumable upload, start (X-Goog-Upload-Command: start)
     POST /upload/v1beta/files?upload_id=...             upload, finalize -> {"file": {...}}
     POST /v1beta/models/{model}:batchGenerateContent    create a batch (an Operation naming batches/{id})
+    GET  /v1beta/batches?pageSize=&pageToken=           batches.list: {"operations": [...], "nextPageToken"}
     GET  /v1beta/batches/{id}                           the batch, its state and responsesFile when done
     POST /v1beta/batches/{id}:cancel
     GET  /v1beta/files/{id}:download?alt=media          a results file (also under /download/...)
@@ -15,6 +16,18 @@ OpenAIServer (openai with `base_url=...`):
 Both paint like an identity model (the answer is the image sent, so codec paintings decode
 back to the maps they encode) unless a test scripts them: statuses with error bodies, text-only
 or blocked answers, answers at another size, batches held RUNNING, failed or expired.
+
+At scale (tests/test_hosted_scale.py) the Gemini server also: keeps each batch RUNNING for
+`job_seconds` after its creation (and records when each ran), refuses requests over the
+documented 20 MB inline limit (`inline_limit`) with Google's 400, stalls the first
+`stall_polls` polls of a batch for `stall_s`, answers 429 RESOURCE_EXHAUSTED with a
+per-day QuotaFailure once `daily_quota` requests were served, reports `usageMetadata` as
+the service counts it (258 tokens per 768-px tile of the input image, 1290 an answer
+image), and with `ratios` answers only in those aspect ratios, at their sizes, as a model
+does: the scene kept undistorted (centre-cropped to the ratio), never stretched. With
+`create_answer_gate` a batch is created at once but its creator hears of it only when the
+gate opens (a client killed in between has a job it never learnt the name of); batches.list
+sends at most `list_page_max` batches a page, as a service may.
 """
 
 from __future__ import annotations
@@ -24,8 +37,10 @@ import email.parser
 import email.policy
 import io
 import json
+import math
 import re
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -48,7 +63,7 @@ class _Server:
     """A ThreadingHTTPServer on 127.0.0.1 whose handler calls `self.handle(request)`."""
 
     def __init__(self):
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # batches run (and answer) while it is held
         self.paths: list[str] = []
         self.headers_seen: list[dict[str, str]] = []
         outer = self
@@ -110,6 +125,25 @@ def image_response(image: np.ndarray, text: str | None = None, finish: str = "ST
             "usageMetadata": {"promptTokenCount": 10, "candidatesTokenCount": 1290}}
 
 
+def gemini_image_tokens(width: int, height: int) -> int:
+    """Gemini 2.x's count for an input image: 258 up to 384 px a side, else 258 per 768x768 tile."""
+    if max(width, height) <= 384:
+        return 258
+    return 258 * math.ceil(width / 768) * math.ceil(height / 768)
+
+
+def cover(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The image centre-cropped to width:height and resized (nearest) to width x height: a model's fixed-ratio answer."""
+    h, w = image.shape[:2]
+    if w * height > h * width:  # too wide: crop the sides
+        keep = round(h * width / height)
+        image = image[:, (w - keep) // 2:(w - keep) // 2 + keep]
+    else:
+        keep = round(w * height / width)
+        image = image[(h - keep) // 2:(h - keep) // 2 + keep]
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.NEAREST))
+
+
 def text_response(text: str, finish: str = "STOP") -> dict:
     return {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": finish}]}
 
@@ -124,6 +158,7 @@ class GeminiServer(_Server):
         # What a request gets: (image, prompt, request JSON) -> GenerateContentResponse JSON or ("error", code, msg).
         self.paint = lambda image, prompt, request: image_response(image)
         self.requests: list[dict] = []  # generateContent bodies
+        self.request_times: list[float] = []  # when each generateContent arrived (time.monotonic)
         self.files: dict[str, bytes] = {}
         self.uploads: dict[str, dict] = {}
         self.batches: dict[str, dict] = {}
@@ -131,6 +166,20 @@ class GeminiServer(_Server):
         self.hold = False  # batches stay RUNNING until `release()`
         self.outcome = "BATCH_STATE_SUCCEEDED"  # or BATCH_STATE_FAILED / BATCH_STATE_EXPIRED
         self.echo_key_in_errors = False
+        self.job_seconds = 0.0  # a batch stays RUNNING this long after its creation
+        self.inline_limit: int | None = None  # the largest request body taken (Gemini's: 20 MB)
+        self.largest_request = 0  # bytes of the largest generateContent body or batch line seen
+        self.stall_polls = 0  # the next polls of batches that hang for `stall_s` before answering
+        self.stall_s = 0.0
+        self.polls = 0
+        self.daily_quota: int | None = None  # requests served before 429 "per day" (None: no limit)
+        self.served = 0
+        self.ratios: dict[str, tuple[int, int]] | None = None  # aspect -> (width, height) answered
+        self.thought_tokens = 0
+        self.answered_ratios: list[str] = []
+        self.sent_sizes: list[tuple[int, int]] = []  # (height, width) of every image received
+        self.create_answer_gate: threading.Event | None = None  # a create's answer waits until it is set
+        self.list_page_max = 50  # most batches on one page of batches.list (a service may send fewer than asked)
 
     def release(self):
         with self.lock:
@@ -148,11 +197,24 @@ class GeminiServer(_Server):
             said = f" (got {headers.get('x-goog-api-key')})" if self.echo_key_in_errors else ""
             return google_error(403, "PERMISSION_DENIED", f"API key not valid{said}")
         if method == "POST" and route.endswith(":generateContent"):
+            if self.inline_limit is not None and len(body) > self.inline_limit:
+                return google_error(400, "INVALID_ARGUMENT", "Request payload size exceeds the limit: "
+                                    f"{self.inline_limit} bytes.")
+            with self.lock:
+                self.largest_request = max(self.largest_request, len(body))
+            if self.daily_quota is not None:
+                with self.lock:
+                    self.served += 1
+                    over = self.served > self.daily_quota
+                if over:
+                    return quota_error()
             return self._generate(json.loads(body))
         if method == "POST" and upload and route == "files":
             return self._upload(parts.query, headers, body)
         if method == "POST" and route.endswith(":batchGenerateContent"):
             return self._create_batch(route, json.loads(body))
+        if method == "GET" and route == "batches":
+            return self._list_batches(parse_qs(parts.query))
         if route.startswith("batches/"):
             name = route.removesuffix(":cancel")
             if name not in self.batches:
@@ -160,6 +222,12 @@ class GeminiServer(_Server):
             if route.endswith(":cancel"):
                 self.batches[name]["state"] = "BATCH_STATE_CANCELLED"
                 return _json(200, {})
+            with self.lock:
+                self.polls += 1
+                stall = self.stall_polls > 0
+                self.stall_polls -= stall
+            if stall:
+                time.sleep(self.stall_s)  # the client's timeout ends this poll first
             return _json(200, self._batch_json(name))
         if method == "GET" and route.startswith("files/") and route.endswith(":download"):
             name = route.removesuffix(":download")
@@ -177,11 +245,29 @@ class GeminiServer(_Server):
         data = next(p["inlineData"]["data"] for p in parts if "inlineData" in p)
         # The SDK sends URL-safe base64 without padding; a JSONL file may carry the standard alphabet.
         data = data.replace("-", "+").replace("_", "/")
-        return self.paint(image_of(base64.b64decode(data + "=" * (-len(data) % 4))), prompt, request)
+        image = image_of(base64.b64decode(data + "=" * (-len(data) % 4)))
+        with self.lock:
+            self.sent_sizes.append(image.shape[:2])
+        if self.ratios:
+            asked = (request.get("generationConfig") or {}).get("imageConfig", {}).get("aspectRatio")
+            if asked not in self.ratios:  # the model's default: the ratio nearest the input's
+                asked = min(self.ratios, key=lambda r: abs(math.log(self.ratios[r][0] / self.ratios[r][1])
+                                                           - math.log(image.shape[1] / image.shape[0])))
+            self.answered_ratios.append(asked)
+            answer = self.paint(cover(image, *self.ratios[asked]), prompt, request)
+        else:
+            answer = self.paint(image, prompt, request)
+        if isinstance(answer, dict) and answer.get("candidates"):
+            answer = {**answer, "usageMetadata": {
+                "promptTokenCount": gemini_image_tokens(image.shape[1], image.shape[0]) + math.ceil(len(prompt) / 4),
+                "candidatesTokenCount": 1290, "thoughtsTokenCount": self.thought_tokens,
+                "totalTokenCount": 0}}
+        return answer
 
     def _generate(self, request):
         with self.lock:
             self.requests.append(request)
+            self.request_times.append(time.monotonic())
             scripted = self.script.pop(0) if self.script else None
         if scripted is not None:
             return scripted
@@ -226,14 +312,29 @@ class GeminiServer(_Server):
             self.batch_creations += 1
             self.batches[name] = {"model": route.removesuffix(":batchGenerateContent"),
                                   "displayName": batch.get("displayName", ""), "source": source,
-                                  "state": "BATCH_STATE_PENDING"}
+                                  "state": "BATCH_STATE_PENDING", "created": time.monotonic(), "ended": None}
+        if self.create_answer_gate is not None:  # the job exists; its creator hears of it once the gate opens
+            self.create_answer_gate.wait(timeout=30)
         return _json(200, self._batch_json(name))
+
+    def _list_batches(self, query):
+        """batches.list: the batches as Operations, newest last, a page at a time (pageSize, pageToken)."""
+        with self.lock:
+            names = list(self.batches)
+        size = min(int(query.get("pageSize", ["50"])[0]), self.list_page_max)
+        start = int(query.get("pageToken", ["0"])[0])
+        page = {"operations": [self._batch_json(name) for name in names[start:start + size]]}
+        if start + size < len(names):
+            page["nextPageToken"] = str(start + size)
+        return _json(200, page)
 
     def _batch_json(self, name):
         batch = self.batches[name]
         with self.lock:
-            if batch["state"] in ("BATCH_STATE_PENDING", "BATCH_STATE_RUNNING") and not self.hold:
+            due = time.monotonic() - batch["created"] >= self.job_seconds
+            if batch["state"] in ("BATCH_STATE_PENDING", "BATCH_STATE_RUNNING") and not self.hold and due:
                 self._run_batch(name, batch)
+                batch["ended"] = time.monotonic()
             elif batch["state"] == "BATCH_STATE_PENDING":
                 batch["state"] = "BATCH_STATE_RUNNING"
         metadata = {"@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch",
@@ -251,6 +352,11 @@ class GeminiServer(_Server):
         lines = []
         for line in self.files[batch["source"]].decode().splitlines():
             entry = json.loads(line)
+            self.largest_request = max(self.largest_request, len(line))
+            if self.inline_limit is not None and len(line) > self.inline_limit:
+                lines.append({"key": entry["key"], "error": {"code": 400, "message": "Request payload size "
+                                                                                      "exceeds the limit"}})
+                continue
             answer = self.answer(entry["request"])
             if isinstance(answer, tuple):
                 lines.append({"key": entry["key"], "error": {"code": answer[1], "message": answer[2]}})
@@ -259,6 +365,17 @@ class GeminiServer(_Server):
         output = f"files/batch-{uuid.uuid4().hex[:12]}"
         self.files[output] = "".join(json.dumps(line) + "\n" for line in lines).encode()
         batch["output"] = output
+
+
+def quota_error():
+    """Google's 429 when a per-day quota is gone (a QuotaFailure naming it, and a RetryInfo as the service sends)."""
+    violation = {"quotaMetric": "generativelanguage.googleapis.com/generate_content_requests",
+                 "quotaId": "GenerateRequestsPerDayPerProjectPerModel", "quotaDimensions": {"location": "global"}}
+    return _json(429, {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED",
+                                 "message": "You exceeded your current quota, please check your plan and billing details.",
+                                 "details": [{"@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                                              "violations": [violation]},
+                                             {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "30s"}]}})
 
 
 class OpenAIServer(_Server):
@@ -270,6 +387,7 @@ class OpenAIServer(_Server):
         self.script: list = []  # (status, body, headers) answers to the next calls
         self.paint = lambda image, form: {"b64_json": base64.b64encode(png(image)).decode()}
         self.forms: list[dict] = []
+        self.fixed_sizes = False  # answer at the size asked (scene centre-cropped to it), as gpt-image-1 does
 
     def handle(self, method, path, headers, body):
         if headers.get("Authorization") != f"Bearer {self.api_key}":
@@ -291,4 +409,8 @@ class OpenAIServer(_Server):
             scripted = self.script.pop(0) if self.script else None
         if scripted is not None:
             return scripted
-        return _json(200, {"created": 1764720000, "data": [self.paint(image, form)]})
+        if self.fixed_sizes and form.get("size") in ("1024x1024", "1536x1024", "1024x1536"):  # as gpt-image-1
+            image = cover(image, *map(int, form["size"].split("x")))
+        usage = {"input_tokens": 850, "input_tokens_details": {"image_tokens": 765, "text_tokens": 85},
+                 "output_tokens": 4160, "total_tokens": 5010}
+        return _json(200, {"created": 1764720000, "data": [self.paint(image, form)], "usage": usage})

@@ -16,6 +16,7 @@ import pytest
 import vb_batch
 from hosted_servers import OpenAIServer, _json, png
 from vb_batch.config import ConfigError, ModelConfig
+from vb_batch.errors import QuotaExhaustedError
 from vb_batch.io.outputs import read_output
 from vb_batch.models.base import create_backend
 from vb_batch.models.openai_images import OpenAIImagesBackend
@@ -84,12 +85,13 @@ def test_429_retry_after_is_honoured_and_500s_retried(images_api):
     np.testing.assert_array_equal(answer, image)
     assert len(images_api.forms) == 3
 
-    images_api.script = [error(429, "insufficient_quota", "no quota left")]
-    [answer] = backend.predict([image], ["p"], "depth", [3])
-    assert answer.code == "model_rate_limited" and "after 1 attempt(s)" in answer.message  # waiting won't help
     images_api.script = [error(500, "server_error", "boom")] * 4
     [answer] = backend.predict([image], ["p"], "depth", [3])
     assert answer.code == "model_http_error" and "after 4 attempt(s)" in answer.message
+    # No quota left: waiting won't help, and it is no row's fault: the run stops (exit code 4).
+    images_api.script = [error(429, "insufficient_quota", "no quota left")]
+    with pytest.raises(QuotaExhaustedError, match="insufficient_quota"):
+        backend.predict([image], ["p"], "depth", [3])
 
 
 @pytest.mark.parametrize("scripted, code", [

@@ -38,3 +38,12 @@ class ConfigError(ValueError):
 
 class OutputExistsError(RuntimeError):
     """`output.mode: error` and the output already holds data."""
+
+
+class QuotaExhaustedError(RuntimeError):
+    """A hosted model's service says the quota is gone (for the day, or the account's credit): no retry helps.
+
+    Not a row's fault: it stops the run cleanly. The rows already answered are committed, and
+    the CLI exits with its own code (4, `EXIT_QUOTA`) and says how to resume once the quota
+    is back (`output.mode: resume`: recorded batch jobs are re-attached, nothing is paid twice).
+    """

@@ -39,6 +39,9 @@ PHASES = (
 # Counts that travel with the phases (through the same collectors, part reports and Ray columns) and
 # come out of them into the run summary: model calls, and the images they answered.
 COUNTS = ("model_calls", "model_images")
+# What hosted models' services billed (tokens, and US$ at the model's token prices): counted like COUNTS.
+USAGE_COUNTS = ("usage_input_tokens", "usage_output_tokens", "usage_thought_tokens", "usage_cost")
+COUNTS += USAGE_COUNTS
 
 # This thread's collector and its stack of open phases (the seconds their inner phases took).
 _collector: ContextVar[tuple[PhaseTimes, list[list[float]]] | None] = ContextVar("vb_batch_phase_times", default=None)

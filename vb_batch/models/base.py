@@ -114,6 +114,16 @@ class ModelBackend:
         return None
 
     @classmethod
+    def reports_usage(cls, cfg: "ModelConfig") -> bool:
+        """Whether rows get the tokens and cost the service billed (`vb_usage`, through `take_usage`)."""
+        return False
+
+    @classmethod
+    def answer_metadata(cls, cfg: "ModelConfig") -> dict[str, str]:
+        """Field metadata for every task column: how answers were fitted to the model (hosted models' padding)."""
+        return {}
+
+    @classmethod
     def preflight(cls, cfg: "ModelConfig", *, local: bool) -> list["Check"]:
         """What `vb-batch plan` can check of the model without loading it (weights at hand, device, token).
 
@@ -122,6 +132,20 @@ class ModelBackend:
         return []
 
     # ------------------------------------------------------------ the loaded model
+    # Model calls the model stage may have running at once (a Batch API's jobs); 1: one call at a time.
+    calls_in_flight: int = 1
+
+    def take_usage(self, seed: int) -> dict[str, Any] | None:
+        """The tokens and cost billed for the row of `seed` since the last take (all its tasks); None: none."""
+        return None
+
+    def cancel_calls(self) -> None:
+        """The model stage stopped before its calls in flight ended: make them end soon (their rows are dropped).
+
+        Calls started after this one are not affected. A Batch API's polls end; its jobs run on at
+        the service and a resume re-attaches to them.
+        """
+
     def supported_tasks(self) -> set[str]:
         return {"depth", "normals", "segmentation", "referring"}
 

@@ -21,8 +21,13 @@ the answer parsing and the key masking, and read best side by side.)
   key. A key is the task, the row's seed (a hash of the row id) and a digest
   of the request (model, prompt, options, image): one per row, task and pass.
   Every job is recorded under the output (`<output>/_vb/hosted/gemini-*.json`)
-  before it is polled, so a run killed while its jobs run re-attaches to them
-  on resume (`output.mode: resume`) instead of paying for them twice.
+  before it is created, with a display name unique to the call, and again with
+  its name once created, so a run killed while its jobs run re-attaches to them
+  on resume (`output.mode: resume`) instead of paying for them twice; a job whose
+  run was killed between its creation and the record of its name is found by its
+  display name in the service's list of batch jobs (`batches.list`). A run that
+  stops for another reason ends its polls at once (`cancel_calls`, from the model
+  stage's close): the jobs run on at the service and a resume re-attaches.
 - Answers: the last image part that is not a thought. No image part, a
   blocked prompt (`promptFeedback.blockReason`), a safety finish reason, or
   any finish reason other than STOP is that row's `vb_error`:
@@ -72,9 +77,9 @@ from vb_batch.models.hosted import (
     answer_image,
     api_key,
     parse_retry_after,
-    png_bytes,
     with_retries,
 )
+from vb_batch.models.hosted_limits import Fit, crop_answer
 from vb_batch.models.http import server_text
 from vb_batch.models.options import GeminiOptions
 
@@ -95,6 +100,7 @@ BATCH_FILE_MAX_BYTES = 2_000_000_000
 # Request options that sit beside generationConfig in a GenerateContentRequest, not inside it.
 REQUEST_LEVEL_OPTIONS = frozenset({"safety_settings", "system_instruction", "tools", "tool_config", "cached_content"})
 MAX_POLL_FACTOR = 10
+LIST_PAGE_SIZE = 100  # batch jobs per page when a resume looks for a job it created but did not record
 
 
 def _text(value: Any) -> str:
@@ -114,6 +120,27 @@ def _rest_json(options: Any) -> Any:
     if isinstance(options, list):
         return [_rest_json(v) for v in options]
     return options
+
+
+def usage_of(response) -> dict[str, int] | None:
+    """The tokens a `GenerateContentResponse` was billed (`usageMetadata`): prompt, candidates, thoughts."""
+    meta = getattr(response, "usage_metadata", None)
+    if meta is None:
+        return None
+    return {"input_tokens": meta.prompt_token_count or 0, "output_tokens": meta.candidates_token_count or 0,
+            "thought_tokens": meta.thoughts_token_count or 0}
+
+
+def daily_quota(exc) -> bool:
+    """Whether a 429's google.rpc.QuotaFailure names a per-day quota (waiting minutes does not help)."""
+    body = exc.details if isinstance(exc.details, dict) else {}
+    error = body.get("error", body) if isinstance(body, dict) else {}
+    for detail in (error.get("details") or []) if isinstance(error, dict) else []:
+        if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("google.rpc.QuotaFailure"):
+            for violation in detail.get("violations") or []:
+                if "PerDay" in str(violation.get("quotaId", "")) or "per_day" in str(violation.get("quotaMetric", "")):
+                    return True
+    return False
 
 
 def read_answer(response) -> np.ndarray | RowError:
@@ -188,6 +215,10 @@ class GeminiBackend(HostedBackend):
 
     def client(self):
         """The SDK client, built on first use (and in each worker: it does not pickle)."""
+        with self._pool_lock:  # built once: a client dropped by a racing thread closes the shared transport
+            return self._build_client()
+
+    def _build_client(self):
         if self._client is None:
             from google import genai
             from google.genai import types
@@ -200,10 +231,21 @@ class GeminiBackend(HostedBackend):
                 self._client = genai.Client(api_key=self._api_key, http_options=options)
         return self._client
 
-    def generation_options(self, seed: int) -> dict[str, Any]:
-        """The generation config of one row (snake_case, as `GenerateContentConfig` takes it)."""
+    def generation_options(self, seed: int, fit: Fit | None = None) -> dict[str, Any]:
+        """The generation config of one row (snake_case, as `GenerateContentConfig` takes it).
+
+        Where the model answers in fixed aspect ratios, the row asks for the one its image was padded to.
+        """
         # Gemini's seed is an int32.
-        return {"response_modalities": ["IMAGE"], "seed": seed % 2**31, **self.cfg.options}
+        options = {"response_modalities": ["IMAGE"], "seed": seed % 2**31, **self.cfg.options}
+        if fit is not None and fit.aspect and self.limits.ratios:
+            options["image_config"] = {**(options.get("image_config") or {}), "aspect_ratio": fit.aspect}
+        return options
+
+    @property
+    def calls_in_flight(self) -> int:
+        """Batch mode: model calls (each one batch job) submitted and polled at once."""
+        return self.cfg.batch_jobs_in_flight if self.cfg.mode == "batch" else 1
 
     # ------------------------------------------------------------------ online
 
@@ -220,14 +262,20 @@ class GeminiBackend(HostedBackend):
     def _answer_row(self, image, prompt, task, seed):
         from google.genai import types
 
-        contents = [types.Part.from_text(text=prompt), types.Part.from_bytes(data=png_bytes(image), mime_type="image/png")]
-        config = types.GenerateContentConfig(**self.generation_options(seed))
+        data, mime, fit = self.prepare(image, prompt)
+        contents = [types.Part.from_text(text=prompt), types.Part.from_bytes(data=data, mime_type=mime)]
+        config = types.GenerateContentConfig(**self.generation_options(seed, fit))
         response = with_retries(
-            lambda: self.client().models.generate_content(model=self.cfg.model_name, contents=contents, config=config),
+            lambda: self.limited(lambda: self.client().models.generate_content(
+                model=self.cfg.model_name, contents=contents, config=config)),
             self.classify, self.cfg, self.shown,
         )
-        answer = response if isinstance(response, RowError) else read_answer(response)
-        return RowError(answer.code, self._scrub(answer.message)) if isinstance(answer, RowError) else answer
+        if isinstance(response, RowError):
+            return response
+        self.record_usage(seed, usage_of(response))
+        answer = read_answer(response)
+        return RowError(answer.code, self._scrub(answer.message)) if isinstance(answer, RowError) \
+            else crop_answer(answer, fit)
 
     def classify(self, exc: Exception) -> Failure | None:
         """A failed SDK call: retryable or not, the server's wait (RetryInfo, Retry-After), the row's code."""
@@ -237,6 +285,8 @@ class GeminiBackend(HostedBackend):
             reason = f"HTTP {exc.code} {exc.status or ''}".rstrip()
             if exc.message:
                 reason += f": {server_text(exc.message)}"
+            if exc.code == 429 and daily_quota(exc):
+                self.quota_exhausted(f"{self.shown}: {self._scrub(reason)} (the quota for the day)")
             return Failure(
                 reason=self._scrub(reason),
                 retryable=exc.code in RETRY_STATUS,
@@ -249,19 +299,20 @@ class GeminiBackend(HostedBackend):
 
     # ------------------------------------------------------------------ batch
 
-    def batch_request(self, image: np.ndarray, prompt: str, seed: int) -> dict[str, Any]:
-        """One `GenerateContentRequest` in the REST API's JSON, as a batch file's line carries it."""
-        options = self.generation_options(seed)
+    def batch_request(self, image: np.ndarray, prompt: str, seed: int) -> tuple[dict[str, Any], Fit]:
+        """One `GenerateContentRequest` in the REST API's JSON, as a batch file's line carries it, and its fit."""
+        data, mime, fit = self.prepare(image, prompt)
+        options = self.generation_options(seed, fit)
         request: dict[str, Any] = {
             "contents": [{"role": "user", "parts": [
                 {"text": prompt},
-                {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(png_bytes(image)).decode("ascii")}},
+                {"inlineData": {"mimeType": mime, "data": base64.b64encode(data).decode("ascii")}},
             ]}],
         }
         for name in REQUEST_LEVEL_OPTIONS & set(options):
             request[_camel(name)] = _rest_json(options.pop(name))
         request["generationConfig"] = _rest_json(options)
-        return request
+        return request, fit
 
 
 def transport_errors() -> tuple[type[Exception], ...]:
@@ -293,6 +344,10 @@ def request_key(task: str, seed: int, digest_of: bytes) -> str:
     return f"{task}-{seed:016x}-{hashlib.blake2b(digest_of, digest_size=8).hexdigest()}"
 
 
+class JobFailed(RuntimeError):
+    """A job-level call (upload, create, download) that kept failing: the rows of that job get an error."""
+
+
 class BatchJobs:
     """The Batch API side of a gemini backend: submit, record, re-attach, poll, fetch."""
 
@@ -305,6 +360,7 @@ class BatchJobs:
         self._lock = threading.Lock()
         self._records: dict[str, dict[str, Any]] | None = None  # record file -> record
         self._results: dict[str, dict[str, np.ndarray | RowError]] = {}  # job name -> answers by key
+        self._usage: dict[str, dict[str, int]] = {}  # key -> the tokens its answer was billed
 
     # ------------------------------------------------------------------ records
 
@@ -317,25 +373,51 @@ class BatchJobs:
         write_atomic(self.fs, self._record_path(record), json.dumps(record).encode())
 
     def records(self) -> dict[str, dict[str, Any]]:
-        """Every recorded job of this output (read once per process)."""
+        """Every recorded job of this output (read once per process; unnamed ones looked up, `_find_created`)."""
         from vb_batch.io.sinks import read_json
 
         if self._records is None:
-            self._records = {}
+            records = {}
             paths = self.fs.glob(f"{self.root.rstrip('/')}/gemini-*.json") if self.fs.exists(self.root) else []
             for path in sorted(paths):
                 record = read_json(self.fs, path)
                 if record and record.get("id"):
-                    self._records[record["id"]] = record
+                    records[record["id"]] = record
+            # A lookup that fails fails the call (its rows get an error; a resume looks again): its rows
+            # are not submitted again while their job may be running.
+            self._find_created([r for r in records.values() if not r.get("name") and r.get("display_name")])
+            self._records = records
         return self._records
+
+    def _find_created(self, unnamed: list[dict[str, Any]]) -> None:
+        """Name the recorded jobs whose run stopped between creating them and recording their names.
+
+        Each job is created with the display name its record holds (unique to the run's call), so
+        the service's list of batch jobs (`batches.list`, every page) says whether the create got
+        through: a job found is re-attached to, not created again (and not paid for twice).
+        """
+        if not unnamed:
+            return
+        wanted = {record["display_name"]: record for record in unnamed}
+        pager = self._call(lambda: self.backend.client().batches.list(config={"page_size": LIST_PAGE_SIZE}))
+        for job in pager:  # the SDK's pager fetches the next pages as it goes
+            record = wanted.pop(job.display_name or "", None)
+            if record is None:
+                continue
+            record["name"], record["state"] = job.name, _text(job.state)
+            self._save(record)
+            log.info("gemini batch: found job %s, created for %s by a run that stopped before recording it; "
+                     "re-attaching to it", job.name, record["display_name"])
+            if not wanted:
+                break
 
     def _attachable(self) -> dict[str, dict[str, Any]]:
         """Key -> the recorded job that has its answer coming (or come); failed jobs and failed keys are asked again."""
         found = {}
         for record in self.records().values():
             if not record.get("name"):
-                log.warning("gemini batch: a run stopped between uploading %s and creating its job; its rows are "
-                            "submitted again", record.get("file"))
+                log.warning("gemini batch: a run stopped between uploading %s and creating its job (no job named "
+                            "%s was found); its rows are submitted again", record.get("file"), record.get("display_name"))
                 continue
             if record.get("state") in FAILED_STATES:
                 continue
@@ -348,13 +430,16 @@ class BatchJobs:
     # ------------------------------------------------------------------ the run of one model call
 
     def answers(self, images, prompts, task, seeds) -> list[np.ndarray | RowError]:
+        cancelled = self.backend.cancelled  # set when the model stage stops before this call ends
         lines = {}
         keys = []
+        fits: dict[str, Fit] = {}
         for image, prompt, seed in zip(images, prompts, seeds):
-            request = self.backend.batch_request(image, prompt, seed)
+            request, fits_row = self.backend.batch_request(image, prompt, seed)
             body = json.dumps(request, sort_keys=True)
             key = request_key(task, seed, f"{self.cfg.model_name}\n{body}".encode())
             keys.append(key)
+            fits[key] = fits_row
             lines[key] = json.dumps({"key": key, "request": request}) + "\n"
         with self._lock:
             attachable = self._attachable()
@@ -369,12 +454,27 @@ class BatchJobs:
         if jobs:
             log.info("gemini batch: re-attaching to %d recorded job(s) for %d request(s)", len(jobs),
                      len(keys) - len(fresh))
+        failed: dict[str, np.ndarray | RowError] = {}
         for chunk in self._split(fresh, lines):
-            record = self._submit(chunk, lines)
+            if cancelled.is_set():  # the run stopped: submit nothing more (its rows are dropped)
+                failed.update({key: RowError("model_batch_failed", "gemini batch: the run stopped") for key in chunk})
+                continue
+            try:
+                record = self._submit(chunk, lines)
+            except JobFailed as exc:  # its rows fail with their job, not one by one
+                failed.update({key: RowError("model_batch_failed", f"gemini batch: {exc}") for key in chunk})
+                continue
             jobs[record["id"]] = record
-        results = self._wait(list(jobs.values()))
+        results = {**self._wait(list(jobs.values()), cancelled), **failed}
         missing = RowError("model_batch_failed", "gemini batch: the job's results hold no answer for this request")
-        return [results[key] if key in results else missing for key in keys]
+        answers = []
+        for key, seed in zip(keys, seeds):
+            answer = results.get(key, missing)
+            self.backend.record_usage(seed, self._usage.pop(key, None))  # billed, image or not
+            if isinstance(answer, np.ndarray):
+                answer = crop_answer(answer, fits[key])
+            answers.append(answer)
+        return answers
 
     def _split(self, keys: list[str], lines: dict[str, str]) -> list[list[str]]:
         """Keys in chunks within the API's limits: `model.batch_max_requests` lines, under 2 GB of JSONL."""
@@ -404,7 +504,9 @@ class BatchJobs:
             uploaded = self._call(lambda: client.files.upload(
                 file=jsonl, config=types.UploadFileConfig(mime_type="jsonl", display_name=record["display_name"])))
         record["file"] = uploaded.name
-        self._save(record)  # a run killed before the job's name is known re-submits (and says so)
+        # Recorded before the job is created: a run killed before its name is known finds the job by its
+        # display name on resume (`_find_created`), or re-submits its rows when the create never got through.
+        self._save(record)
         job = self._call(lambda: client.batches.create(
             model=self.cfg.model_name, src=types.BatchJobSource(file_name=uploaded.name),
             config=types.CreateBatchJobConfig(display_name=record["display_name"])))
@@ -417,45 +519,81 @@ class BatchJobs:
 
     def _call(self, call):
         """A job-level SDK call (upload, create, get, download), retried like a row's; a fault stops the batch."""
-        result = with_retries(call, self.backend.classify, self.cfg, self.backend.shown)
+        result = with_retries(lambda: self.backend.limited(call), self.backend.classify, self.cfg, self.backend.shown)
         if isinstance(result, RowError):
-            raise RuntimeError(result.message)  # the model stage then gives each row its own error
+            raise JobFailed(result.message)  # the job's rows get an error (its record, if any, is kept)
         return result
 
-    def _wait(self, records: list[dict[str, Any]]) -> dict[str, np.ndarray | RowError]:
-        """Poll the jobs until each is done (or `model.batch_timeout_s` passes); their answers by key."""
+    def _wait(self, records: list[dict[str, Any]], cancelled: threading.Event) -> dict[str, np.ndarray | RowError]:
+        """Poll the jobs until each is done (or `model.batch_timeout_s` passes, or the run stops); answers by key."""
         from tqdm.auto import tqdm
 
-        client = self.backend.client()
         results: dict[str, np.ndarray | RowError] = {}
         pending = {r["id"]: r for r in records}
         wait = self.cfg.batch_poll_s
         deadline = time.monotonic() + self.cfg.batch_timeout_s
+        failing_since: dict[str, float] = {}  # job id -> when its polls started failing
         with tqdm(total=len(records), desc="gemini batch jobs", unit="job", disable=None, leave=False) as bar:
             while True:
                 for job_id, record in list(pending.items()):
                     if record["name"] in self._results:
                         job_state = SUCCEEDED
                     else:
-                        job = self._call(lambda: client.batches.get(name=record["name"]))
+                        job = self._poll(record, failing_since)
+                        if isinstance(job, RowError):  # the job's polls failed for batch_poll_retry_s
+                            del pending[job_id]
+                            results.update({key: job for key in record["keys"]})
+                            continue
+                        if job is None:  # this poll failed: the job is polled again later
+                            continue
                         job_state = _text(job.state)
                     if job_state not in DONE_STATES:
                         continue
                     del pending[job_id]
                     bar.update(1)
-                    results.update(self._finish(record, job_state, None if record["name"] in self._results else job))
+                    try:
+                        results.update(self._finish(record, job_state,
+                                                    None if record["name"] in self._results else job))
+                    except JobFailed as exc:  # its results could not be downloaded: a resume downloads them
+                        why = f"gemini batch job {record['name']}: {exc}; resume (output.mode: resume) to fetch them"
+                        results.update({key: RowError("model_batch_pending", why) for key in record["keys"]})
                 if not pending:
                     return results
                 if time.monotonic() >= deadline:
                     break
                 bar.set_postfix_str(f"next poll in {wait:.0f} s")
-                time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+                if cancelled.wait(min(wait, max(0.0, deadline - time.monotonic()))):
+                    break
                 wait = min(wait * 1.5, self.cfg.batch_poll_s * MAX_POLL_FACTOR)
         for record in pending.values():
-            why = (f"gemini batch job {record['name']} still running after {self.cfg.batch_timeout_s:.0f} s; resume the "
+            waited = "when the run stopped" if cancelled.is_set() else f"after {self.cfg.batch_timeout_s:.0f} s"
+            why = (f"gemini batch job {record['name']} still running {waited}; resume the "
                    "run (output.mode: resume) to re-attach to it")
             results.update({key: RowError("model_batch_pending", why) for key in record["keys"]})
         return results
+
+    def _poll(self, record: dict[str, Any], failing_since: dict[str, float]):
+        """One poll of a job (one attempt: a stalled or failed poll is retried at the next poll, not per row).
+
+        The job, None when this poll failed, or the RowError of all its rows once its polls have
+        failed for `model.batch_poll_retry_s` (the job may still run: a resume re-attaches to it).
+        """
+        try:
+            job = self.backend.limited(lambda: self.backend.client().batches.get(name=record["name"]))
+        except Exception as exc:  # noqa: BLE001 - classified below; unknown ones re-raised
+            failure = self.backend.classify(exc)
+            if failure is None:
+                raise
+            since = failing_since.setdefault(record["id"], time.monotonic())
+            if time.monotonic() - since >= self.cfg.batch_poll_retry_s:
+                why = (f"gemini batch job {record['name']}: polls failed for {self.cfg.batch_poll_retry_s:.0f} s "
+                       f"({failure.reason}); resume the run (output.mode: resume) to re-attach to it")
+                log.warning("%s", why)
+                return RowError("model_batch_pending", why)
+            log.info("gemini batch job %s: poll failed (%s); polled again later", record["name"], failure.reason)
+            return None
+        failing_since.pop(record["id"], None)
+        return job
 
     def _finish(self, record: dict[str, Any], job_state: str, job) -> dict[str, np.ndarray | RowError]:
         """A finished job's answers by key (downloaded once per process); its record updated."""
@@ -508,4 +646,7 @@ class BatchJobs:
             answer = read_answer(response)
             answers[key] = RowError(answer.code, self.backend._scrub(answer.message)) if isinstance(answer, RowError) \
                 else answer
+            usage = usage_of(response)
+            if usage:
+                self._usage[key] = usage
         return answers

@@ -9,6 +9,12 @@ OpenAI's). The answer is the image in `data[0].b64_json`; an answer with only
 a `url` is refused (ask for `response_format: b64_json` where the server
 supports it): vb_batch never fetches a URL a model hands back.
 
+- Each image is sized for the model (`vb_batch.models.hosted_limits`): gpt-image-1
+  gets the nearest of its three sizes (padded, asked for as `size`), gpt-image-2 a
+  16-px grid size of the image's aspect; the answer is cropped back.
+  `usage` (input and output tokens) is kept per row with its cost.
+- 429 `insufficient_quota` / `billing_hard_limit_reached` stop the run
+  (`QuotaExhaustedError`: exit code 4, resume later).
 - At most `model.concurrency` requests in flight. 429 (except quota
   exhaustion), 5xx, timeouts and connection errors are retried
   `model.max_retries` times with backoff, honouring `Retry-After` and
@@ -44,10 +50,8 @@ from vb_batch.models.hosted import (
     RETRY_STATUS,
     Failure,
     HostedBackend,
-    answer_image,
     api_key,
     parse_retry_after,
-    png_bytes,
     with_retries,
 )
 from vb_batch.models.http import server_text
@@ -100,14 +104,22 @@ class OpenAIImagesBackend(HostedBackend):
         return self._client
 
     def _answer_row(self, image, prompt, task, seed):
-        picture = ("image.png", png_bytes(image), "image/png")
+        data, mime, fit = self.prepare(image, prompt)
+        picture = (f"image.{mime.removeprefix('image/')}", data, mime)
+        options = dict(self.cfg.options)
+        if fit.aspect and "size" not in options:  # the size the image was fitted to: WIDTHxHEIGHT
+            options["size"] = "{1}x{0}".format(*fit.canvas)
         response = with_retries(
-            lambda: self.client().images.edit(image=picture, prompt=prompt, model=self.cfg.model_name, n=1,
-                                              **self.cfg.options),
+            lambda: self.limited(lambda: self.client().images.edit(
+                image=picture, prompt=prompt, model=self.cfg.model_name, n=1, **options)),
             self.classify, self.cfg, self.shown,
         )
         if isinstance(response, RowError):
             return response
+        usage = getattr(response, "usage", None)
+        if usage is not None:
+            self.record_usage(seed, {"input_tokens": usage.input_tokens or 0,
+                                     "output_tokens": usage.output_tokens or 0, "thought_tokens": 0})
         data = response.data or []
         if not data:
             return RowError("model_no_image", "the answer has no image")
@@ -115,7 +127,7 @@ class OpenAIImagesBackend(HostedBackend):
             hint = " (it sent a URL: set model.options.response_format: b64_json)" if data[0].url else ""
             return RowError("model_no_image", f"the answer has no b64_json image{hint}")
         try:
-            return answer_image(base64.b64decode(data[0].b64_json, validate=True))
+            return self.fitted_answer(base64.b64decode(data[0].b64_json, validate=True), fit)
         except binascii.Error as exc:
             return RowError("model_bad_answer", f"the answer's b64_json is not base64 ({exc})")
         except RowError as err:
@@ -135,9 +147,10 @@ class OpenAIImagesBackend(HostedBackend):
             headers = exc.response.headers
             ms = parse_retry_after(headers.get("retry-after-ms"))
             wait = ms / 1000 if ms is not None else parse_retry_after(headers.get("retry-after"))
+            if exc.status_code == 429 and code in NO_QUOTA_CODES:
+                self.quota_exhausted(f"{self.shown}: {reason}")
             if exc.status_code == 429:
-                return Failure(reason, retryable=code not in NO_QUOTA_CODES, code="model_rate_limited",
-                               server_wait_s=wait)
+                return Failure(reason, retryable=True, code="model_rate_limited", server_wait_s=wait)
             return Failure(reason, retryable=exc.status_code in RETRY_STATUS, server_wait_s=wait)
         if isinstance(exc, openai.APIConnectionError):  # timeouts too
             return Failure(f"{type(exc).__name__}: {self._scrub(server_text(str(exc)))}", retryable=True)

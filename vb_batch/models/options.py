@@ -229,7 +229,27 @@ class HostedOptions(RemoteOptions):
     endpoint: str | None = Field(default=None, description="the API's base URL (None: the vendor's)")
     price_per_image: float | None = Field(
         default=None, ge=0,
-        description="your price per answered image, for the cost estimate (None: not estimated)",
+        description="your price per answered image, for the cost estimate (None: token prices, if known)",
+    )
+    # Prices per million tokens over the model's in vb_batch.models.hosted_limits.MODEL_LIMITS: the
+    # per-row cost (vb_usage), the run's total and the estimate before a run all use them.
+    token_prices: dict[Literal["input", "output", "thoughts"], float] | None = Field(
+        default=None,
+        description="US$ per 1M tokens {input, output, thoughts} over the model table's (None: the table's)",
+    )
+    # One limiter per model and run (vb_batch.models.quota), shared by every thread, call and worker
+    # (on Ray a named actor, on Spark a token server on the driver: vb_batch.models.quota_share).
+    requests_per_minute: float | None = Field(
+        default=None, gt=0, description="most requests a minute over the run, spaced evenly (None: no limit)",
+    )
+    max_concurrent_requests: int | None = Field(
+        default=None, gt=0,
+        description="most requests in flight at once over the run (None: model.concurrency per worker)",
+    )
+    request_size: Literal["model", "input"] = Field(
+        default="model",
+        description="model: images resized (and padded to an aspect ratio) to what the model answers at; "
+                    "input: sent at their own size (never over the inline limit)",
     )
     model_example: ClassVar[str] = "the vendor's model id"
 
@@ -275,6 +295,14 @@ class GeminiOptions(HostedOptions):
     batch_timeout_s: float = Field(
         default=48 * 3600.0, gt=0,
         description="batch: how long to wait for a batch job before its rows get an error, seconds",
+    )
+    batch_jobs_in_flight: int = Field(
+        default=4, gt=0,
+        description="batch: most batch jobs submitted and polled at once (each of model.batch_size rows)",
+    )
+    batch_poll_retry_s: float = Field(
+        default=900.0, gt=0,
+        description="batch: how long a job's polls may keep failing (stalled, 5xx) before its rows get an error",
     )
     model_example: ClassVar[str] = "gemini-2.5-flash-image"
 

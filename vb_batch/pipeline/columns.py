@@ -25,6 +25,9 @@ __all__ = [
     "IMAGE_SIZE_COLUMN",
     "IMAGE_SIZE_TYPE",
     "PROVENANCE_COLUMNS",
+    "USAGE_COLUMN",
+    "USAGE_OUTPUT_COLUMN",
+    "USAGE_TYPE",
     "answer_column",
     "array_cells",
     "column_values",
@@ -38,6 +41,12 @@ IMAGE_COLUMN = "_vb_rgb"
 IMAGE_SIZE_COLUMN = "_vb_image_size"
 IMAGE_SIZE_TYPE = pa.list_(pa.int32())
 PROVENANCE_COLUMNS = ("vb_model", "vb_profile", "vb_run_id", "vb_version")
+# Hosted models: the tokens the service billed for the row (all its tasks and passes) and their cost in
+# US$ at the model's token prices (null when unknown). Between stages as `_vb_usage`, stored as `vb_usage`.
+USAGE_COLUMN = "_vb_usage"
+USAGE_OUTPUT_COLUMN = "vb_usage"
+USAGE_TYPE = pa.struct([pa.field("input_tokens", pa.int64()), pa.field("output_tokens", pa.int64()),
+                        pa.field("thought_tokens", pa.int64()), pa.field("cost", pa.float64())])
 # Under the output: where hosted backends record their remote jobs (`ModelBackend.needs_state_dir`).
 HOSTED_STATE_DIR = "_vb/hosted"
 

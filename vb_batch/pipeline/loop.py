@@ -22,8 +22,10 @@ says how long the model thread worked, and waited for input and for the caller.
 A step that raises (reading, a stage, the model, the caller's write) stops the
 loop at once: the error is raised in the caller (after the batches the model
 had handed on before it; batches still in flight are dropped, a resume redoes
-them), and every thread the loop started is joined before it returns. Faults
-of one row never raise: they stay in that row's `vb_error`.
+them), and every thread the loop started is joined before it returns; model
+calls still running on their own threads (a Batch API's jobs being polled) are
+told to end (`ModelBatcher.close`). Faults of one row never raise: they stay in
+that row's `vb_error`.
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ def _model_thread(
                 yield from step(decoded.popleft().result())
             yield from step(None)
         finally:
+            batcher.close()  # every way out (a failed step, a caller that stops): no model call runs on
             busy = clock.model_seconds + clock.output_wait_seconds
             clock.input_wait_seconds = max(0.0, time.perf_counter() - started - busy)
 

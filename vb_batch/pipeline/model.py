@@ -4,6 +4,12 @@
     ModelBatcher:  the same over a stream of batches: rows of one working size (the backend's
                    `batch_key`) share calls of `model.batch_size` across batches, output in order
 
+A backend whose calls wait on a remote service (a Batch API's jobs) says how many
+may run at once (`calls_in_flight`): the batcher then submits up to that many calls
+on threads and keeps taking batches while they run; a batch is handed on when its
+last call ends, still in input order. A stage that stops early (`close`) tells the
+calls still running to end (`backend.cancel_calls`).
+
 A model fault never fails a batch: a call that fails is retried in smaller
 pieces (halves on out-of-memory, single rows otherwise) and a row that still
 fails, or whose answer is not an image, gets its `vb_error`. Seeds are per row,
@@ -19,6 +25,7 @@ import itertools
 import logging
 import sys
 from collections import defaultdict, deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,12 +33,14 @@ import numpy as np
 import pyarrow as pa
 
 from vb_batch.config import ConfigError, JobConfig
-from vb_batch.errors import ERROR_COLUMN, ERROR_TYPE, RowError
+from vb_batch.errors import ERROR_COLUMN, ERROR_TYPE, QuotaExhaustedError, RowError
 from vb_batch.io.encodings import arrays_to_column
 from vb_batch.models.base import ModelBackend, groups_by_size
 from vb_batch.models.loading import to_device
 from vb_batch.pipeline.columns import (
     IMAGE_COLUMN,
+    USAGE_COLUMN,
+    USAGE_TYPE,
     answer_column,
     array_cells,
     column_values,
@@ -42,7 +51,7 @@ from vb_batch.pipeline.columns import (
 from vb_batch.pipeline.resolved import ResolvedJob, row_seed
 from vb_batch.pipeline.rows import output_error, row_error
 from vb_batch.tasks import Task, TaskContext
-from vb_batch.timing import count, phase
+from vb_batch.timing import count, current, phase, run_collecting
 
 __all__ = [
     "ModelBatcher",
@@ -94,6 +103,8 @@ def _predict_rows(backend: ModelBackend, images, prompts, task: str, seeds) -> l
         if len(answers) != len(images):
             raise RuntimeError(f"backend returned {len(answers)} answers for {len(images)} images")
         return answers
+    except QuotaExhaustedError:
+        raise  # not a row's fault: the run stops (and commits what it has)
     except Exception as batch_exc:  # noqa: BLE001 - any model fault is retried in smaller pieces
         if len(images) == 1:
             code = "model_out_of_memory" if is_out_of_memory(batch_exc) else "model_error"
@@ -164,7 +175,10 @@ def run_model(batch: pa.RecordBatch, plan: ResolvedJob, backend: ModelBackend) -
     (`ModelBatcher`); paintings are decoded here when `decode_on_device`.
     """
     batcher = ModelBatcher(plan, backend, window=0)
-    (answered,) = batcher.add(batch) + batcher.flush()
+    try:
+        (answered,) = batcher.add(batch) + batcher.flush()
+    finally:
+        batcher.close()  # a call that failed stops the others still running
     return answered
 
 
@@ -180,6 +194,7 @@ class _Waiting:
     answers: dict[tuple[int, int], list[np.ndarray | None]]  # (task index, pass) -> per row
     rows: int  # valid rows
     left: int  # valid rows not answered yet
+    usage: list[dict[str, Any] | None]  # tokens and cost the service billed per row (hosted models)
 
 
 class ModelBatcher:
@@ -207,6 +222,10 @@ class ModelBatcher:
         self.held = 0  # valid rows of the batches not handed back yet
         self.arrivals = itertools.count()
         self.passes = [(t, p) for t, task in enumerate(plan.tasks) for p in range(task.passes(plan.ctx))]
+        self.in_flight = max(1, backend.calls_in_flight)
+        self.running: dict[Future, list[tuple[int, _Waiting, int]]] = {}  # calls on threads -> their rows
+        self._threads: ThreadPoolExecutor | None = None
+        self._times = None
 
     def add(self, batch: pa.RecordBatch) -> list[pa.RecordBatch]:
         """Take one decoded batch; return the batches now answered (the oldest first)."""
@@ -220,7 +239,8 @@ class ModelBatcher:
         if self.plan.ctx.phrase_column:
             phrases = [p or self.plan.ctx.phrase or "" for p in column_values(batch, self.plan.ctx.phrase_column)]
         entry = _Waiting(batch, images, errors, seeds, phrases,
-                         {key: [None] * batch.num_rows for key in self.passes}, len(rows), len(rows))
+                         {key: [None] * batch.num_rows for key in self.passes}, len(rows), len(rows),
+                         [None] * batch.num_rows)
         self.batches.append(entry)
         for i in rows:
             try:
@@ -245,7 +265,22 @@ class ModelBatcher:
         """Run every waiting row; return the rest of the batches, answered."""
         while self.pools:
             self._call(self._oldest())
+        while self.running:
+            self._collect(block=True)
         return self._answered()
+
+    def close(self) -> None:
+        """Stop: calls not started are dropped, calls still running are told to end (`backend.cancel_calls`).
+
+        Every way out of the stage calls it (the loop's, `run_model`'s): after a failure, a Batch API
+        call in flight would otherwise go on polling its jobs on its thread. Their rows are dropped
+        (a resume redoes them, re-attaching to recorded jobs). Harmless when nothing runs.
+        """
+        if self._threads is None:
+            return
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        if any(not future.done() for future in self.running):
+            self.backend.cancel_calls()
 
     def _oldest(self) -> Any:
         return min(self.pools, key=lambda key: self.pools[key][0][0])
@@ -257,25 +292,57 @@ class ModelBatcher:
         if rest:
             self.pools[key] = rest
         self.waiting -= len(members)
+        if self.in_flight == 1:
+            self._apply(members, self._predict(members))
+            return
+        while len(self.running) >= self.in_flight:
+            self._collect(block=True)
+        if self._threads is None:
+            self._times = current()
+            self._threads = ThreadPoolExecutor(self.in_flight, thread_name_prefix="vb-model-call")
+        self.running[self._threads.submit(run_collecting, self._times, self._predict, members)] = members
+
+    def _predict(self, members) -> list[list[np.ndarray | RowError]]:
+        """The model's results for `members`, one list per task and pass (on a call thread when in flight)."""
         images = [entry.images[i] for _, entry, i in members]
         seeds = [entry.seeds[i] for _, entry, i in members]
         phrases = None if self.plan.ctx.phrase_column is None else [entry.phrases[i] for _, entry, i in members]
+        outcomes = []
         for t, p in self.passes:
             task = self.plan.tasks[t]
             prompts = task.prompts(self.plan.ctx, len(members), p, phrases)
             with phase("model"):
-                results = _predict_rows(self.backend, images, prompts, task.name, seeds)
+                outcomes.append(_predict_rows(self.backend, images, prompts, task.name, seeds))
             count("model_calls")
             count("model_images", len(images))
+        return outcomes
+
+    def _apply(self, members, outcomes) -> None:
+        """Put one call's results in its rows (a bad answer is the row's error); the rows are answered."""
+        for (t, p), results in zip(self.passes, outcomes):
+            task = self.plan.tasks[t]
             for (_, entry, i), result in zip(members, results):
                 try:
                     entry.answers[t, p][i] = model_answer(result)
                 except Exception as exc:  # noqa: BLE001 - the row guard: a bad answer is this row's error
                     entry.errors[i] = entry.errors[i] or row_error(exc, "model_bad_answer", f"{task.name}: ")
-        for _, entry, _ in members:
+        for _, entry, i in members:
+            usage = entry.usage[i] = self.backend.take_usage(entry.seeds[i])
+            if usage is not None:  # the run's total, in the summary (counted like model_calls)
+                for name in ("input_tokens", "output_tokens", "thought_tokens", "cost"):
+                    count(f"usage_{name}", usage.get(name) or 0)
             entry.left -= 1
 
+    def _collect(self, block: bool) -> None:
+        """Apply the calls that ended (waiting for one when `block`); a call's exception stops the stage."""
+        if not self.running:
+            return
+        done, _ = wait(list(self.running), timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        for future in done:
+            self._apply(self.running.pop(future), future.result())
+
     def _answered(self) -> list[pa.RecordBatch]:
+        self._collect(block=False)
         done = []
         while self.batches and self.batches[0].left == 0:
             entry = self.batches.popleft()
@@ -292,6 +359,8 @@ class ModelBatcher:
                 confidences = decode_on_device(task, self.plan.ctx, p, answers, entry.errors, self.backend.device)
                 batch = set_column(batch, confidence_column(task.name, p), arrays_to_column(confidences))
             batch = set_column(batch, answer_column(task.name, p), arrays_to_column(answers))
+        if any(usage is not None for usage in entry.usage):
+            batch = set_column(batch, USAGE_COLUMN, pa.array(entry.usage, USAGE_TYPE))
         return set_column(batch, ERROR_COLUMN, pa.array(entry.errors, ERROR_TYPE))
 
 

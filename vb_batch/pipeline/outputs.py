@@ -26,6 +26,8 @@ from vb_batch.io.encodings import encode_map
 from vb_batch.pipeline.columns import (
     IMAGE_COLUMN,
     IMAGE_SIZE_COLUMN,
+    USAGE_COLUMN,
+    USAGE_OUTPUT_COLUMN,
     answer_column,
     array_cells,
     column_values,
@@ -116,6 +118,8 @@ def decode_encode(batch: pa.RecordBatch, plan: ResolvedJob) -> pa.RecordBatch:
     provenance = {"vb_model": plan.model, "vb_profile": plan.profile, "vb_run_id": plan.run_id, "vb_version": __version__}
     for name, value in provenance.items():
         outputs[name] = [value] * batch.num_rows
+    if USAGE_OUTPUT_COLUMN in outputs and batch.schema.get_field_index(USAGE_COLUMN) >= 0:
+        outputs[USAGE_OUTPUT_COLUMN] = column_values(batch, USAGE_COLUMN)
     schema = plan.output_schema()
     kept = [batch.column(batch.schema.get_field_index(f.name)) for f in plan.kept_input_fields()]
     produced = [pa.array(outputs[f.name], type=f.type) for f in plan.output_fields()]

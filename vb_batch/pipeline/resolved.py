@@ -27,7 +27,12 @@ from vb_batch.errors import ERROR_COLUMN, ERROR_TYPE
 from vb_batch.io.encodings import storage_type
 from vb_batch.models.base import backend_class, model_id
 from vb_batch.models.profiles import get_profile
-from vb_batch.pipeline.columns import HOSTED_STATE_DIR, PROVENANCE_COLUMNS
+from vb_batch.pipeline.columns import (
+    HOSTED_STATE_DIR,
+    PROVENANCE_COLUMNS,
+    USAGE_OUTPUT_COLUMN,
+    USAGE_TYPE,
+)
 from vb_batch.pipeline.grid import grid_metadata, image_size_columns
 from vb_batch.registry import added_entries
 from vb_batch.tasks import Task, TaskContext, build_legend, get_task
@@ -65,6 +70,10 @@ class ResolvedJob:
     uri_column: str | None = None
     # Backends, presets, profiles registered at run time in this process: workers replay them.
     registrations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Where the run's one rate limiter lives for a hosted model's limits on Ray or Spark (set by the
+    # engine's session, `vb_batch.models.quota_share`); None: each process paces itself. Never shown:
+    # a Spark driver's address carries the token server's token.
+    rate_limiter: str | None = field(default=None, repr=False)
 
     @classmethod
     def build(
@@ -126,8 +135,10 @@ class ResolvedJob:
         encoding = self.cfg.output.encoding
         fields = []
         grid = grid_metadata(self.cfg.output)
+        backend = backend_class(self.cfg.model.backend)
+        fitted = backend.answer_metadata(self.cfg.model)  # hosted models: how images were fitted to the model
         for task in self.tasks:
-            meta = {**task.column_meta(self.ctx, encoding).to_metadata(), **grid}
+            meta = {**task.column_meta(self.ctx, encoding).to_metadata(), **grid, **fitted}
             fields.append(pa.field(self.column(task), storage_type(encoding), metadata=meta))
             fields.append(pa.field(self.column(task, "_confidence"), pa.float32()))
             fields += [pa.field(self.column(task, s), t) for s, t in task.summary_fields(self.ctx)]
@@ -135,6 +146,9 @@ class ResolvedJob:
             fields += [pa.field(name, pa.int32()) for name in image_size_columns(self.cfg.output)]
         fields.append(pa.field(ERROR_COLUMN, ERROR_TYPE))
         fields += [pa.field(name, pa.string()) for name in PROVENANCE_COLUMNS]
+        if backend.reports_usage(self.cfg.model):
+            fields.append(pa.field(USAGE_OUTPUT_COLUMN, USAGE_TYPE, metadata={
+                "unit": "tokens; cost in US$", "description": "what the service billed for the row (all tasks)"}))
         return fields
 
     def kept_input_fields(self) -> list[pa.Field]:

@@ -20,6 +20,7 @@ from typing import TypeVar
 import pyarrow as pa
 
 from vb_batch.models.base import ModelBackend, create_backend
+from vb_batch.models.quota import attach
 from vb_batch.pipeline.model import check_backend
 from vb_batch.pipeline.resolved import ResolvedJob
 from vb_batch.registry import replay
@@ -37,8 +38,12 @@ def cached_backend(plan: ResolvedJob) -> ModelBackend:
     """The model for `plan`, built once per worker process and kept across tasks (Spark, Ray, helpers).
 
     Backends, profiles and presets that the driver registered at run time are
-    registered here first, so a worker knows them too.
+    registered here first, so a worker knows them too. A hosted model's requests
+    are paced by the run's shared rate limiter when the engine started one
+    (`plan.rate_limiter`), attached on every call: a backend kept from an earlier
+    run paces by this run's.
     """
+    attach(plan.cfg.model, plan.rate_limiter)
     key = plan.cfg.model.model_dump_json()
     with _BACKENDS_LOCK:
         if key not in _BACKENDS:
