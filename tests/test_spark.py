@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +11,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import known_maps, png_bytes, write_painted_input
+from output_safety import assert_each_id_once, write_images
 from s3_server import SECRET, s3_server, use_fake_credentials
 
 import vb_batch
 from vb_batch.codecs import depth, segmentation
-from vb_batch.config import StorageOptions
+from vb_batch.config import ConfigError, StorageOptions
+from vb_batch.engines.spark import chain, report_name
 from vb_batch.io.outputs import read_output
+from vb_batch.models.identity import IdentityBackend
 
 pytestmark = pytest.mark.slow
 
@@ -121,3 +126,63 @@ def test_executors_run_model_calls_at_the_same_time(spark, tmp_path):
     overlapping = sum(1 for i, (s1, e1) in enumerate(calls) for s2, e2 in calls[i + 1:] if s1 < e2 and s2 < e1)
     assert len(pids) >= 2 and overlapping >= 2, (pids, calls)
 
+
+
+class DiesMidUnitBackend(IdentityBackend):
+    """identity, `model.options.seconds` per call, each call logged as "<pid> <rows>"; the Python worker
+    dies (as an OOM kill would) on its `model.options.die_at`-th call, once (`model.options.marker`)."""
+
+    name = "dies-mid-unit"
+    calls = 0
+
+    def predict(self, images, prompts, task, seeds):
+        opts = self.cfg.options
+        time.sleep(float(opts["seconds"]))
+        DiesMidUnitBackend.calls += 1
+        if DiesMidUnitBackend.calls == opts["die_at"] and not os.path.exists(opts["marker"]):
+            open(opts["marker"], "w").close()
+            os._exit(1)
+        with open(opts["log"], "a") as log:
+            log.write(f"{os.getpid()} {len(images)}\n")
+        return super().predict(images, prompts, task, seeds)
+
+
+def test_a_retried_task_starts_where_its_published_files_end(spark, tmp_path):
+    """One unit of 30 rows; its first attempt publishes files as the time rule cuts them, then its worker
+    dies: the retry does only the rows after the published ones, and every id is committed once."""
+    ids = write_images(tmp_path / "in.parquet", 30)
+    log = tmp_path / "calls.log"
+    cfg = {
+        "input": {"path": str(tmp_path / "in.parquet")},
+        "output": {"path": str(tmp_path / "out"), "mode": "overwrite", "rows_per_file": 1024, "commit_every": 0,
+                   "commit_every_s": 0.4, "report": False},
+        "tasks": ["depth"],
+        "model": {"backend": "test_spark:DiesMidUnitBackend", "batch_size": 2,
+                  "options": {"seconds": 0.15, "die_at": 9, "log": str(log), "marker": str(tmp_path / "died")}},
+        "engine": {"kind": "spark"},
+        "run": {"progress": False},
+    }
+    summary = vb_batch.annotate(cfg)
+    assert (tmp_path / "died").exists() and summary.success and summary.rows_processed == 30
+    rows_by_pid: dict[str, int] = {}
+    for line in log.read_text().splitlines():
+        pid, rows = line.split()
+        rows_by_pid[pid] = rows_by_pid.get(pid, 0) + int(rows)
+    first, *rest = rows_by_pid.values()
+    # The dead attempt answered 16 rows, of which it published some; the retry redid only the others.
+    assert rest and first == 16 and first + sum(rest) < 30 + 16, rows_by_pid
+    assert_each_id_once(cfg["output"], ids)
+
+
+def test_report_chains_follow_rows_and_take_the_first_of_rival_attempts():
+    names = [report_name(3, 0, 4, 7), report_name(3, 4, 2, 7), report_name(3, 4, 5, 9), report_name(3, 6, 3, 7),
+             report_name(3, 12, 1, 7)]
+    assert chain(names) == (names[:2] + [names[3]], 9)  # 12 does not follow on from 9
+    assert chain(names, 9) == ([], 9) and chain([]) == ([], 0)
+
+
+def test_speculation_is_refused(tmp_path):
+    write_painted_input(tmp_path / "in.parquet")
+    cfg, _ = job(tmp_path, "out", "spark", engine__spark_conf={"spark.speculation": "true"})
+    with pytest.raises(ConfigError, match="engine.spark_conf: spark.speculation"):
+        vb_batch.annotate(cfg)
