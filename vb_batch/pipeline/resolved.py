@@ -34,7 +34,7 @@ from vb_batch.pipeline.columns import (
     USAGE_TYPE,
 )
 from vb_batch.pipeline.grid import grid_metadata, image_size_columns
-from vb_batch.registry import added_entries
+from vb_batch.registry import added_entries, replay
 from vb_batch.tasks import Task, TaskContext, build_legend, get_task
 
 __all__ = ["Plan", "ResolvedJob", "new_run_id", "row_seed"]
@@ -135,6 +135,7 @@ class ResolvedJob:
         encoding = self.cfg.output.encoding
         fields = []
         grid = grid_metadata(self.cfg.output)
+        replay(self.registrations)  # in a worker, a backend registered at run time on the driver
         backend = backend_class(self.cfg.model.backend)
         fitted = backend.answer_metadata(self.cfg.model)  # hosted models: how images were fitted to the model
         for task in self.tasks:
