@@ -393,21 +393,40 @@ def test_table_decode_is_bit_identical_to_the_decode_before_it(preset):
     assert white == (np.inf if preset.max_depth_m is None else preset.max_depth_m)
 
 
-def test_table_fills_blocks_around_the_colours_seen():
-    """A colour fills its 8x8x8 block and the blocks sharing a face; the next image's noise finds its entries."""
+def test_chunked_lookups_with_new_colours_in_some_chunks_equal_the_direct_computation(monkeypatch):
+    """Chunks whose colours are all known are unpacked at once; the others wait for one fill: same bits."""
+    from vb_batch.codecs import base
+
+    monkeypatch.setattr(base, "LOOKUP_PIXELS", 100)
+    rng = np.random.default_rng(21)
+    rgb = rng.integers(0, 256, (7, 50, 3)).astype(np.uint8)  # 350 pixels: 4 chunks, the last one short
     depth._decode_table.cache_clear()
-    depth.decode(np.array([[[100, 0, 0]]], np.uint8))  # block (12, 0, 0)
+    depth.decode(rgb[:2])  # the first chunk's colours are known, the rest are new
+    decoded = depth.decode(rgb)
+    expected_values, expected_confidence = decode_before_tables(rgb, "vision-banana")
+    np.testing.assert_array_equal(decoded.values.view(np.uint32), expected_values.view(np.uint32))
+    np.testing.assert_array_equal(decoded.confidence.view(np.uint32), expected_confidence.view(np.uint32))
+    depth._decode_table.cache_clear()
+
+
+def test_table_computes_each_new_colour_once_and_nothing_else():
+    """A lookup computes the distinct colours without an entry, once each; colours seen before are lookups only."""
+    from vb_batch.codecs.base import colour_keys
+
+    depth._decode_table.cache_clear()
     table = depth._decode_table(depth.get_preset("vision-banana"))
-    filled = {tuple(int(v) for v in np.unravel_index(b, (32, 32, 32))) for b in np.flatnonzero(table.filled)}
-    assert filled == {(12, 0, 0), (11, 0, 0), (13, 0, 0), (12, 1, 0), (12, 0, 1)}
-    entries = table.entries.reshape(32**3, 512)
-    assert (entries[table.filled] != 0).all() and not entries[~table.filled].any()
-    # (100, 9, 3) lies in the green neighbour: a lookup, no fill.
-    depth.decode(np.array([[[100, 9, 3]]], np.uint8))
-    assert table.filled.sum() == 5
-    # Colours spread thin over 640 new blocks (more than NEIGHBOURS_UP_TO) fill those blocks alone.
-    blocks = np.arange(640)
-    spread = np.stack([blocks % 32 * 8 + 4, blocks // 32 * 8 + 4, np.full(640, 200)], axis=-1)
-    depth.decode(spread[None].astype(np.uint8))
-    assert table.filled.sum() == 5 + 640
+    computed = []
+    compute = table.compute_colours
+    table.compute_colours = lambda keys: (computed.append(keys.tolist()), compute(keys))[1]
+    first = np.array([[[100, 0, 0], [100, 9, 3], [100, 0, 0]]], np.uint8)
+    depth.decode(first)
+    assert computed == [sorted(colour_keys(first[0, :2]).tolist())]
+    assert np.count_nonzero(table.entries) == 2
+    second = np.array([[[100, 9, 3], [50, 50, 50], [50, 50, 50], [100, 0, 0]]], np.uint8)
+    decoded = depth.decode(second)
+    assert computed[1:] == [colour_keys(second[0, 1:2]).tolist()]
+    assert np.count_nonzero(table.entries) == 3
+    np.testing.assert_array_equal(decoded.values, decode_before_tables(second, "vision-banana")[0].reshape(1, 4))
+    depth.decode(second)
+    assert len(computed) == 2  # all seen: no fill
     depth._decode_table.cache_clear()

@@ -7,7 +7,7 @@
     block_search.py   the legend colours that can be nearest in a block of colours (table filling)
 """
 
-from vb_batch.codecs.base import Decoded
 from vb_batch.codecs import depth, normals, segmentation
+from vb_batch.codecs.base import Decoded
 
 __all__ = ["Decoded", "depth", "normals", "segmentation"]

@@ -42,16 +42,15 @@ from typing import Any, Union
 
 import numpy as np
 
-from vb_batch.registry import Registry
 from vb_batch.codecs.base import (
     ArrayBackend,
     ColourTable,
     Decoded,
-    block_planes,
     decode_in_chunks,
-    full_shape,
+    key_colours,
     painted_pixels,
 )
+from vb_batch.registry import Registry
 
 CUBE_WALK = (
     (0.0, 0.0, 0.0),  # black: 0 m
@@ -225,19 +224,17 @@ def decode(rgb: Any, preset: PresetLike = "vision-banana") -> Decoded:
         (``exp(-dist**2 / (2 sigma**2))`` of the distance to the walk in
         8-bit levels). NaN in float input gives NaN depth, confidence 0.
 
-    numpy uint8 input goes through a per-preset table over the 2**24 colours,
-    filled lazily, 8x8x8 colours at a time, with the exact computation below
-    for the colour blocks an image reaches: the same float32 values bit for
-    bit, and repeated colours cost one lookup. The table grows with the blocks
-    filled, to at most 128 MB per preset.
+    numpy uint8 input goes through a per-preset table over the 2**24 colours
+    (`codecs.base.ColourTable`), filled lazily with the exact computation below
+    for the distinct colours an image brings that no image brought before: the
+    same float32 values bit for bit, and a colour seen before costs one
+    lookup. The table holds only the pages of colours seen, to at most 128 MB
+    per preset (up to 4 presets per process).
     """
     preset = get_preset(preset)
     backend, pixels, lead_shape = painted_pixels(rgb, "depth")
     if not backend.is_torch and pixels.dtype == np.uint8:
-        # Each entry is two inverted little-endian float32 words: confidence low, depth high.
-        words = _decode_table(preset).lookup(pixels).view("<u4").reshape(-1, 2)
-        depth_m = np.invert(words[:, 1]).view(np.float32)
-        confidence = np.invert(words[:, 0]).view(np.float32)
+        depth_m, confidence = _decode_table(preset).decode(pixels, _unpack)
     else:
         depth_m, confidence = _decode_pixels(backend, pixels, preset)
     return Decoded(values=depth_m.reshape(lead_shape), confidence=confidence.reshape(lead_shape))
@@ -247,19 +244,22 @@ def decode(rgb: Any, preset: PresetLike = "vision-banana") -> Decoded:
 def _decode_table(preset: DepthPreset) -> ColourTable:
     kernel = _depth_kernel(ArrayBackend(np), preset)
 
-    def compute_blocks(origins: np.ndarray) -> np.ndarray:
-        # The kernel is element-wise, so it takes a block's channels as broadcastable (B, 8, 1, 1),
-        # (B, 1, 8, 1), (B, 1, 1, 8) planes: the same float32 values, with each edge's per-channel work
-        # done on 8 levels instead of 512 colours.
-        depth_m, confidence = (np.broadcast_to(x, full_shape(origins)) for x in kernel(*block_planes(origins)))
+    def compute_colours(keys: np.ndarray) -> np.ndarray:
+        depth_m, confidence = kernel(*key_colours(keys))
         # Both float32 words in one uint64, inverted: all ones (NaN, NaN) never comes out of uint8 colours, so no
         # entry is 0, the table's "not computed yet".
-        depth_bits = np.ascontiguousarray(depth_m, dtype=np.float32).view(np.uint32)
-        packed = depth_bits.astype(np.uint64) << np.uint64(32)
-        packed |= np.ascontiguousarray(confidence, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        packed = depth_m.astype(np.float32, copy=False).view(np.uint32).astype(np.uint64) << np.uint64(32)
+        packed |= confidence.astype(np.float32, copy=False).view(np.uint32)
         return ~packed
 
-    return ColourTable(compute_blocks, np.uint64)
+    return ColourTable(compute_colours, np.uint64)
+
+
+def _unpack(entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Table entries -> float32 depth and confidence: each entry is two inverted little-endian float32 words,
+    confidence low, depth high."""
+    words = entries.view("<u4").reshape(-1, 2)
+    return np.invert(words[:, 1]).view(np.float32), np.invert(words[:, 0]).view(np.float32)
 
 
 def _decode_pixels(backend: ArrayBackend, pixels: Any, preset: DepthPreset) -> tuple[Any, Any]:

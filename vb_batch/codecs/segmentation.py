@@ -20,12 +20,14 @@ runner-up: 1 on a legend colour, 0 on the boundary between two colours, and
 levels; NaN pixels are unlabelled.
 
 Speed: numpy decodes through a per-legend table over all 2**24 colours
-(`codecs.base.ColourTable`), filled a block of 8x8x8 colours at a time by
-`codecs.block_search`, which searches per block only the candidates that can
-win there and returns the brute force's results bit for bit. Repeated colours
-cost one lookup per pixel; the table grows with the blocks filled, to at most
-64 MB per colour set. Permuted legends share one table. torch computes the
-same thing by brute force, in chunks, on the tensor's device.
+(`codecs.base.ColourTable`), filled for the distinct colours an image brings
+that no image brought before by `codecs.block_search`, which searches per
+colour only the candidates that can win in its 8x8x8 block of colours and
+returns the brute force's results bit for bit. A colour seen before costs one
+lookup per pixel; the table holds only the pages of colours seen, to at most
+64 MB per colour set (up to 4 colour sets per process). Permuted legends
+share one table. torch computes the same thing by brute force, in chunks, on
+the tensor's device.
 
 Ensembling (`vote`): paint K passes, each with `legend.permuted(seed)` (same
 class names and ids, colours shuffled), decode each with its own legend so
@@ -58,7 +60,7 @@ from vb_batch.codecs.base import (
     decode_in_chunks,
     painted_pixels,
 )
-from vb_batch.codecs.block_search import block_bounds, nearest_in_blocks
+from vb_batch.codecs.block_search import block_bounds, nearest_of_colours
 
 BLACK = (0, 0, 0)
 DEFAULT_MAX_DISTANCE_FRACTION = 0.5
@@ -342,10 +344,15 @@ def decode(rgb: Any, legend: Legend, max_distance: float | None = None) -> Decod
         values = backend.asarray(class_of, "int64")[nearest]
         values = backend.astype(values, ids_dtype)
     else:
-        entries = _decode_table(candidates.tobytes(), radii.tobytes()).lookup(backend.astype(pixels, "uint8"))
-        # Entry: (candidate index + 1) << 16 | confidence in 1/65535 steps.
-        values = np.take(np.append(legend.unlabelled, class_of).astype(legend.dtype), entries >> 16)
-        confidence = (entries & 0xFFFF).astype(np.float32) * np.float32(1 / 65535)
+        class_of_entry = np.append(legend.unlabelled, class_of).astype(legend.dtype)
+
+        def unpack(entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            # Entry: (candidate index + 1) << 16 | confidence in 1/65535 steps.
+            values = np.take(class_of_entry, entries >> 16)
+            return values, (entries & 0xFFFF).astype(np.float32) * np.float32(1 / 65535)
+
+        table = _decode_table(candidates.tobytes(), radii.tobytes())
+        values, confidence = table.decode(backend.astype(pixels, "uint8"), unpack)
     return Decoded(values=values.reshape(lead_shape), confidence=confidence.reshape(lead_shape))
 
 
@@ -386,7 +393,7 @@ def _decode_table(candidate_bytes: bytes, radii_bytes: bytes) -> ColourTable:
     candidates = np.frombuffer(candidate_bytes, dtype=np.uint8).reshape(-1, 3)
     radii = np.frombuffer(radii_bytes, dtype=np.float64)
     bounds = block_bounds(candidates)
-    return ColourTable(lambda origins: nearest_in_blocks(origins, candidates, radii, bounds), np.uint32)
+    return ColourTable(lambda keys: nearest_of_colours(keys, candidates, radii, bounds), np.uint32)
 
 
 def vote(decodes: Sequence[Decoded], unlabelled: int | None = None) -> Decoded:
