@@ -43,7 +43,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from vb_batch.models.quota import SlotBook
+from vb_batch.models.slot_book import SlotBook
 
 log = logging.getLogger(__name__)
 
