@@ -128,6 +128,56 @@ def test_ray_engine_refuses_what_workers_cannot_reach(tmp_path):
         vb_batch.annotate(job(tmp_path, tmp_path / "out", "ray"), backend=IdentityBackend(None))
 
 
+def test_ray_data_memory_limits_follow_the_engine_settings():
+    """Blocks of at most `engine.block_bytes`, an object-store budget of a few such blocks, other limits kept."""
+    from ray.data import DataContext
+
+    from vb_batch.config import EngineConfig
+    from vb_batch.engines.ray import OBJECT_STORE_BLOCKS, bound_memory
+
+    context = DataContext()
+    before = context.execution_options.resource_limits
+    bound_memory(context, EngineConfig(kind="ray", block_bytes=32 * 2**20))
+    assert context.target_max_block_size == 32 * 2**20
+    limits = context.execution_options.resource_limits
+    assert limits.object_store_memory == OBJECT_STORE_BLOCKS * 32 * 2**20 and limits.cpu == before.cpu
+
+
+def test_finish_writes_a_block_as_one_part_file_one_model_batch_at_a_time(tmp_path, monkeypatch):
+    """A finish task: one staged file per block, decoded and encoded in model batches on one row thread."""
+    from vb_batch.engines import ray as ray_engine
+    from vb_batch.io.sources import with_ids
+    from vb_batch.pipeline import rows
+    from vb_batch.pipeline.inputs import fetch_decode
+    from vb_batch.pipeline.model import run_model
+    from vb_batch.pipeline.resolved import ResolvedJob
+    from vb_batch.pipeline.stream import cached_backend
+
+    table = pq.read_table(write_inputs(tmp_path / "in", 40, files=1, bad=False) / "images-0.parquet")
+    cfg = load_config(job(tmp_path / "in", tmp_path / "out", "ray", model={"backend": "identity", "batch_size": 16},
+                          output={"rows_per_file": 1024}))
+    plan = ResolvedJob.build(cfg, table.schema, image_column="image")
+    batch = with_ids(table.combine_chunks().to_batches()[0], "id", "image", None)
+    block = ray_engine.shapes_only(run_model(fetch_decode(batch, plan), plan, cached_backend(plan)))
+    for name, value in ((ray_engine.NODE_COLUMN, "node-a"), (ray_engine.MODEL_SECONDS_COLUMN, 0.5),
+                        (ray_engine.MODEL_WAIT_COLUMN, 0.25)):
+        block = block.append_column(name, pa.array([value] * 40))
+    calls, real = [], ray_engine.decode_encode
+    monkeypatch.setattr(ray_engine, "decode_encode",
+                        lambda part, plan: calls.append((part.num_rows, rows.ROW_THREADS)) or real(part, plan))
+    threads = rows.ROW_THREADS
+    (tmp_path / "staging").mkdir()
+
+    reports = ray_engine.finish(pa.Table.from_batches([block]), plan, str(tmp_path / "staging")).to_pylist()
+
+    assert calls == [(16, 1), (16, 1), (8, 1)] and rows.ROW_THREADS == threads
+    files = [r for r in reports if r["file"]]
+    assert len(files) == 1 and files[0]["rows"] == 40 and files[0]["model_nodes"] == [{"node": "node-a", "rows": 40}]
+    assert pq.read_table(tmp_path / "staging" / files[0]["file"]).num_rows == 40
+    assert sum(r["model_seconds"] for r in reports) == pytest.approx(20.0)
+    assert reports[0]["model_input_wait_seconds"] == pytest.approx(10.0)
+
+
 # ---------------------------------------------------------------------------- Ray
 
 
@@ -340,7 +390,9 @@ def test_kill_9_of_the_ray_driver_then_resume(worker_env, tmp_path, monkeypatch)
         cfg["output"]["mode"] = "resume"
         cfg["model"]["options"]["seconds"] = 0
         summary = vb_batch.annotate(cfg)
-        assert summary.success and summary.rows_skipped == before
+        # The resume's recovery may roll forward a commit the killed driver had recorded but not finished
+        # (readers do not show it until its files are in place): those rows count as done too.
+        assert summary.success and summary.rows_skipped >= before and summary.rows_processed == 60 - summary.rows_skipped
         ids = read_output(str(tmp_path / "out")).column("id").to_pylist()
         assert sorted(ids) == list(range(60))
     finally:
