@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -209,3 +210,27 @@ def test_a_commit_in_flight_is_fenced_even_when_its_lease_was_removed_by_hand(tm
 if __name__ == "__main__":
     sys.path.insert(0, str(TESTS))
     sys.exit(child(*sys.argv[1:]))
+
+
+def test_a_run_taken_over_before_its_first_record_cannot_land_its_late_one(tmp_path):
+    """Parquet: the run replaced wrote no record of its epoch yet; the new holder's epoch is above it anyway, so
+    the one record the replaced run can still write (at the new holder's fence's sequence number) is stale."""
+    from types import SimpleNamespace
+
+    from vb_batch.config import OutputConfig
+    from vb_batch.io.formats import open_sink
+    from vb_batch.io.sinks.parquet import commit_records
+    from vb_batch.io.sinks.staging import part_file_name
+
+    out = OutputConfig(path=str(tmp_path / "out"), mode="resume")
+    schema = pa.schema([pa.field("id", pa.string())])
+    old = open_sink(out, "run-old", schema, "id")
+    old._fence()  # opened: its epoch taken, no record written
+    new = open_sink(out, "run-new", schema, "id")
+    new.lease = SimpleNamespace(taken_over_from="run-old", check=lambda: None)
+    new._fence()  # takes the output over: its fence record, at the next sequence number
+    assert new._epoch > old._epoch
+    old._write_record({"files": [part_file_name("run-old", "00000")], "rows": 1})  # paused until now
+    records = commit_records(new.fs, new.meta)
+    assert [r for _, r in records if r is not None and r.get("run_id") == "run-old"] == []
+    assert new.committed_files() == []

@@ -24,7 +24,8 @@ written by vb_batch, counts as damaged, and nothing it names is touched.
 
 The fence (`vb_batch.io.sinks.base`, "Fencing"): every record carries its
 writer's `epoch`, one more than the highest among the records when the run
-opened. A record whose epoch is below that of a record at the same or an
+opened (two more for a run taking the lease over: the run it replaced may not
+have written a record of its epoch yet). A record whose epoch is below that of a record at the same or an
 earlier sequence number is stale: written by a run that had lost the output,
 it is ignored by every reader and removed by the next recovery. A run that took
 the lease over first writes a record of its epoch alone (`fence`), at the next
@@ -103,9 +104,13 @@ class ParquetSink(Sink):
 
     def _fence(self) -> None:
         records = self._records()
-        self._epoch = 1 + max((_epoch(record) for _, record in records if record), default=0)
+        taking_over = self.lease is not None and self.lease.taken_over_from is not None
+        # The run replaced took 1 + the highest epoch when it opened, and may have written no record since:
+        # a run taking over goes one further, so that the replaced run's epoch is always below its own.
+        highest = max((_epoch(record) for _, record in records if record), default=0)
+        self._epoch = highest + (2 if taking_over else 1)
         self._next_record = 1 + max((_record_seq(p) for p, _ in records), default=-1)
-        if self.lease is not None and self.lease.taken_over_from is not None:
+        if taking_over:
             # The run replaced may be paused before its next record: from this one on, its records are stale.
             self._write_record({"files": [], "fence": True})
 
