@@ -95,6 +95,23 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class CurrentStderrHandler(logging.StreamHandler):
+    """A handler that writes to `sys.stderr` as it is when a record comes, not as it was when it was made:
+    one left on the root logger after `main` returned (tests, notebooks) never writes to a stream that a
+    capture has closed since (a library logging from `__del__`, py4j's, hit that)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure_logging(verbose: int = 0, quiet: bool = False, log_format: str = "text",
                       progress_every_s: float | None = None) -> None:
     """Level from -v / -q (WARNING by default), lines as text with the level name, or as JSON objects."""
@@ -102,7 +119,7 @@ def configure_logging(verbose: int = 0, quiet: bool = False, log_format: str = "
     SETTINGS.format, SETTINGS.level = log_format, level
     if progress_every_s is not None:
         SETTINGS.progress_every_s = progress_every_s
-    handler = logging.StreamHandler()
+    handler = CurrentStderrHandler()
     handler.setFormatter(JsonLogFormatter() if log_format == "json"
                          else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
