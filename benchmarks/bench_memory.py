@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, machine_info, write_result  # noqa: E402
 
 CHILD = """
-import json, resource, sys, threading, time
+import json, os, resource, sys, threading, time
 import psutil
 import vb_batch
 cfg = json.loads(sys.argv[1])
@@ -70,7 +70,10 @@ def sample():
                 except psutil.Error:
                     continue
                 if uss > worker:
-                    worker, largest, process = uss, " ".join(proc.cmdline()[:3])[:120], proc
+                    # The program's base name: a results file must not carry this machine's paths.
+                    command = proc.cmdline()[:3]
+                    command[:1] = [os.path.basename(command[0])] if command else []
+                    worker, largest, process = uss, " ".join(command)[:120], proc
         peaks["tree_mb"] = max(peaks["tree_mb"], total)
         if worker > peaks["worker_mb"]:
             peaks["worker_mb"], peaks["worker"] = worker, largest
