@@ -138,15 +138,22 @@ def start_run(cfg: JobConfig, engine: str, started: float | None = None) -> Run:
         summary.input_position = describe_position(position)
     else:
         position = None
-    ids = check_ids(source)
-    duplicates = sum(len(rows) for rows in (source.skip_rows or {}).values())
-    if duplicates:
-        summary.skipped_by_code["duplicate_id"] = duplicates
+    ids = checked_ids(source, summary)
     # The pending ids: a resume looks up only these among the committed ones, and returns before the
     # model loads when all are.
     keep_ids = ids is not None and cfg.output.mode == "resume"
     return Run(cfg, source, plan, sink, summary, started, ids=ids if keep_ids else None, state=state,
                position=position)
+
+
+def checked_ids(source: Source, summary: RunSummary) -> pa.Array | None:
+    """`check_ids` on what the source will read; the rows `input.duplicate_ids: first` skips, counted."""
+    ids = check_ids(source)
+    duplicates = sum(len(rows) for rows in (source.skip_rows or {}).values())
+    summary.skipped_by_code.pop("duplicate_id", None)
+    if duplicates:
+        summary.skipped_by_code["duplicate_id"] = duplicates
+    return ids
 
 
 def check_position(run: Run, done: pa.Array | None) -> pa.Array | None:
@@ -166,10 +173,8 @@ def check_position(run: Run, done: pa.Array | None) -> pa.Array | None:
         return done
     log.warning("%s: %d input file(s) recorded as done are no longer (the output changed: rows removed); "
                 "reading the whole input", run.sink.describe(), len(lost))
-    run.source = open_source(run.cfg.input)
-    ids = check_ids(run.source)
-    run.ids = ids if ids is not None else None
-    run.position, summary = None, run.summary
+    run.source, run.position, summary = open_source(run.cfg.input), None, run.summary
+    run.ids = checked_ids(run.source, summary)
     summary.files_unread, summary.rows_unread, summary.input_position = 0, 0, ""
     return run.sink.committed_ids(among=run.ids)
 
