@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, argument_parser, machine_info, publish  # noqa: E402
 
-from vb_batch.codecs import depth, normals, segmentation  # noqa: E402
+from vb_batch.codecs import depth, kernels, normals, segmentation  # noqa: E402
 
 NOISE_LEVELS = 3.0
 
@@ -183,18 +183,24 @@ def print_table(report: dict[str, Any]) -> None:
 BEFORE_REVISION = "2acf763"
 
 
-def codecs_at(revision: str) -> types.SimpleNamespace:
-    """depth, normals and segmentation as they were at a git revision, as fresh modules of this process."""
+def codecs_at(revision: str | None) -> types.SimpleNamespace:
+    """depth, normals and segmentation as they were at a git revision (None: as the files are now), as fresh
+    modules of this process, with colour tables of their own."""
     loaded: dict[str, types.ModuleType] = {}
+    revision_name = revision or "worktree"
     for name in ("base", "depth", "normals", "segmentation"):
         path = f"vb_batch/codecs/{name}.py"
-        source = subprocess.run(
-            ["git", "show", f"{revision}:{path}"], cwd=REPO, check=True, capture_output=True, text=True
-        ).stdout
-        module = types.ModuleType(f"codecs_at_{revision}.{name}")
-        module.__file__ = f"{revision}:{path}"
+        if revision is None:
+            source = (REPO / path).read_text()
+        else:
+            source = subprocess.run(
+                ["git", "show", f"{revision}:{path}"], cwd=REPO, check=True, capture_output=True, text=True
+            ).stdout
+        module = types.ModuleType(f"codecs_at_{revision_name}.{name}")
+        module.__file__ = f"{revision_name}:{path}"
         sys.modules[module.__name__] = module  # dataclasses look their module up
-        exec(compile(source.replace("vb_batch.codecs.base", f"codecs_at_{revision}.base"), path, "exec"), module.__dict__)
+        source = source.replace("vb_batch.codecs.base", f"codecs_at_{revision_name}.base")
+        exec(compile(source, path, "exec"), module.__dict__)
         loaded[name] = module
     return types.SimpleNamespace(**loaded)
 
@@ -241,41 +247,70 @@ BEFORE_AFTER_CASES = (
 )
 
 
+def numpy_kernels(decode: Callable[..., Any]) -> Callable[..., Any]:
+    """`decode` run with the numpy kernels (what `VB_BATCH_CODEC_KERNELS=auto` runs before it loads numba)."""
+
+    def run(rgb: np.ndarray) -> Any:
+        with kernels.forced("numpy"):
+            return decode(rgb)
+
+    return run
+
+
+def load_kernels() -> dict[str, Any]:
+    """Load the compiled kernels before any timing (a once-per-process cost, not a per-image one) and say how long
+    it took: numba's import plus its cache (or compiling, the first time an install runs them)."""
+    start = time.perf_counter()
+    kernels.load()
+    tiny = np.zeros((2, 2, 3), np.uint8)
+    depth.decode(tiny)
+    segmentation.decode(tiny, segmentation.Legend.cityscapes())
+    seconds_taken = time.perf_counter() - start
+    depth._decode_table.cache_clear()
+    segmentation._decode_table.cache_clear()
+    return {"kernels": "compiled" if kernels.load() is not None else "numpy", "load_s": seconds_taken}
+
+
 def before_after(sizes: tuple[int, ...], count: int, repeats: int, revision: str, rounds: int = 3) -> dict[str, Any]:
     before = codecs_at(revision)
+    now = codecs_at(None)  # today's code again, with tables of its own, decoding with the numpy kernels
+    loaded = load_kernels()
     results = []
     for size in sizes:
         for case in BEFORE_AFTER_CASES:
             images, legend = scene_paintings(case, size, count)
             codec = case.split("-")[0]
             decoders, tables = {}, []
-            for label, codecs in (("before", before), ("after", sys.modules[__name__])):
+            for label, codecs in (("before", before), ("after", sys.modules[__name__]), ("after_numpy", now)):
                 module = getattr(codecs, codec)
                 if legend is not None:
                     theirs = module.Legend(legend.names, legend.colors)
                     theirs.class_separations()
-                    decoders[label] = lambda rgb, module=module, theirs=theirs: module.decode(rgb, theirs)
+                    decode = lambda rgb, module=module, theirs=theirs: module.decode(rgb, theirs)  # noqa: E731
                 else:
-                    decoders[label] = module.decode
+                    decode = module.decode
+                decoders[label] = numpy_kernels(decode) if label == "after_numpy" else decode
                 if hasattr(module, "_decode_table"):
                     tables.append(module._decode_table)
             # Per image, the best of `rounds` passes over the stream, each from empty tables (the timeit convention:
             # the least disturbed by other processes on the machine).
-            per_image = {"before": [math.inf] * count, "after": [math.inf] * count}
+            labels = tuple(decoders)
+            per_image = {label: [math.inf] * count for label in labels}
             for _ in range(rounds):
                 for table in tables:
                     table.cache_clear()
                 for i, rgb in enumerate(images):
-                    order = ("before", "after") if i % 2 == 0 else ("after", "before")
+                    order = labels[i % 3 :] + labels[: i % 3]
                     got = {}
                     for label in order:
                         start = time.perf_counter()
                         got[label] = decoders[label](rgb)
                         per_image[label][i] = min(per_image[label][i], time.perf_counter() - start)
-                    for field in ("values", "confidence"):
-                        old, new = getattr(got["before"], field), getattr(got["after"], field)
-                        if old.dtype != new.dtype or old.tobytes() != new.tobytes():
-                            raise AssertionError(f"{case} {size}px image {i}: {field} differ before and after")
+                    for label in ("after", "after_numpy"):
+                        for field in ("values", "confidence"):
+                            old, new = getattr(got["before"], field), getattr(got[label], field)
+                            if old.dtype != new.dtype or old.tobytes() != new.tobytes():
+                                raise AssertionError(f"{case} {size}px image {i}: {field} differ, before and {label}")
             last = images[-1]
             warm = {label: min(seconds(lambda d=decode: d(last), repeats)) for label, decode in decoders.items()}
             pixels = size * size
@@ -295,15 +330,19 @@ def before_after(sizes: tuple[int, ...], count: int, repeats: int, revision: str
                 "rounds": rounds,
                 "ns_per_pixel": ns,
                 "speedup": {k: ns["before"][k] / ns["after"][k] for k in ns["before"]},
+                "speedup_numpy_kernels": {k: ns["before"][k] / ns["after_numpy"][k] for k in ns["before"]},
                 "identical": True,
             })
     return {
         "benchmark": "benchmarks/bench_codecs.py --before-after",
         "machine": machine_info(),
         "before": f"vb_batch/codecs at {revision} (git show), in this process",
+        "after_kernels": loaded,
         "method": (
             "per codec and size, a stream of distinct noisy paintings (noise 3 levels), each decoded once by "
-            "before and after, alternating which goes first, both from empty colour tables; the stream is run "
+            "before, after (compiled kernels, loaded before timing: a once-per-process cost, in after_kernels) "
+            "and after_numpy (today's code with the numpy kernels, as VB_BATCH_CODEC_KERNELS=auto decodes a "
+            "process's first pixels), rotating which goes first, all from empty colour tables; the stream is run "
             f"{rounds} times (tables emptied each time) and each image's best time kept; ns per pixel of the "
             "first image, the mean of the later ones, all of them, and warm = best of repeats of the last image "
             "again. Every decode's values and confidence are compared bit for bit."
@@ -314,12 +353,16 @@ def before_after(sizes: tuple[int, ...], count: int, repeats: int, revision: str
 
 def print_before_after(report: dict[str, Any]) -> None:
     columns = ("first_image", "later_images", "all_images", "warm")
-    print(f"ns per pixel, before -> after (speedup); {report['before']}")
-    print(f"{'codec':<18} {'size':>5} " + " ".join(f"{c:>24}" for c in columns))
+    print(f"ns per pixel, before -> after (speedup) / after with numpy kernels (speedup); {report['before']}")
+    print(f"{'codec':<26} {'size':>5} " + " ".join(f"{c:>34}" for c in columns))
     for r in report["results"]:
         ns = r["ns_per_pixel"]
-        cells = [f"{ns['before'][c]:.1f} -> {ns['after'][c]:.1f} ({r['speedup'][c]:.1f}x)" for c in columns]
-        print(f"{r['codec']:<18} {r['size']:>5} " + " ".join(f"{cell:>24}" for cell in cells))
+        cells = [
+            f"{ns['before'][c]:.1f} -> {ns['after'][c]:.1f} ({r['speedup'][c]:.1f}x) / "
+            f"{ns['after_numpy'][c]:.1f} ({r['speedup_numpy_kernels'][c]:.1f}x)"
+            for c in columns
+        ]
+        print(f"{r['codec']:<26} {r['size']:>5} " + " ".join(f"{cell:>34}" for cell in cells))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

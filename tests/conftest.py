@@ -181,6 +181,15 @@ def engine(request):
     return request.param
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def codec_kernels(request):
+    """Each of the codecs' table kernels in turn (`vb_batch.codecs.kernels`): they must give the same bits."""
+    from vb_batch.codecs import kernels
+
+    with kernels.forced(request.param):
+        yield request.param
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """{diffusers edit pipeline class name: a saved tiny random checkpoint}, built on first use, once per session.

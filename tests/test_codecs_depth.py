@@ -206,7 +206,7 @@ def test_torch_equals_numpy():
 
 
 @pytest.mark.slow  # ~10 s: every one of the 16.7M colours
-def test_colour_table_equals_the_direct_computation_on_every_colour():
+def test_colour_table_equals_the_direct_computation_on_every_colour(codec_kernels):
     """numpy uint8 decodes through a lazily filled per-preset table: bit for bit the direct float32 computation."""
     from vb_batch.codecs.base import ArrayBackend
 
@@ -225,7 +225,7 @@ def test_colour_table_equals_the_direct_computation_on_every_colour():
     assert np.isposinf(table.values[-1, -1]) and table.values[0, 0] == 0.0  # white is far, black is 0 m
 
 
-def test_threads_share_a_colour_table_and_presets_do_not():
+def test_threads_share_a_colour_table_and_presets_do_not(codec_kernels):
     rng = np.random.default_rng(3)
     images = [
         np.clip(depth.encode(smooth_depth(seed)) + rng.normal(0, 8, (96, 128, 3)), 0, 255).astype(np.uint8)
@@ -366,7 +366,7 @@ TABLE_PRESETS = [
 
 
 @pytest.mark.parametrize("preset", TABLE_PRESETS, ids=lambda p: p if isinstance(p, str) else p["name"])
-def test_table_decode_is_bit_identical_to_the_decode_before_it(preset):
+def test_table_decode_is_bit_identical_to_the_decode_before_it(preset, codec_kernels):
     """Random colours, noisy paintings, ties (vertices, midpoints between edges) and white, through a table
     filled image by image: the same float32 bits as the direct computation it replaced."""
     preset = depth.get_preset(preset)
@@ -393,7 +393,7 @@ def test_table_decode_is_bit_identical_to_the_decode_before_it(preset):
     assert white == (np.inf if preset.max_depth_m is None else preset.max_depth_m)
 
 
-def test_chunked_lookups_with_new_colours_in_some_chunks_equal_the_direct_computation(monkeypatch):
+def test_chunked_lookups_with_new_colours_in_some_chunks_equal_the_direct_computation(monkeypatch, codec_kernels):
     """Chunks whose colours are all known are unpacked at once; the others wait for one fill: same bits."""
     from vb_batch.codecs import base
 
@@ -409,7 +409,7 @@ def test_chunked_lookups_with_new_colours_in_some_chunks_equal_the_direct_comput
     depth._decode_table.cache_clear()
 
 
-def test_table_computes_each_new_colour_once_and_nothing_else():
+def test_table_computes_each_new_colour_once_and_nothing_else(codec_kernels):
     """A lookup computes the distinct colours without an entry, once each; colours seen before are lookups only."""
     from vb_batch.codecs.base import colour_keys
 

@@ -278,7 +278,7 @@ def test_permuted_legends_share_one_decode_table():
     assert segmentation._decode_table.cache_info().hits == hits + 1
 
 
-def test_threads_share_a_decode_table():
+def test_threads_share_a_decode_table(codec_kernels):
     legend = Legend.from_names(names(64))
     rng = np.random.default_rng(12)
     images = [noisy(segmentation.encode(rng.integers(0, 64, (64, 64)), legend), 10, rng) for _ in range(8)]
@@ -457,7 +457,7 @@ def decode_before_tables(rgb, legend, max_distance=None):
     ],
     ids=["cityscapes", "generated-150", "generated-300", "ties", "referring"],
 )
-def test_table_decode_is_bit_identical_to_the_decode_before_it(legend):
+def test_table_decode_is_bit_identical_to_the_decode_before_it(legend, codec_kernels):
     """Random colours, noisy paintings, colours equidistant from two or more candidates, and every colour of a
     few whole blocks, through a table filled image by image: the same ids and confidence bits as before."""
     rng = np.random.default_rng(31)
@@ -491,7 +491,7 @@ def test_ties_stay_with_the_colour_that_sorts_first():
 
 
 @pytest.mark.slow  # ~10 s: every one of the 16.7M colours
-def test_table_equals_the_decode_before_it_on_every_colour():
+def test_table_equals_the_decode_before_it_on_every_colour(codec_kernels):
     legend = Legend.cityscapes()
     keys = np.arange(1 << 24, dtype=np.uint32)
     cube = np.stack([keys >> 16, (keys >> 8) & 255, keys & 255], axis=-1).astype(np.uint8).reshape(4096, 4096, 3)

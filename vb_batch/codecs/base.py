@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from vb_batch.codecs.kernels import EVERY_PIXEL
+
 # Working-set budget (array elements) of one chunk of pixels. On a CPU it keeps
 # a chunk's temporaries in cache (measured ~1.3x faster than whole-image passes
 # for depth and segmentation) and bounds memory for any image size; a GPU
@@ -195,14 +197,31 @@ class ColourTable:
         dtype = np.dtype(dtype).newbyteorder("<")  # unpacked through little-endian views
         self.entries = np.frombuffer(mmap.mmap(-1, dtype.itemsize << 24), dtype=dtype)
 
-    def decode(self, pixels: np.ndarray, unpack: Callable[[np.ndarray], tuple[np.ndarray, ...]]) -> tuple[Any, ...]:
+    def decode(
+        self,
+        pixels: np.ndarray,
+        unpack: Callable[[np.ndarray], tuple[np.ndarray, ...]],
+        lookup: Callable[..., tuple[tuple[np.ndarray, ...], Any]] | None = None,
+    ) -> tuple[Any, ...]:
         """`unpack` of the entries of (P, 3) uint8 pixels as whole-image arrays, computing the colours not seen before.
 
         `unpack` maps packed entries to a tuple of per-pixel arrays. Pixels go in chunks of `LOOKUP_PIXELS`, whose
         temporaries stay in cache (measured ~1.3x faster than whole-image passes at 1024 x 1024). A chunk with
         colours not in the table waits, so that the colours missing anywhere in the image are computed in one
         `fill` (each call has a fixed cost), then its gaps are looked up.
+
+        `lookup`, a compiled kernel's wrapper (`codecs.kernels`), does the lookup and the unpacking in one pass
+        instead: `lookup(pixels, entries, only, outputs)` -> (the unpacked arrays, a `kernels.Missed`), over the
+        pixels `only` lists (all for `kernels.EVERY_PIXEL`), into `outputs` (new arrays for None). The distinct
+        colours it missed are filled, then its missed pixels are looked up again, in place.
         """
+        if lookup is not None:
+            pixels = np.ascontiguousarray(pixels)
+            outputs, missed = lookup(pixels, self.entries, EVERY_PIXEL, None)
+            if missed.counts[0]:
+                self.fill(missed.distinct_keys())
+                lookup(pixels, self.entries, missed.pixels(), outputs)
+            return outputs
         num_pixels = len(pixels)
         outputs: tuple[np.ndarray, ...] | None = None
         waiting, missing = [], []

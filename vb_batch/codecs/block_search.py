@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vb_batch.codecs import kernels
 from vb_batch.codecs.base import BLOCK_BITS, BLOCK_SIDE, key_colours
 
 
@@ -45,6 +46,13 @@ def nearest_of_colours(keys: np.ndarray, candidates: np.ndarray, radii: np.ndarr
     integers in float32. `bounds` is `block_bounds(candidates)`; the pruning
     runs in steps of ~2**20 block-candidate pairs.
     """
+    fast = kernels.current()
+    if fast is not None:  # the same search, compiled: block by block, over keys in block order
+        packed = np.empty(len(keys), np.uint32)
+        nearest, farthest = (np.stack(bound) for bound in bounds)
+        kept = np.empty(len(candidates), np.int32)
+        fast.nearest_by_block(keys, *search_arrays(candidates, radii), nearest, farthest, kept, packed)
+        return packed
     block_of_key = keys >> BLOCK_BITS  # the table's blocks are the pruning's
     present = np.zeros(32**3, bool)
     present[block_of_key] = True
@@ -103,6 +111,12 @@ def candidates_per_block(slabs: np.ndarray, bounds: tuple) -> np.ndarray:
     return lists
 
 
+def search_arrays(candidates: np.ndarray, radii: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(C + 1, 3) float32 candidate levels, the padding's `FAR_AWAY` colour last, and (C,) float32 squared radii."""
+    coordinates = np.vstack([candidates.astype(np.float32), np.full((1, 3), FAR_AWAY, np.float32)])
+    return coordinates, np.asarray(radii**2, dtype=np.float32)
+
+
 def nearest_among(colours: tuple, searched: np.ndarray, candidates: np.ndarray, radii: np.ndarray) -> np.ndarray:
     """Packed nearest candidate and confidence of (K,) float32 red, green, blue levels, searching `searched` (K, W).
 
@@ -112,7 +126,7 @@ def nearest_among(colours: tuple, searched: np.ndarray, candidates: np.ndarray, 
     """
     black = len(candidates) - 1
     red, green, blue = colours
-    coordinates = np.vstack([candidates.astype(np.float32), np.full((1, 3), FAR_AWAY, np.float32)])
+    coordinates, radii2 = search_arrays(candidates, radii)
     shape = red.shape
     d1 = np.full(shape, np.inf, np.float32)
     d2 = np.full(shape, np.inf, np.float32)
@@ -127,6 +141,6 @@ def nearest_among(colours: tuple, searched: np.ndarray, candidates: np.ndarray, 
         np.copyto(nearest, ids, where=closer)
         np.minimum(d2, np.maximum(distance2, d1, out=runner_up), out=d2)
         np.minimum(d1, distance2, out=d1)
-    labelled = (nearest != black) & (d1 <= np.asarray(radii**2, dtype=np.float32)[nearest])
+    labelled = (nearest != black) & (d1 <= radii2[nearest])
     confidence = np.where(labelled, 1.0 - np.sqrt(d1) / np.sqrt(d2), 0.0)
     return pack_nearest(np.where(labelled, nearest, black), confidence)

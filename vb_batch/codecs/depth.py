@@ -42,6 +42,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from vb_batch.codecs import kernels
 from vb_batch.codecs.base import (
     ArrayBackend,
     ColourTable,
@@ -234,7 +235,8 @@ def decode(rgb: Any, preset: PresetLike = "vision-banana") -> Decoded:
     preset = get_preset(preset)
     backend, pixels, lead_shape = painted_pixels(rgb, "depth")
     if not backend.is_torch and pixels.dtype == np.uint8:
-        depth_m, confidence = _decode_table(preset).decode(pixels, _unpack)
+        lookup = _compiled_lookup if kernels.for_pixels(len(pixels)) is not None else None
+        depth_m, confidence = _decode_table(preset).decode(pixels, _unpack, lookup)
     else:
         depth_m, confidence = _decode_pixels(backend, pixels, preset)
     return Decoded(values=depth_m.reshape(lead_shape), confidence=confidence.reshape(lead_shape))
@@ -242,10 +244,21 @@ def decode(rgb: Any, preset: PresetLike = "vision-banana") -> Decoded:
 
 @functools.lru_cache(maxsize=4)
 def _decode_table(preset: DepthPreset) -> ColourTable:
-    kernel = _depth_kernel(ArrayBackend(np), preset)
+    walk, finish = _depth_steps(ArrayBackend(np), preset)
+    # The walk's constants for the compiled walk, as numpy's float32 arithmetic sees the Python floats above.
+    edges = _walk_edges(preset)
+    starts = np.array([start for start, _, _ in edges], np.float32)
+    directions = np.array([direction for _, direction, _ in edges], np.float32)
+    steps = np.array([[d / length2 for d in direction] for _, direction, length2 in edges], np.float32)
 
     def compute_colours(keys: np.ndarray) -> np.ndarray:
-        depth_m, confidence = kernel(*key_colours(keys))
+        fast = kernels.current()
+        if fast is None:
+            nearest = walk(*key_colours(keys))
+        else:
+            nearest = np.empty(len(keys), np.float32), np.empty(len(keys), np.float32)
+            fast.depth_walk(keys, starts, directions, steps, np.float32(TIE_MARGIN), *nearest)
+        depth_m, confidence = finish(*nearest)
         # Both float32 words in one uint64, inverted: all ones (NaN, NaN) never comes out of uint8 colours, so no
         # entry is 0, the table's "not computed yet".
         packed = depth_m.astype(np.float32, copy=False).view(np.uint32).astype(np.uint64) << np.uint64(32)
@@ -262,6 +275,18 @@ def _unpack(entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.invert(words[:, 1]).view(np.float32), np.invert(words[:, 0]).view(np.float32)
 
 
+def _compiled_lookup(
+    pixels: np.ndarray, entries: np.ndarray, only: np.ndarray, outputs: tuple[np.ndarray, np.ndarray] | None
+) -> tuple[tuple[np.ndarray, np.ndarray], kernels.Missed]:
+    """`_unpack` of the pixels' entries in one compiled pass (`ColourTable.decode`'s `lookup`)."""
+    if outputs is None:
+        outputs = (np.empty(len(pixels), np.float32), np.empty(len(pixels), np.float32))
+    missed = kernels.Missed(len(only) or len(pixels))
+    depth_bits, confidence_bits = (output.view(np.uint32) for output in outputs)
+    kernels.current().depth_lookup(pixels, only, entries, depth_bits, confidence_bits, *missed.arrays)
+    return outputs, missed
+
+
 def _decode_pixels(backend: ArrayBackend, pixels: Any, preset: DepthPreset) -> tuple[Any, Any]:
     """(P, 3) pixels (uint8, or float32 in 0..255) -> float32 depth in metres and confidence, computed directly."""
     return decode_in_chunks(backend, pixels, _depth_kernel(backend, preset), elements_per_pixel=24)
@@ -269,15 +294,32 @@ def _decode_pixels(backend: ArrayBackend, pixels: Any, preset: DepthPreset) -> t
 
 def _depth_kernel(backend: ArrayBackend, preset: DepthPreset) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
     """The element-wise decode: float32 red, green, blue planes (broadcastable) -> depth in metres, confidence."""
-    xp = backend.xp
-    num_edges = preset.num_edges
+    walk, finish = _depth_steps(backend, preset)
+
+    def depth_and_confidence(red: Any, green: Any, blue: Any) -> tuple[Any, Any]:
+        return finish(*walk(red, green, blue))
+
+    return depth_and_confidence
+
+
+def _walk_edges(preset: DepthPreset) -> list[tuple[list[float], list[float], float]]:
+    """(start, direction, squared length) per edge in 8-bit levels, as Python floats: numpy float64 scalars
+    would promote float32 pixel math to float64."""
     vertices = np.asarray(preset.vertices) * 255.0
-    # (start, direction, squared length) per edge in 8-bit levels, as Python
-    # floats: numpy float64 scalars would promote float32 pixel math to float64.
     edges = []
     for start, end in zip(vertices[:-1], vertices[1:]):
         direction = end - start
         edges.append((start.tolist(), direction.tolist(), float(direction @ direction)))
+    return edges
+
+
+def _depth_steps(backend: ArrayBackend, preset: DepthPreset) -> tuple[Callable[..., tuple[Any, Any]], Callable[..., tuple[Any, Any]]]:
+    """The decode in two steps: `walk(red, green, blue)` -> (num_edges * (1 - f) of the nearest walk point,
+    its squared distance), then `finish(remaining, distance2)` -> (depth in metres, confidence).
+    `codecs._compiled.depth_walk` is `walk` compiled, the same float32 operations in the same order."""
+    xp = backend.xp
+    num_edges = preset.num_edges
+    edges = _walk_edges(preset)
 
     # Within half an 8-bit step of the last vertex is saturated ("far").
     saturated_below = 0.5 / max(abs(d) for d in edges[-1][1])
@@ -286,7 +328,7 @@ def _depth_kernel(backend: ArrayBackend, preset: DepthPreset) -> Callable[[Any, 
     scale_m = -preset.lam * preset.c
     confidence_factor = -0.5 / preset.confidence_sigma**2
 
-    def depth_and_confidence(red: Any, green: Any, blue: Any) -> tuple[Any, Any]:
+    def walk(red: Any, green: Any, blue: Any) -> tuple[Any, Any]:
         # Track num_edges * (1 - f) of the nearest walk point rather than f: it
         # keeps precision as f -> 1, where depth is steep. Channels an edge does not
         # move along (most of them on the cube walk) skip their multiply-adds.
@@ -308,7 +350,9 @@ def _depth_kernel(backend: ArrayBackend, preset: DepthPreset) -> Callable[[Any, 
                 closer = distance2 < best_distance2 * TIE_MARGIN
                 best_remaining = xp.where(closer, remaining, best_remaining)
                 best_distance2 = xp.minimum(distance2, best_distance2)
+        return best_remaining, best_distance2
 
+    def finish(best_remaining: Any, best_distance2: Any) -> tuple[Any, Any]:
         saturated = best_remaining <= saturated_below
         one_minus_f = xp.clip(best_remaining, saturated_below, None) * (1.0 / num_edges)
         depth_m = scale_m * (one_minus_f**exponent - 1.0)
@@ -319,4 +363,4 @@ def _depth_kernel(backend: ArrayBackend, preset: DepthPreset) -> Callable[[Any, 
         confidence = xp.where(xp.isnan(confidence), 0.0, confidence)  # NaN float input
         return depth_m, confidence
 
-    return depth_and_confidence
+    return walk, finish
