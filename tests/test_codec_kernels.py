@@ -1,4 +1,4 @@
-"""The codecs' compiled table kernels (`vb_batch.codecs.kernels`): the same bits as numpy, and when they run.
+"""The codecs' compiled kernels (`vb_batch.codecs.kernels`): the same bits as numpy, and when they run.
 
 The bit-for-bit checks against the decode before the tables run through both
 kernels in test_codecs_depth.py and test_codecs_segmentation.py (the
@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import PAINTED_LEGEND, write_painted_input
 
-from vb_batch.codecs import depth, kernels, segmentation
+from vb_batch.codecs import depth, kernels, normals, segmentation
 from vb_batch.codecs.segmentation import Legend
 
 VB_BATCH = str(Path(sys.executable).with_name("vb-batch"))  # the CLI of this venv
@@ -71,6 +71,22 @@ def test_depth_kernels_agree_on_hostile_images(preset):
         compiled, numpy_ = both_kernels(lambda x: depth.decode(x, preset), rgb)
         assert compiled.values.shape == rgb.shape[:-1], name
         assert_same_bits(compiled, numpy_)
+
+
+@pytest.mark.parametrize("frame", ["opengl", "opencv"])
+def test_normals_kernels_agree_on_hostile_images(frame):
+    """Including the mid-grey colours with no direction, whose values are NaN (the same NaN bits) and
+    confidence 0, and paintings of unit normals."""
+    rng = np.random.default_rng(6)
+    grey = np.stack(np.meshgrid(*[np.arange(116, 141)] * 3, indexing="ij"), axis=-1).reshape(1, -1, 3).astype(np.uint8)
+    painted = normals.encode(rng.normal(size=(40, 40, 3)))
+    for name, rgb in {**hostile_images(rng), "grey": grey, "painted": painted}.items():
+        compiled, numpy_ = both_kernels(lambda x: normals.decode(x, frame), rgb)
+        assert compiled.values.shape == rgb.shape, name
+        assert_same_bits(compiled, numpy_)
+    assert np.isnan(compiled.values).any() is np.False_  # painted unit normals all have a direction
+    grey_decoded = normals.decode(grey, frame)
+    assert np.isnan(grey_decoded.values).any() and (grey_decoded.confidence[np.isnan(grey_decoded.values[..., 0])] == 0).all()
 
 
 @pytest.mark.parametrize("classes", [1, 19, 300], ids=["one class", "cityscapes-sized", "uint16 ids"])

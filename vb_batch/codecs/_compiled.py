@@ -181,3 +181,29 @@ def nearest_by_block(keys, coordinates, radii2, nearest_bound, farthest_bound, k
             packed[end] = (np.uint32(nearest + 1) << np.uint32(16)) | np.uint32(np.rint(confidence * steps))
             end += 1
         start = end
+
+
+@numba.njit(**_JIT)
+def normals_unit(pixels, signs, constants, values, exponent) -> None:
+    """`normals.decode`'s unit_vectors for (P, 3) uint8 pixels, into (P, 3) `values` in the frame of `signs`;
+    `exponent` gets the confidence's exp argument (-inf where the colour has no direction, whose exp is the 0
+    numpy's where writes), so that numpy's own exp finishes the confidence with the same bits. `constants` are
+    float32 (2 / 255, MIN_NORM, QUANTISATION_SLACK, -0.5 / NORM_SIGMA**2), as numpy rounds the Python floats."""
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    to_raw, min_norm, slack, factor = constants[0], constants[1], constants[2], constants[3]
+    for i in range(pixels.shape[0]):
+        x = np.float32(pixels[i, 0]) * to_raw - one
+        y = np.float32(pixels[i, 1]) * to_raw - one
+        z = np.float32(pixels[i, 2]) * to_raw - one
+        length = np.sqrt((x * x + y * y) + z * z)
+        if length >= min_norm:
+            scale = one / max(length, min_norm)
+            excess = max(abs(length - one) - slack, zero)
+            exponent[i] = excess * excess * factor
+        else:
+            scale = np.float32(np.nan)
+            exponent[i] = -np.inf
+        values[i, 0] = x * (scale if signs[0] == 1 else -scale)
+        values[i, 1] = y * (scale if signs[1] == 1 else -scale)
+        values[i, 2] = z * (scale if signs[2] == 1 else -scale)

@@ -5,7 +5,9 @@ pixels (the table key from two gathers and an or, the gather of the entries,
 the check for new colours, the unpacking); these kernels do it in one pass per
 pixel that reads its three bytes, gathers its entry and writes the decoded
 values, and segmentation's table fill searches each new colour's few
-candidates in one loop instead of a numpy pass per candidate. They compute
+candidates in one loop instead of a numpy pass per candidate. normals, which
+has no table, is computed in one pass per pixel as well (numpy's exp finishes
+its confidence). They compute
 the same IEEE float32 operations in the same order as the numpy code they
 replace, so the results are the same bits (tests decode through both).
 

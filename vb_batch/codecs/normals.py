@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from vb_batch.codecs import kernels
 from vb_batch.codecs.base import Decoded, backend_of, decode_in_chunks, painted_pixels
 
 # Each frame as the signs that take its (x, y, z) to the painted OpenGL frame's;
@@ -52,6 +53,8 @@ PAINTED_FRAME = "opengl"
 QUANTISATION_SLACK = math.sqrt(3) / 255
 NORM_SIGMA = 0.1
 MIN_NORM = 0.1
+# The float32 constants of the decode, as numpy's float32 arithmetic rounds the Python floats (`_compiled.normals_unit`).
+COMPILED_CONSTANTS = np.array([2.0 / 255.0, MIN_NORM, QUANTISATION_SLACK, -0.5 / NORM_SIGMA**2], np.float32)
 # What a NaN or zero-length vector paints: mid-grey, which decodes as "no direction".
 NO_DIRECTION_RGB = (128, 128, 128)
 
@@ -107,6 +110,12 @@ def decode(rgb: Any, frame: str = "opengl") -> Decoded:
     signs = _check_frame(frame)
     backend, pixels, lead_shape = painted_pixels(rgb, "normals")
     xp = backend.xp
+    fast = None if backend.is_torch or pixels.dtype != np.uint8 else kernels.for_pixels(len(pixels))
+    if fast is not None:  # the same float32 operations, compiled, in one pass; numpy's exp for the confidence
+        values, exponent = np.empty((len(pixels), 3), np.float32), np.empty(len(pixels), np.float32)
+        fast.normals_unit(np.ascontiguousarray(pixels), np.array(signs, np.float32), COMPILED_CONSTANTS, values, exponent)
+        confidence = np.exp(exponent, out=exponent)
+        return Decoded(values=values.reshape(lead_shape + (3,)), confidence=confidence.reshape(lead_shape))
 
     def unit_vectors(red: Any, green: Any, blue: Any) -> tuple[Any, ...]:
         raw = [plane * (2.0 / 255.0) - 1.0 for plane in (red, green, blue)]
