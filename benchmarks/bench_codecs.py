@@ -248,7 +248,7 @@ BEFORE_AFTER_CASES = (
 
 
 def numpy_kernels(decode: Callable[..., Any]) -> Callable[..., Any]:
-    """`decode` run with the numpy kernels (what `VB_BATCH_CODEC_KERNELS=auto` runs before it loads numba)."""
+    """`decode` run with the numpy kernels (what an install without the compiled kernels runs)."""
 
     def run(rgb: np.ndarray) -> Any:
         with kernels.forced("numpy"):
@@ -258,17 +258,17 @@ def numpy_kernels(decode: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def load_kernels() -> dict[str, Any]:
-    """Load the compiled kernels before any timing (a once-per-process cost, not a per-image one) and say how long
-    it took: numba's import plus its cache (or compiling, the first time an install runs them)."""
+    """Load the compiled kernels before any timing and say which ran and how long loading took (the first decode of
+    each codec included)."""
     start = time.perf_counter()
-    kernels.load()
+    kernels.active()
     tiny = np.zeros((2, 2, 3), np.uint8)
     depth.decode(tiny)
     segmentation.decode(tiny, segmentation.Legend.cityscapes())
     seconds_taken = time.perf_counter() - start
     depth._decode_table.cache_clear()
     segmentation._decode_table.cache_clear()
-    return {"kernels": "compiled" if kernels.load() is not None else "numpy", "load_s": seconds_taken}
+    return {"kernels": "compiled" if kernels.active() is not None else "numpy", "load_s": seconds_taken}
 
 
 def before_after(sizes: tuple[int, ...], count: int, repeats: int, revision: str, rounds: int = 3) -> dict[str, Any]:
@@ -340,9 +340,9 @@ def before_after(sizes: tuple[int, ...], count: int, repeats: int, revision: str
         "after_kernels": loaded,
         "method": (
             "per codec and size, a stream of distinct noisy paintings (noise 3 levels), each decoded once by "
-            "before, after (compiled kernels, loaded before timing: a once-per-process cost, in after_kernels) "
-            "and after_numpy (today's code with the numpy kernels, as VB_BATCH_CODEC_KERNELS=auto decodes a "
-            "process's first pixels), rotating which goes first, all from empty colour tables; the stream is run "
+            "before, after (the compiled kernels, see after_kernels) and after_numpy (today's code with the numpy "
+            "kernels, as an install without a C compiler decodes), rotating which goes first, all from empty colour "
+            "tables; the stream is run "
             f"{rounds} times (tables emptied each time) and each image's best time kept; ns per pixel of the "
             "first image, the mean of the later ones, all of them, and warm = best of repeats of the last image "
             "again. Every decode's values and confidence are compared bit for bit."

@@ -139,28 +139,47 @@ def test_threads_fill_one_table_with_the_compiled_kernels():
     segmentation._decode_table.cache_clear()
 
 
-def test_auto_loads_the_kernels_once_a_process_has_decoded_enough(monkeypatch):
-    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
-    monkeypatch.setattr(kernels, "_loaded", kernels._UNSET)
-    monkeypatch.setattr(kernels, "_decoded_pixels", 0)
-    monkeypatch.setattr(kernels, "COMPILE_AFTER_PIXELS", 1000)
-    small = np.zeros((20, 20, 3), np.uint8)
-    assert kernels.for_pixels(400) is None and kernels.current() is None
-    depth.decode(small)  # 800 pixels so far: still numpy
-    assert kernels.current() is None
-    depth.decode(small)  # 1200: loads them
-    assert kernels.current() is not None and kernels.for_pixels(1) is kernels.current()
-
-
-def test_numpy_mode_never_loads_them_and_a_bad_mode_names_the_variable(monkeypatch):
-    monkeypatch.setattr(kernels, "_loaded", kernels._UNSET)
-    monkeypatch.setattr(kernels, "COMPILE_AFTER_PIXELS", 1)
-    monkeypatch.setenv(kernels.ENV_VAR, "numpy")
-    assert kernels.for_pixels(10**9) is None and kernels.load() is None
+def test_the_modes_and_a_bad_one_names_the_variable(monkeypatch):
+    for wanted, expected in (("auto", True), ("compiled", True), ("numpy", False), ("", True)):
+        monkeypatch.setattr(kernels, "_loaded", kernels._UNSET)
+        monkeypatch.setenv(kernels.ENV_VAR, wanted)
+        assert (kernels.active() is not None) is expected, wanted
     monkeypatch.setattr(kernels, "_loaded", kernels._UNSET)
     monkeypatch.setenv(kernels.ENV_VAR, "fast")
-    with pytest.raises(ValueError, match="VB_BATCH_CODEC_KERNELS must be one of auto, compiled, numpy"):
-        kernels.for_pixels(1)
+    with pytest.raises(ValueError, match="VB_BATCH_CODEC_KERNELS must be one of auto, compiled, numpy; got 'fast'"):
+        kernels.active()
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda k, px, table: k.depth_lookup(px, kernels.EVERY_PIXEL, table[:-1], *outputs(4), *kernels.Missed(4).arrays),
+         "entries must be 2..24 uint64"),
+        (lambda k, px, table: k.depth_lookup(px, np.array([0, 4]), table, *outputs(4), *kernels.Missed(2).arrays),
+         "out of range"),
+        (lambda k, px, table: k.depth_lookup(px, kernels.EVERY_PIXEL, table, *outputs(3), *kernels.Missed(4).arrays),
+         "one float32 per pixel"),
+        (lambda k, px, table: k.depth_lookup(px[::2], kernels.EVERY_PIXEL, table, *outputs(2), *kernels.Missed(2).arrays),
+         "contiguous"),
+        (lambda k, px, table: k.depth_lookup(px, kernels.EVERY_PIXEL, table, *outputs(4), *kernels.Missed(1).arrays),
+         "too short"),
+        (lambda k, px, table: k.nearest_by_block(np.array([1 << 24], np.int32), np.zeros(6, np.float32),
+                                                 np.zeros(1, np.float32), *[np.zeros(96, np.int32)] * 2,
+                                                 np.zeros(1, np.int32), np.zeros(1, np.uint32)), "not a table key"),
+    ],
+    ids=["short table", "index out of range", "short output", "strided pixels", "short scratch", "bad key"],
+)
+def test_a_wrong_call_raises_instead_of_touching_memory_out_of_bounds(call, match):
+    """The C kernels check every buffer's size before a loop: a caller's mistake is a ValueError, not a crash."""
+    compiled = pytest.importorskip("vb_batch.codecs._kernels")
+    pixels = np.zeros((4, 3), np.uint8)
+    table = depth._decode_table(depth.get_preset("vision-banana")).entries
+    with pytest.raises((ValueError, BufferError), match=match):
+        call(compiled, pixels, table)
+
+
+def outputs(count: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.empty(count, np.uint32), np.empty(count, np.uint32)
 
 
 PROBE = """
@@ -169,35 +188,27 @@ import numpy as np
 from vb_batch.codecs import depth, kernels
 rgb = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
 decoded = depth.decode(rgb)
-print(json.dumps({"kernels": None if kernels.current() is None else "compiled",
+print(json.dumps({"kernels": None if kernels.active() is None else "compiled",
                   "bits": decoded.values.view(np.uint32).tolist()[:40]}))
 """
 
 
-def probe(**env) -> dict:
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE], env={**os.environ, kernels.ENV_VAR: "compiled", **env},
-        capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    return {**json.loads(done.stdout.splitlines()[-1]), "stderr": done.stderr}
-
-
-@pytest.mark.slow  # three fresh interpreters, ~2 s each
-def test_without_numba_or_with_its_jit_off_decoding_falls_back_to_numpy():
-    compiled = probe()
+@pytest.mark.slow  # two fresh interpreters, ~1 s each
+def test_without_the_built_kernels_decoding_falls_back_to_numpy_and_says_so_when_asked():
+    environ = {**os.environ, kernels.ENV_VAR: "compiled"}
+    built = subprocess.run([sys.executable, "-c", PROBE], env=environ, capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    compiled = json.loads(built.stdout.splitlines()[-1])
     assert compiled["kernels"] == "compiled"
-    jit_off = probe(NUMBA_DISABLE_JIT="1")  # would run the loops as Python, per pixel
-    assert jit_off["kernels"] is None and jit_off["bits"] == compiled["bits"]
-    # numba missing: an entry of None in sys.modules makes `import numba` raise ImportError.
+    # Not built: an entry of None in sys.modules makes the import raise ImportError.
     blocked = subprocess.run(
-        [sys.executable, "-c", "import sys; sys.modules['numba'] = None\n" + PROBE],
-        env={**os.environ, kernels.ENV_VAR: "compiled"}, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", "import sys; sys.modules['vb_batch.codecs._kernels'] = None\n" + PROBE],
+        env=environ, capture_output=True, text=True, timeout=120,
     )
     assert blocked.returncode == 0, blocked.stderr
     without = json.loads(blocked.stdout.splitlines()[-1])
     assert without["kernels"] is None and without["bits"] == compiled["bits"]
-    assert "compiled kernels unavailable (ModuleNotFoundError" in blocked.stderr
+    assert "the compiled kernels are not built" in blocked.stderr
 
 
 @pytest.mark.slow  # two CLI runs, ~6 s each

@@ -5,7 +5,7 @@
     segmentation.py   nearest legend colour with a distance threshold; permuted-legend ensembles
     base.py           what the codecs share: Decoded, the per-preset colour tables
     block_search.py   the legend colours that can be nearest in a block of colours (table filling)
-    kernels.py        when the compiled (numba) kernels run, numpy as the fallback; _compiled.py holds them
+    kernels.py        when the compiled kernels (_kernels.c, built at install) run; numpy is the fallback
 """
 
 from vb_batch.codecs import depth, normals, segmentation

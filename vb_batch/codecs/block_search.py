@@ -46,7 +46,7 @@ def nearest_of_colours(keys: np.ndarray, candidates: np.ndarray, radii: np.ndarr
     integers in float32. `bounds` is `block_bounds(candidates)`; the pruning
     runs in steps of ~2**20 block-candidate pairs.
     """
-    fast = kernels.current()
+    fast = kernels.active()
     if fast is not None:  # the same search, compiled: block by block, over keys in block order
         packed = np.empty(len(keys), np.uint32)
         nearest, farthest = (np.stack(bound) for bound in bounds)

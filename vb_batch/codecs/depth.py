@@ -235,7 +235,7 @@ def decode(rgb: Any, preset: PresetLike = "vision-banana") -> Decoded:
     preset = get_preset(preset)
     backend, pixels, lead_shape = painted_pixels(rgb, "depth")
     if not backend.is_torch and pixels.dtype == np.uint8:
-        lookup = _compiled_lookup if kernels.for_pixels(len(pixels)) is not None else None
+        lookup = _compiled_lookup if kernels.active() is not None else None
         depth_m, confidence = _decode_table(preset).decode(pixels, _unpack, lookup)
     else:
         depth_m, confidence = _decode_pixels(backend, pixels, preset)
@@ -252,7 +252,7 @@ def _decode_table(preset: DepthPreset) -> ColourTable:
     steps = np.array([[d / length2 for d in direction] for _, direction, length2 in edges], np.float32)
 
     def compute_colours(keys: np.ndarray) -> np.ndarray:
-        fast = kernels.current()
+        fast = kernels.active()
         if fast is None:
             nearest = walk(*key_colours(keys))
         else:
@@ -283,7 +283,7 @@ def _compiled_lookup(
         outputs = (np.empty(len(pixels), np.float32), np.empty(len(pixels), np.float32))
     missed = kernels.Missed(len(only) or len(pixels))
     depth_bits, confidence_bits = (output.view(np.uint32) for output in outputs)
-    kernels.current().depth_lookup(pixels, only, entries, depth_bits, confidence_bits, *missed.arrays)
+    kernels.active().depth_lookup(pixels, only, entries, depth_bits, confidence_bits, *missed.arrays)
     return outputs, missed
 
 

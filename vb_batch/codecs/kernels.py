@@ -1,28 +1,25 @@
-"""Compiled loops (numba) for the colour tables' per-pixel work; numpy code stays the fallback and the reference.
+"""Compiled loops for the codecs' per-pixel work (`_kernels.c`); numpy code stays the fallback and the reference.
 
 The numpy path of a table lookup makes about eight passes over a chunk of
 pixels (the table key from two gathers and an or, the gather of the entries,
-the check for new colours, the unpacking); these kernels do it in one pass per
+the check for new colours, the unpacking); the kernels do it in one pass per
 pixel that reads its three bytes, gathers its entry and writes the decoded
 values, and segmentation's table fill searches each new colour's few
 candidates in one loop instead of a numpy pass per candidate. normals, which
 has no table, is computed in one pass per pixel as well (numpy's exp finishes
-its confidence). They compute
-the same IEEE float32 operations in the same order as the numpy code they
-replace, so the results are the same bits (tests decode through both).
+its confidence, as it does depth's). They compute the same IEEE float32
+operations in the same order as the numpy code they replace (built with
+``-ffp-contract=off``), so the results are the same bits: tests decode
+through both.
 
-numba is a dependency of vb_batch. Loading it costs a process about 0.7 s
-(numba's own start-up, then the kernels from its cache; the first process of
-an install also compiles them, a few seconds), which is worth it only past
-some volume: at 3 to 20 ns saved per pixel, tens of millions of pixels. So by
-default (``VB_BATCH_CODEC_KERNELS=auto``) a process decodes its first
-`COMPILE_AFTER_PIXELS` pixels with numpy, then loads the kernels once and uses
-them from then on; a small job never pays for them, an archive job pays once
-per worker process. ``compiled`` loads them at the first decode,
-``numpy`` never. numpy also runs where numba cannot be imported, where its JIT
-is off (``NUMBA_DISABLE_JIT=1`` would run these loops as Python, per pixel), or
-where it cannot compile or cache (a warning says why). The kernels release the
-GIL, so row threads decode in parallel.
+The kernels are a C extension of about 300 lines, built when vb_batch is
+installed (``setup.py``; it needs a C compiler, and the install goes on
+without one). A loaded kernel costs a process nothing measurable in time or
+memory, which a JIT would not: numba, tried first, added 141 MB of unique
+memory and 0.4-0.7 s to every worker process. ``VB_BATCH_CODEC_KERNELS``
+picks: ``auto`` (the default) uses them when built and numpy otherwise,
+``compiled`` warns once when they are missing, ``numpy`` never uses them. They
+release the GIL, so row threads decode in parallel.
 """
 
 from __future__ import annotations
@@ -40,12 +37,9 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "VB_BATCH_CODEC_KERNELS"
 MODES = ("auto", "compiled", "numpy")
-# Pixels a process decodes with numpy before `auto` loads the kernels: 512 images of 256 x 256, 32 of 1024 x 1024.
-COMPILE_AFTER_PIXELS = 1 << 25
 
 _UNSET = object()
-_loaded: object = _UNSET  # the compiled module, None (numpy for good), or _UNSET (not decided yet)
-_decoded_pixels = 0
+_loaded: object = _UNSET  # the compiled module, None (numpy), or _UNSET (not decided yet)
 _load_lock = threading.Lock()
 
 
@@ -56,46 +50,27 @@ def mode() -> str:
     return wanted
 
 
-def for_pixels(count: int) -> ModuleType | None:
-    """The kernels to decode `count` more pixels with: the compiled module, or None for numpy (see the module doc)."""
-    global _decoded_pixels
-    if _loaded is not _UNSET:
-        return _loaded  # type: ignore[return-value]
-    wanted = mode()
-    if wanted == "auto":
-        _decoded_pixels += count
-        if _decoded_pixels < COMPILE_AFTER_PIXELS:
-            return None
-    return load()
-
-
-def current() -> ModuleType | None:
-    """The compiled module if it is loaded, else None; loads nothing (the table fills use what the lookups use)."""
-    return None if _loaded is _UNSET else _loaded  # type: ignore[return-value]
-
-
-def load() -> ModuleType | None:
-    """Load the compiled kernels now (once per process) unless ``VB_BATCH_CODEC_KERNELS=numpy``; None where
-    numpy runs instead."""
+def active() -> ModuleType | None:
+    """The compiled kernels to decode with, or None for numpy (decided once per process, see the module doc)."""
     global _loaded
-    with _load_lock:
-        if _loaded is _UNSET:
-            _loaded = None if mode() == "numpy" else _import_compiled()
+    if _loaded is _UNSET:
+        with _load_lock:
+            if _loaded is _UNSET:
+                wanted = mode()
+                _loaded = None if wanted == "numpy" else _import_compiled(warn=wanted == "compiled")
     return _loaded  # type: ignore[return-value]
 
 
-def _import_compiled() -> ModuleType | None:
+def _import_compiled(warn: bool) -> ModuleType | None:
     try:
-        import numba
-
-        if numba.config.DISABLE_JIT:
-            log.info("codecs: NUMBA_DISABLE_JIT is set; decoding with numpy")
-            return None
-        from vb_batch.codecs import _compiled
-    except Exception as error:  # ImportError, or numba unable to cache/compile here
-        log.warning("codecs: compiled kernels unavailable (%s: %s); decoding with numpy", type(error).__name__, error)
+        from vb_batch.codecs import _kernels
+    except ImportError as error:
+        (log.warning if warn else log.debug)(
+            "codecs: the compiled kernels are not built (%s); decoding with numpy, the same values, slower. "
+            "Reinstall vb_batch where a C compiler is available to build them.", error
+        )
         return None
-    return _compiled
+    return _kernels
 
 
 _per_thread = threading.local()
@@ -138,13 +113,16 @@ def forced(kernels: str) -> Iterator[None]:
     if kernels == "numpy":
         _loaded = None
     elif kernels == "compiled":
-        _loaded = _import_compiled()
+        _loaded = _import_compiled(warn=False)
         if _loaded is None:
             _loaded = before
-            raise RuntimeError("codecs: the compiled kernels are unavailable here")
+            raise RuntimeError("codecs: the compiled kernels are not built here")
     else:
         raise ValueError(f"kernels must be 'compiled' or 'numpy', got {kernels!r}")
     try:
         yield
     finally:
         _loaded = before
+
+
+load = current = active  # older names, still used by work in progress on the Spark engine

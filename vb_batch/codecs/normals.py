@@ -110,7 +110,7 @@ def decode(rgb: Any, frame: str = "opengl") -> Decoded:
     signs = _check_frame(frame)
     backend, pixels, lead_shape = painted_pixels(rgb, "normals")
     xp = backend.xp
-    fast = None if backend.is_torch or pixels.dtype != np.uint8 else kernels.for_pixels(len(pixels))
+    fast = None if backend.is_torch or pixels.dtype != np.uint8 else kernels.active()
     if fast is not None:  # the same float32 operations, compiled, in one pass; numpy's exp for the confidence
         values, exponent = np.empty((len(pixels), 3), np.float32), np.empty(len(pixels), np.float32)
         fast.normals_unit(np.ascontiguousarray(pixels), np.array(signs, np.float32), COMPILED_CONSTANTS, values, exponent)

@@ -353,7 +353,7 @@ def decode(rgb: Any, legend: Legend, max_distance: float | None = None) -> Decod
             return values, (entries & 0xFFFF).astype(np.float32) * np.float32(1 / 65535)
 
         lookup = None
-        fast = kernels.for_pixels(len(pixels))
+        fast = kernels.active()
         if fast is not None:
 
             def lookup(
