@@ -327,9 +327,8 @@ static PyObject *normals_unit(PyObject *self, PyObject *args) {
             float length = sqrtf((raw[0] * raw[0] + raw[1] * raw[1]) + raw[2] * raw[2]);
             /* Both sides computed and one kept (no branch: the loop vectorises). */
             int has_direction = length >= min_norm;
-            float scale = has_direction ? 1.0f / (length > min_norm ? length : min_norm) : NAN;
-            float excess = fabsf(length - 1.0f) - slack;
-            excess = excess > 0.0f ? excess : 0.0f;
+            float scale = has_direction ? 1.0f / fmaxf(length, min_norm) : NAN;
+            float excess = fmaxf(fabsf(length - 1.0f) - slack, 0.0f); /* never NaN for uint8 colours */
             exponent_out[i] = has_direction ? excess * excess * factor : -INFINITY;
             for (int c = 0; c < 3; c++) out[3 * i + c] = raw[c] * (flip[c] ? -scale : scale);
         }
