@@ -123,6 +123,3 @@ def forced(kernels: str) -> Iterator[None]:
         yield
     finally:
         _loaded = before
-
-
-load = current = active  # older names, still used by work in progress on the Spark engine
