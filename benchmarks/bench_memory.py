@@ -18,7 +18,8 @@ the peak unique memory (USS) of its largest Python worker (sampled every
 still follow `engine.unit_rows`, not the row group. `--unit-rows 256 2048 8192`
 runs each engine once per `engine.unit_rows` (rows per task): a Spark task must
 stream its unit, so its peak must not follow the unit's size. The largest
-worker's command line is kept (`worker`: which process it was).
+worker's command line is kept (`worker`: which process it was), and the codecs'
+kernels setting (`VB_BATCH_CODEC_KERNELS`) in `settings`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r["worker_heap_vs_smallest"] = round(r["worker_peak_heap_mb"] / heap, 3)
     report = {"benchmark": "bench_memory", "machine": machine_info(), "time": time.time(),
               "settings": {"side": args.side, "group_rows": args.group_rows, "tasks": ["depth"], "model": "identity",
-                           "defaults": True},
+                           "defaults": True, "codec_kernels": os.environ.get("VB_BATCH_CODEC_KERNELS", "auto")},
               "note": "2-core machine shared with other work while measured: rows/s are indicative, peaks are not",
               "results": results}
     if not args.no_write:

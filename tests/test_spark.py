@@ -174,6 +174,44 @@ def test_a_retried_task_starts_where_its_published_files_end(spark, tmp_path):
     assert_each_id_once(cfg["output"], ids)
 
 
+class MemoryLoggingBackend(IdentityBackend):
+    """identity, each call logged as "<pid> <unique MB> <threads>" to `model.options.log`."""
+
+    name = "memory-logging"
+
+    def predict(self, images, prompts, task, seeds):
+        import threading
+
+        import psutil
+
+        uss = psutil.Process().memory_full_info().uss / 2**20
+        with open(self.cfg.options["log"], "a") as log:
+            log.write(f"{os.getpid()} {uss:.1f} {threading.active_count()}\n")
+        return super().predict(images, prompts, task, seeds)
+
+
+def test_a_python_worker_keeps_nothing_of_its_tasks(spark, tmp_path):
+    """16 units of 3 rows on 2 reused Python workers: at its last tasks a worker has the threads and (within
+    noise) the memory it had at its second, so a task's threads, queues and rows end with the task."""
+    log = tmp_path / "calls.log"
+    cfg, _ = job(tmp_path, "out", "spark", model__backend="test_spark:MemoryLoggingBackend",
+                 model__options={"log": str(log)}, model__batch_size=3)
+    cfg["tasks"] = ["depth"]
+    write_painted_input(tmp_path / "in.parquet", rows=48)  # 16 row groups of 3: 16 units
+    summary = vb_batch.annotate(cfg)
+    assert summary.success and summary.rows_processed == 48
+    calls: dict[str, list[tuple[float, int]]] = {}
+    for line in log.read_text().splitlines():
+        pid, uss, threads = line.split()
+        calls.setdefault(pid, []).append((float(uss), int(threads)))
+    busy = [pid_calls for pid_calls in calls.values() if len(pid_calls) >= 6]
+    assert busy, calls  # a worker ran several tasks (Python workers are reused)
+    for pid_calls in busy:
+        early, late = pid_calls[1:3], pid_calls[-2:]  # the first call comes before the first decode and encode
+        assert max(t for _, t in late) == max(t for _, t in early), pid_calls
+        assert max(u for u, _ in late) <= max(u for u, _ in early) + 16, pid_calls
+
+
 def test_report_chains_follow_rows_and_take_the_first_of_rival_attempts():
     names = [report_name(3, 0, 4, 7), report_name(3, 4, 2, 7), report_name(3, 4, 5, 9), report_name(3, 6, 3, 7),
              report_name(3, 12, 1, 7)]

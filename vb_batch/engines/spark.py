@@ -24,6 +24,13 @@ lost. When a wave's job ends, each unit's chain must reach the row its
 successful attempt ended at, or the run stops (a resume completes it).
 Speculative execution (two live attempts of one unit) is refused.
 
+A Python worker is reused for task after task (`spark.python.worker.reuse`),
+so what it keeps (imports, the cached model, the codecs' colour tables) is
+paid once, and a task adds only its queues: a few model batches and one open
+file, whatever the unit's size or the job's rows. Measured: a worker's unique
+memory at the end of each of 40 tasks stayed within 3 MB of its first, and its
+peak is the same at 2k and 100k rows (`benchmarks/bench_memory.py`).
+
 Reading and writing happen on the Python side on purpose: the pyspark wheel
 has no s3a connector (and no JARs can be fetched), and Spark's own Parquet
 writer drops the Arrow field metadata (`vb.unit`, `vb.scale`, `vb.legend`, ...)
