@@ -118,9 +118,15 @@ def test_a_lookup_leaves_its_bitmap_clean_and_fills_each_new_colour_once():
         got = depth.decode(overlapping)
         assert not kernels._per_thread.seen.any()
         assert sum(table_fills) == len(np.unique(np.concatenate([first, overlapping]).reshape(-1, 3), axis=0))
+        # A few new colours (under an eighth of the pixels): looked up again by index, not all over.
+        few_new = first.copy()
+        few_new[::10, ::10] = rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)
+        mostly_known = depth.decode(few_new)
+        assert not kernels._per_thread.seen.any()
     depth._decode_table.cache_clear()
     with kernels.forced("numpy"):
         assert_same_bits(got, depth.decode(overlapping))
+        assert_same_bits(mostly_known, depth.decode(few_new))
     depth._decode_table.cache_clear()
 
 

@@ -54,18 +54,20 @@ static Py_ssize_t check_lookup(Lookup *l) {
     Py_ssize_t key_room = visited < TABLE_COLOURS ? visited : TABLE_COLOURS;
     if (!check(l->pixels.len % 3 == 0, "pixels must be (P, 3) uint8")
         || !check(l->seen.len == TABLE_COLOURS / 8, "seen must hold one bit per colour (2 MB)")
-        || !check(items(&l->missing_at, sizeof(Py_ssize_t)) >= visited, "missing_at is too short")
+        || !check(items(&l->missing_at, sizeof(Py_ssize_t)) >= 1, "missing_at is empty")
         || !check(items(&l->missing_keys, sizeof(int32_t)) >= key_room, "missing_keys is too short")
         || !check(items(&l->counts, sizeof(Py_ssize_t)) == 2, "counts must hold 2 intp"))
         return -1;
     return visited;
 }
 
-/* Pixel i's colour has no entry: keep its index, and its key the first time the lookup meets it (one bit per
- * key in `seen`), so that the fill gets each missing colour once without a sort of every pixel's key. */
+/* Pixel i's colour has no entry: keep its key the first time the lookup meets it (one bit per key in `seen`),
+ * so that the fill gets each missing colour once without a sort of every pixel's key, and its index while
+ * `at` has room (`room` indices; past that the count goes on, and the caller looks every pixel up again). */
 static inline void note_missing(uint32_t key, Py_ssize_t i, uint8_t *seen, int32_t *keys, Py_ssize_t *at,
-                                Py_ssize_t *counts) {
-    at[counts[0]++] = i;
+                                Py_ssize_t room, Py_ssize_t *counts) {
+    if (counts[0] < room) at[counts[0]] = i;
+    counts[0]++;
     uint8_t bit = (uint8_t)(1u << (key & 7));
     if (!(seen[key >> 3] & bit)) {
         seen[key >> 3] |= bit;
@@ -101,7 +103,7 @@ static PyObject *depth_lookup(PyObject *self, PyObject *args) {
         const Py_ssize_t *only = l.only.buf;
         const uint64_t *table = entries.buf;
         uint32_t *depth_out = depth_bits.buf, *confidence_out = confidence_bits.buf;
-        Py_ssize_t *counts = l.counts.buf;
+        Py_ssize_t *counts = l.counts.buf, at_room = items(&l.missing_at, sizeof(Py_ssize_t));
         counts[0] = counts[1] = 0;
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t k = 0; k < visited; k++) {
@@ -111,7 +113,7 @@ static PyObject *depth_lookup(PyObject *self, PyObject *args) {
             uint64_t entry = table[key];
             depth_out[i] = (uint32_t)~(entry >> 32);
             confidence_out[i] = (uint32_t)~entry;
-            if (entry == 0) note_missing(key, i, l.seen.buf, l.missing_keys.buf, l.missing_at.buf, counts);
+            if (entry == 0) note_missing(key, i, l.seen.buf, l.missing_keys.buf, l.missing_at.buf, at_room, counts);
         }
         forget_seen(l.seen.buf, l.missing_keys.buf, counts);
         Py_END_ALLOW_THREADS
@@ -149,7 +151,7 @@ static PyObject *segmentation_lookup(PyObject *self, PyObject *args) {
         const Py_ssize_t *only = l.only.buf;
         const uint32_t *table = entries.buf;
         float *confidence_out = confidence.buf;
-        Py_ssize_t *counts = l.counts.buf;
+        Py_ssize_t *counts = l.counts.buf, at_room = items(&l.missing_at, sizeof(Py_ssize_t));
         counts[0] = counts[1] = 0;
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t k = 0; k < visited; k++) {
@@ -164,7 +166,7 @@ static PyObject *segmentation_lookup(PyObject *self, PyObject *args) {
             else
                 ((uint16_t *)values.buf)[i] = ((const uint16_t *)class_of.buf)[candidate];
             confidence_out[i] = (float)(entry & 0xFFFFu) * step;
-            if (entry == 0) note_missing(key, i, l.seen.buf, l.missing_keys.buf, l.missing_at.buf, counts);
+            if (entry == 0) note_missing(key, i, l.seen.buf, l.missing_keys.buf, l.missing_at.buf, at_room, counts);
         }
         forget_seen(l.seen.buf, l.missing_keys.buf, counts);
         Py_END_ALLOW_THREADS

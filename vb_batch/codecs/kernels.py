@@ -83,7 +83,9 @@ class Missed:
     """What a compiled lookup hands back of the pixels without an entry: their indices and their distinct keys.
 
     `arrays` are the kernel's arguments: a bit per table key (2 MB per thread, which the kernel clears again
-    before it returns), room for the keys and the indices, and the two counts the kernel fills in.
+    before it returns), room for every distinct key and for the indices of an eighth of the pixels, and the two
+    counts the kernel fills in. When more pixels missed (a first image), `pixels` is `EVERY_PIXEL`: looking all
+    of them up again costs about what an indexed pass over that many would, without writing their indices.
     """
 
     def __init__(self, visited: int) -> None:
@@ -91,7 +93,7 @@ class Missed:
         if self.seen is None:  # one per thread, left all zeros by every lookup (np.zeros of 2 MB costs ~40 us)
             self.seen = _per_thread.seen = np.zeros(1 << 21, np.uint8)
         self.keys = np.empty(min(visited, 1 << 24), np.int32)
-        self.at = np.empty(visited, np.intp)
+        self.at = np.empty(visited // 8 + 1, np.intp)
         self.counts = np.zeros(2, np.intp)
 
     @property
@@ -99,7 +101,8 @@ class Missed:
         return self.seen, self.keys, self.at, self.counts
 
     def pixels(self) -> np.ndarray:
-        return self.at[: self.counts[0]]
+        """The indices of the pixels that missed, or `EVERY_PIXEL` when there was no room for them all."""
+        return self.at[: self.counts[0]] if self.counts[0] <= len(self.at) else EVERY_PIXEL
 
     def distinct_keys(self) -> np.ndarray:
         return self.keys[: self.counts[1]]
