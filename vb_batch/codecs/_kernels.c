@@ -41,9 +41,12 @@ typedef struct {
     Py_buffer pixels, only, seen, missing_keys, missing_at, counts;
 } Lookup;
 
-static void release(Py_buffer *buffers, int count) {
+/* Release a call's buffers; None, or NULL with the error a check raised. */
+static PyObject *done(Py_buffer *buffers, int count) {
     for (int i = 0; i < count; i++)
         if (buffers[i].obj) PyBuffer_Release(&buffers[i]);
+    if (PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
 }
 
 /* The sizes a lookup needs: (P, 3) pixels, `only` indices (or none: every pixel), a bit per key, room for
@@ -119,9 +122,7 @@ static PyObject *depth_lookup(PyObject *self, PyObject *args) {
         Py_END_ALLOW_THREADS
         check(!bad_index, "only lists a pixel index out of range");
     }
-    release(all, 9);
-    if (PyErr_Occurred()) return NULL;
-    Py_RETURN_NONE;
+    return done(all, 9);
 }
 
 /* segmentation_lookup(pixels, only, entries, class_of_entry, step, values, confidence, seen, missing_keys,
@@ -172,9 +173,7 @@ static PyObject *segmentation_lookup(PyObject *self, PyObject *args) {
         Py_END_ALLOW_THREADS
         if (check(!bad_index, "only lists a pixel index out of range")) check(!bad_entry, "a table entry names no class");
     }
-    release(all, 10);
-    if (PyErr_Occurred()) return NULL;
-    Py_RETURN_NONE;
+    return done(all, 10);
 }
 
 /* nearest_by_block(keys, coordinates, radii2, nearest_bound, farthest_bound, kept, packed):
@@ -243,9 +242,7 @@ static PyObject *nearest_by_block(PyObject *self, PyObject *args) {
         Py_END_ALLOW_THREADS
         check(!bad_key, "a key is not a table key");
     }
-    release(all, 7);
-    if (PyErr_Occurred()) return NULL;
-    Py_RETURN_NONE;
+    return done(all, 7);
 }
 
 /* depth_walk(keys, starts, directions, steps, tie_margin, best_remaining, best_distance2): the walk step of
@@ -299,9 +296,7 @@ static PyObject *depth_walk(PyObject *self, PyObject *args) {
         }
         Py_END_ALLOW_THREADS
     }
-    release(all, 6);
-    if (PyErr_Occurred()) return NULL;
-    Py_RETURN_NONE;
+    return done(all, 6);
 }
 
 /* normals_unit(pixels, signs, constants, values, exponent): normals.decode's unit_vectors for (P, 3) uint8
@@ -336,9 +331,7 @@ static PyObject *normals_unit(PyObject *self, PyObject *args) {
         }
         Py_END_ALLOW_THREADS
     }
-    release(all, 5);
-    if (PyErr_Occurred()) return NULL;
-    Py_RETURN_NONE;
+    return done(all, 5);
 }
 
 static PyMethodDef methods[] = {

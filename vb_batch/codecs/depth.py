@@ -235,7 +235,8 @@ def decode(rgb: Any, preset: PresetLike = "vision-banana") -> Decoded:
     preset = get_preset(preset)
     backend, pixels, lead_shape = painted_pixels(rgb, "depth")
     if not backend.is_torch and pixels.dtype == np.uint8:
-        lookup = _compiled_lookup if kernels.active() is not None else None
+        fast = kernels.active()
+        lookup = None if fast is None else kernels.table_lookup(fast.depth_lookup, (np.float32, np.float32))
         depth_m, confidence = _decode_table(preset).decode(pixels, _unpack, lookup)
     else:
         depth_m, confidence = _decode_pixels(backend, pixels, preset)
@@ -273,18 +274,6 @@ def _unpack(entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     confidence low, depth high."""
     words = entries.view("<u4").reshape(-1, 2)
     return np.invert(words[:, 1]).view(np.float32), np.invert(words[:, 0]).view(np.float32)
-
-
-def _compiled_lookup(
-    pixels: np.ndarray, entries: np.ndarray, only: np.ndarray, outputs: tuple[np.ndarray, np.ndarray] | None
-) -> tuple[tuple[np.ndarray, np.ndarray], kernels.Missed]:
-    """`_unpack` of the pixels' entries in one compiled pass (`ColourTable.decode`'s `lookup`)."""
-    if outputs is None:
-        outputs = (np.empty(len(pixels), np.float32), np.empty(len(pixels), np.float32))
-    missed = kernels.Missed(len(only) or len(pixels))
-    depth_bits, confidence_bits = (output.view(np.uint32) for output in outputs)
-    kernels.active().depth_lookup(pixels, only, entries, depth_bits, confidence_bits, *missed.arrays)
-    return outputs, missed
 
 
 def _decode_pixels(backend: ArrayBackend, pixels: Any, preset: DepthPreset) -> tuple[Any, Any]:

@@ -28,8 +28,9 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -106,6 +107,22 @@ class Missed:
 
     def distinct_keys(self) -> np.ndarray:
         return self.keys[: self.counts[1]]
+
+
+def table_lookup(kernel: Callable[..., None], output_dtypes: tuple[Any, ...], *arguments: Any) -> Callable[..., Any]:
+    """A `ColourTable.decode` lookup through a compiled kernel: `lookup(pixels, entries, only, outputs)` runs
+    `kernel(pixels, only, entries, *arguments, *outputs, *missed)` into new arrays of `output_dtypes` (or the
+    given `outputs`) and returns (outputs, the `Missed`). The kernels see outputs as bytes: depth's float32
+    outputs take the bits of its entries' words."""
+
+    def lookup(pixels: np.ndarray, entries: np.ndarray, only: np.ndarray, outputs: tuple | None) -> tuple:
+        if outputs is None:
+            outputs = tuple(np.empty(len(pixels), dtype) for dtype in output_dtypes)
+        missed = Missed(len(only) or len(pixels))
+        kernel(pixels, only, entries, *arguments, *outputs, *missed.arrays)
+        return outputs, missed
+
+    return lookup
 
 
 @contextlib.contextmanager

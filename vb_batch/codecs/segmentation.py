@@ -352,19 +352,10 @@ def decode(rgb: Any, legend: Legend, max_distance: float | None = None) -> Decod
             values = np.take(class_of_entry, entries >> 16)
             return values, (entries & 0xFFFF).astype(np.float32) * np.float32(1 / 65535)
 
-        lookup = None
-        fast = kernels.active()
+        fast, lookup = kernels.active(), None
         if fast is not None:
-
-            def lookup(
-                pixels: np.ndarray, entries: np.ndarray, only: np.ndarray, outputs: tuple[np.ndarray, np.ndarray] | None
-            ) -> tuple[tuple[np.ndarray, np.ndarray], kernels.Missed]:
-                if outputs is None:
-                    outputs = (np.empty(len(pixels), legend.dtype), np.empty(len(pixels), np.float32))
-                missed = kernels.Missed(len(only) or len(pixels))
-                step = np.float32(1 / 65535)
-                fast.segmentation_lookup(pixels, only, entries, class_of_entry, step, *outputs, *missed.arrays)
-                return outputs, missed
+            step = np.float32(1 / 65535)
+            lookup = kernels.table_lookup(fast.segmentation_lookup, (legend.dtype, np.float32), class_of_entry, step)
 
         table = _decode_table(candidates.tobytes(), radii.tobytes())
         values, confidence = table.decode(backend.astype(pixels, "uint8"), unpack, lookup)
