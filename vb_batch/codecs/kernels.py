@@ -25,6 +25,7 @@ release the GIL, so row threads decode in parallel.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import threading
@@ -64,7 +65,8 @@ def active() -> ModuleType | None:
 
 def _import_compiled(warn: bool) -> ModuleType | None:
     try:
-        from vb_batch.codecs import _kernels
+        # By its full name: the extension module only (a `from vb_batch.codecs import` reads as the package).
+        _kernels = importlib.import_module("vb_batch.codecs._kernels")
     except ImportError as error:
         (log.warning if warn else log.debug)(
             "codecs: the compiled kernels are not built (%s); decoding with numpy, the same values, slower. "
