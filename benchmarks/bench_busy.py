@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "model": "sleep_model:SleepModel", "tasks": "default", "rounds": args.rounds},
         "best_busy_share": {f"{engine}@{seconds}s": value for (engine, seconds), value in share.items()},
         "results": results, "checks": checks,
-        "note": "2-core machine shared with other agents' work while measured (load average per run kept); "
+        "note": "2-core machine, other work possibly running (the 1-minute load average is in `machine`); "
                 "the best of the rounds per engine and per-call time",
     }
     print(json.dumps(checks))
