@@ -20,7 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import PAINTED_LEGEND, write_painted_input
 
+import vb_batch
 from vb_batch.codecs import depth, kernels, normals, segmentation
+from vb_batch.config import ConfigError
 from vb_batch.codecs.segmentation import Legend
 
 VB_BATCH = str(Path(sys.executable).with_name("vb-batch"))  # the CLI of this venv
@@ -154,6 +156,17 @@ def test_the_modes_and_a_bad_one_names_the_variable(monkeypatch):
     monkeypatch.setenv(kernels.ENV_VAR, "fast")
     with pytest.raises(ValueError, match="VB_BATCH_CODEC_KERNELS must be one of auto, compiled, numpy; got 'fast'"):
         kernels.active()
+
+
+def test_a_bad_mode_stops_a_job_before_it_starts_as_a_config_error(tmp_path, monkeypatch):
+    """Not a decode error on every row: the job refuses to start (the CLI's exit 2)."""
+    write_painted_input(tmp_path / "in.parquet")
+    monkeypatch.setenv(kernels.ENV_VAR, "gpu")
+    config = {"input": {"path": str(tmp_path / "in.parquet")}, "output": {"path": str(tmp_path / "out")},
+              "tasks": ["depth"], "model": {"backend": "identity"}, "run": {"progress": False}}
+    with pytest.raises(ConfigError, match="VB_BATCH_CODEC_KERNELS must be one of auto, compiled, numpy; got 'gpu'"):
+        vb_batch.annotate(config)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vb_batch.codecs import kernels
 from vb_batch.config import ConfigError, JobConfig, redacted
 from vb_batch.engines.checks import check_ids, check_paths
 from vb_batch.engines.resume import ResumeFilter
@@ -114,6 +115,10 @@ class Run:
 def start_run(cfg: JobConfig, engine: str, started: float | None = None) -> Run:
     """Open the source, plan the output and check everything that must hold before the output is touched."""
     started = started or time.perf_counter()
+    try:
+        kernels.mode()  # a bad VB_BATCH_CODEC_KERNELS is the operator's error (exit 2), not every row's
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     source = open_source(cfg.input)
     check_paths(cfg, source)
     if cfg.output.format != "iceberg":
