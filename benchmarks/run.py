@@ -33,7 +33,7 @@ DEFAULT = ("naive", "overhead", "codecs")
 KNOWN = (*DEFAULT, "engines", "gpu")
 # Small sizes for a smoke run: the same code paths, in about a minute.
 QUICK_ARGS = {
-    "naive": ["--rows", "16", "--repeats", "1"],
+    "naive": ["--rows", "16", "--repeats", "1", "--no-ray"],  # the smoke run's Ray comes with "engines"
     "overhead": ["--rows", "128", "--repeats", "1"],
     "codecs": ["--size", "256", "--repeats", "2"],
     "engines": ["--identity-rows", "64", "--marigold-rows", "8", "--repeats", "1"],
