@@ -38,9 +38,13 @@ import email.policy
 import io
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -414,3 +418,16 @@ class OpenAIServer(_Server):
         usage = {"input_tokens": 850, "input_tokens_details": {"image_tokens": 765, "text_tokens": 85},
                  "output_tokens": 4160, "total_tokens": 5010}
         return _json(200, {"created": 1764720000, "data": [self.paint(image, form)], "usage": usage})
+
+
+def start_job_process(config: dict, folder: Path) -> subprocess.Popen:
+    """`vb_batch.annotate(config)` in a child process (to kill -9 mid-run), the tests folder importable, output
+    and errors on its stdout."""
+    job_path = folder / "job.json"
+    job_path.write_text(json.dumps(config))
+    return subprocess.Popen(
+        [sys.executable, "-c", "import json, sys, vb_batch; vb_batch.annotate(json.load(open(sys.argv[1])))",
+         str(job_path)],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )

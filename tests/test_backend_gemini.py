@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import vb_batch
-from hosted_servers import GeminiServer, google_error, image_response, text_response, _json
+from hosted_servers import GeminiServer, google_error, image_response, text_response, _json, start_job_process
 from vb_batch.config import ConfigError, ModelConfig, load_config
 from vb_batch.io.outputs import read_output
 from vb_batch.models.base import create_backend, model_id
@@ -30,7 +26,6 @@ from vb_batch.models.gemini import GeminiBackend
 from vb_batch.models.profiles import HOSTED_ZERO_SHOT_TEMPLATES
 
 KEY = "AIza-gemini-k3y-7c1d"
-TESTS = Path(__file__).parent
 
 
 @pytest.fixture(autouse=True)
@@ -205,14 +200,7 @@ def test_a_killed_batch_run_reattaches_to_its_job_on_resume(painted_table, gemin
     gemini.hold = True  # the batch stays RUNNING until released
     config = job(paths["depth"], tmp_path / "out", gemini, batch_size=64)
     config["model"]["mode"] = "batch"
-    job_path = tmp_path / "job.json"
-    job_path.write_text(json.dumps(config))
-    child = subprocess.Popen(
-        [sys.executable, "-c", "import json, sys, vb_batch; vb_batch.annotate(json.load(open(sys.argv[1])))",
-         str(job_path)],
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
+    child = start_job_process(config, tmp_path)
     state = tmp_path / "out" / "_vb" / "hosted"
     deadline = time.monotonic() + 60
     try:

@@ -12,10 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +24,7 @@ from google import genai  # noqa: F401 - imported once here: the timings below m
 from PIL import Image
 
 import vb_batch
-from hosted_servers import GeminiServer, OpenAIServer, gemini_image_tokens
+from hosted_servers import GeminiServer, OpenAIServer, gemini_image_tokens, start_job_process
 from vb_batch import cli
 from vb_batch.codecs import depth as depth_codec
 from vb_batch.config import ModelConfig
@@ -38,7 +35,6 @@ from vb_batch.models.quota import RateLimiter
 
 KEY = "AIza-scale-k3y-51e0"
 OPENAI_KEY = "sk-scale-k3y-77"
-TESTS = Path(__file__).parent
 
 
 @pytest.fixture(autouse=True)
@@ -127,14 +123,7 @@ def test_a_run_killed_with_jobs_in_flight_resumes_without_submitting_or_billing_
     paintings, maps = depth_paintings(4, 32, 32)
     config = job(table(tmp_path, paintings), tmp_path / "out", gemini,
                  **{"mode": "batch", "batch_jobs_in_flight": 4})
-    job_path = tmp_path / "job.json"
-    job_path.write_text(json.dumps(config))
-    child = subprocess.Popen(
-        [sys.executable, "-c", "import json, sys, vb_batch; vb_batch.annotate(json.load(open(sys.argv[1])))",
-         str(job_path)],
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
+    child = start_job_process(config, tmp_path)
     state = tmp_path / "out" / "_vb" / "hosted"
     deadline = time.monotonic() + 60
     try:

@@ -9,19 +9,16 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hosted_servers import GeminiServer
+from hosted_servers import GeminiServer, start_job_process
 from PIL import Image
 
 import vb_batch
@@ -36,7 +33,6 @@ from vb_batch.pipeline.loop import annotate_stream
 from vb_batch.pipeline.resolved import ResolvedJob
 
 KEY = "AIza-shared-k3y-7c1"
-TESTS = Path(__file__).parent
 SCHEMA = pa.schema([pa.field("id", pa.int64()), pa.field("image", pa.binary())])
 
 
@@ -148,14 +144,7 @@ def test_a_run_killed_between_creating_a_job_and_recording_it_finds_the_job_on_r
         server.create_answer_gate = threading.Event()  # the job is created; its creator never hears back
         config = gemini_job(paintings_table(tmp_path / "in.parquet", rows=3), tmp_path / "out", server,
                             "GEMINI_SHARED_KEY", mode="batch", batch_size=4, batch_poll_s=0.05)
-        job_path = tmp_path / "job.json"
-        job_path.write_text(json.dumps(config))
-        child = subprocess.Popen(
-            [sys.executable, "-c", "import json, sys, vb_batch; vb_batch.annotate(json.load(open(sys.argv[1])))",
-             str(job_path)],
-            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
+        child = start_job_process(config, tmp_path)
         deadline = time.monotonic() + 60
         try:
             while server.batch_creations < 1:
