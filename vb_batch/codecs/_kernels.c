@@ -49,8 +49,9 @@ static PyObject *done(Py_buffer *buffers, int count) {
     Py_RETURN_NONE;
 }
 
-/* The sizes a lookup needs: (P, 3) pixels, `only` indices (or none: every pixel), a bit per key, room for
- * every visited pixel's index and for as many distinct keys. Returns the number of pixels visited, or -1. */
+/* The sizes a lookup needs: (P, 3) pixels, `only` indices (or none: every pixel), a bit per key, room for as
+ * many distinct keys as pixels visited (at most 2**24) and for at least one missed pixel's index (note_missing
+ * keeps as many as there is room for). Returns the number of pixels visited, or -1. */
 static Py_ssize_t check_lookup(Lookup *l) {
     Py_ssize_t num_pixels = l->pixels.len / 3;
     Py_ssize_t visited = l->only.len ? items(&l->only, sizeof(Py_ssize_t)) : num_pixels;
